@@ -1,0 +1,43 @@
+"Shared fixtures: every process test ends by asserting that no child process is left."
+import time
+import psutil, pytest
+
+def _is_resource_tracker(p: psutil.Process) -> bool:
+    "multiprocessing's resource tracker lives as long as the test session; it is not a leak."
+    try: return any('resource_tracker' in part for part in p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess): return False
+
+def live_children() -> list:
+    "This process's descendants that still run, the resource tracker excepted."
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p): out.append(p)
+        except psutil.NoSuchProcess: pass
+    return out
+
+def wait_no_children(timeout: float = 10.0) -> list:
+    "Wait until no child is left; return those still alive at the deadline."
+    deadline = time.monotonic() + timeout
+    while (kids := live_children()) and time.monotonic() < deadline: time.sleep(0.05)
+    return kids
+
+def pid_gone(pid: int, timeout: float = 10.0) -> bool:
+    "Whether process `pid` (a child or not) has ended within `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE: return True
+        except psutil.NoSuchProcess: return True
+        time.sleep(0.05)
+    return False
+
+@pytest.fixture
+def no_leftover_processes():
+    "Use in every test that starts processes: fails the test if any child outlives it."
+    yield
+    left = wait_no_children()
+    for p in left:
+        try: p.kill()
+        except psutil.NoSuchProcess: pass
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
