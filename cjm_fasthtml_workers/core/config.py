@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['RestartPolicy', 'WorkerConfig']
 
-# %% ../../nbs/core/config.ipynb #5327a041
+# %% ../../nbs/core/config.ipynb #adc9164a
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Optional
 
-# %% ../../nbs/core/config.ipynb #f3c1604b
+# %% ../../nbs/core/config.ipynb #1c21b62e
 class RestartPolicy(Enum):
     "Policy for restarting worker processes after failures."
     NEVER = "never"  # Never restart on its own; the next job starts a fresh worker
@@ -18,13 +18,13 @@ class RestartPolicy(Enum):
     ALWAYS = "always"  # Restart after any worker death
     BACKOFF = "backoff"  # Restart after any death, waiting `min(base * 2**n, max)` seconds first
 
-# %% ../../nbs/core/config.ipynb #3ddb071f
+# %% ../../nbs/core/config.ipynb #c7ea3fc6
 @dataclass
 class WorkerConfig:
     "Configuration for worker process behavior."
     request_queue_size: int = 0  # 0 = unlimited
-    result_queue_size: int = 100  # Larger for streaming results
-    response_queue_size: int = 10  # For synchronous command responses
+    result_queue_size: int = 100  # Kept for compatibility: results travel over a pipe, whose buffer gives back-pressure
+    response_queue_size: int = 10  # Kept for compatibility: command responses travel over a pipe too
     restart_policy: RestartPolicy = RestartPolicy.ON_CANCELLATION  # What to do when the worker dies
     max_restart_attempts: int = 3  # Consecutive crash restarts allowed before giving up
     restart_backoff_base_seconds: float = 1.0  # Base delay for exponential backoff

@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['log', 'report_progress', 'base_worker_process']
 
-# %% ../../nbs/core/worker.ipynb #5a84a955
+# %% ../../nbs/core/worker.ipynb #4e0d1e4d
 import logging, os, pickle, traceback
 from typing import Any, Callable, Dict, Optional
 import multiprocessing
+from multiprocessing.queues import SimpleQueue
 
 from .adapters import default_result_adapter
 from .protocol import (
@@ -17,7 +18,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-# %% ../../nbs/core/worker.ipynb #dfff3097
+# %% ../../nbs/core/worker.ipynb #7fc40571
 _current_job = None  # (job_id, result_queue) while this process executes a job
 
 def report_progress(
@@ -30,7 +31,7 @@ def report_progress(
     job_id, result_queue = current
     result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
 
-# %% ../../nbs/core/worker.ipynb #da8c2f48
+# %% ../../nbs/core/worker.ipynb #127468ce
 def _plugin_name(plugin_data) -> str:
     "Name of a discovered plugin, whether it is an object, a dict or a string."
     if isinstance(plugin_data, dict): return plugin_data.get('name')
@@ -38,7 +39,7 @@ def _plugin_name(plugin_data) -> str:
 
 def _describe(e:BaseException) -> str: return f"{type(e).__name__}: {e}"
 
-# %% ../../nbs/core/worker.ipynb #41fa58bd
+# %% ../../nbs/core/worker.ipynb #bec4b7a9
 class _Worker:
     "State and request handlers of one worker process."
     def __init__(self, result_queue, response_queue, factory, result_adapter, supports_streaming):
@@ -47,10 +48,13 @@ class _Worker:
         self.pm, self.plugins, self.configs, self.loaded = None, {}, {}, None
 
     def send(self, q, msg:dict):
-        "Put `msg` on `q` after checking that it pickles; raise `TypeError` if it does not."
-        try: pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        "Put `msg` on `q`; raise `TypeError` if it cannot be pickled, whatever the kind of queue."
+        try:
+            # a multiprocessing.Queue pickles in a feeder thread and silently drops what fails: check first
+            if not isinstance(q, SimpleQueue): pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+            q.put(msg)
+        except OSError: raise
         except Exception as e: raise TypeError(f"cannot be pickled: {_describe(e)}") from e
-        q.put(msg)
 
     def init(self, req):
         self.pm = self.factory()
@@ -75,7 +79,7 @@ class _Worker:
         global _current_job
         job_id, name = req.data['job_id'], req.data['plugin_name']
         params = req.data.get('params') or {}
-        self.result_queue.put(WorkerJobStarted(job_id, os.getpid()).to_dict())
+        self.send(self.result_queue, WorkerJobStarted(job_id, os.getpid()).to_dict())
         _current_job = (job_id, self.result_queue)
         try:
             if self.pm is None: raise RuntimeError("worker was not initialised (no INIT request)")
@@ -118,7 +122,7 @@ class _Worker:
             answer = {'success': False, 'plugin_name': name, 'error': _describe(e)}
         self.send(self.response_queue, WorkerResponse(WorkerResponseType.RESPONSE, answer, req.request_id).to_dict())
 
-# %% ../../nbs/core/worker.ipynb #dc2ad1b8
+# %% ../../nbs/core/worker.ipynb #6d94a3f2
 def base_worker_process(
     request_queue:multiprocessing.Queue, # Queue for receiving job requests from parent
     result_queue:multiprocessing.Queue, # Queue for sending job results back to parent

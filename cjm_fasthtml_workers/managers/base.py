@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['log', 'TERMINAL_STATUSES', 'JobType', 'BaseJob', 'BaseJobManager']
 
-# %% ../../nbs/managers/base.ipynb #0cad350b
+# %% ../../nbs/managers/base.ipynb #630c2249
 import asyncio, atexit, logging, os, pickle, queue, signal, threading, time, uuid, weakref
-import multiprocessing
+import multiprocessing, multiprocessing.util
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from ..extensions.protocols import (
 
 log = logging.getLogger(__name__)
 
-# %% ../../nbs/managers/base.ipynb #7bd64cbd
+# %% ../../nbs/managers/base.ipynb #3d2a4247
 TERMINAL_STATUSES = frozenset({'completed', 'failed', 'cancelled'})
 
 def _now() -> str: return datetime.now().isoformat()
@@ -50,7 +50,7 @@ class BaseJob:
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
-# %% ../../nbs/managers/base.ipynb #15515838
+# %% ../../nbs/managers/base.ipynb #39957fae
 def _worker_main(entry_point:Callable, request_queue, result_queue, response_queue):
     "Spawned process target: own process group, watch the parent, run `entry_point`."
     if hasattr(os, 'setsid'):
@@ -64,7 +64,7 @@ def _worker_main(entry_point:Callable, request_queue, result_queue, response_que
         threading.Thread(target=_watch_parent, name='parent-watch', daemon=True).start()
     entry_point(request_queue, result_queue, response_queue)
 
-# %% ../../nbs/managers/base.ipynb #fa5a2f43
+# %% ../../nbs/managers/base.ipynb #a2015680
 def _describe_exit(exitcode:Optional[int]) -> str:
     "Say how a process ended, from its `exitcode`."
     if exitcode is None: return "worker did not exit"
@@ -85,7 +85,7 @@ def _kill_tree(pid:int, sig:int=signal.SIGKILL, group:bool=True) -> None:
         try: p.send_signal(sig)
         except psutil.Error: pass
 
-# %% ../../nbs/managers/base.ipynb #a52a4749
+# %% ../../nbs/managers/base.ipynb #ceb923ca
 _END = object()  # ends a stream_job iterator
 _live_managers = weakref.WeakSet()
 
@@ -104,6 +104,11 @@ def _resolve(loop, fut, value=None, exc=None):
         if exc is not None: fut.set_exception(exc)
         else: fut.set_result(value)
     _call(loop, _set)
+
+def _close_fds(*fds):
+    for fd in fds:
+        try: os.close(fd)
+        except OSError: pass
 
 def _run(effects:list):
     "Run calls into user code (hooks, resource manager) outside the lock; log what raises."
@@ -127,13 +132,17 @@ def _supervise(ref:weakref.ref):
         del m
     if pid: _kill_tree(pid)  # the manager was collected without shutdown(): end its worker
 
-@atexit.register
-def _shutdown_all():
-    for m in list(_live_managers):
+def _shutdown_all(managers=_live_managers, log=log):
+    for m in list(managers):
         try: m.shutdown()
         except Exception: log.exception("shutdown at exit failed")
 
-# %% ../../nbs/managers/base.ipynb #1d7a364e
+# multiprocessing's exit hook joins every child process, a busy worker too, forever; its finalizers with an exit
+# priority run first, so ours stops the workers before that join. The plain atexit hook covers the rest.
+multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
+atexit.register(_shutdown_all)
+
+# %% ../../nbs/managers/base.ipynb #3b629938
 class BaseJobManager(ABC, Generic[JobType]):
     """Abstract base class for managing jobs using worker processes.
 
@@ -182,8 +191,10 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._closed = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._event_tail = None  # last scheduled broadcast, so events reach the broadcaster in order
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()  # written to wake the supervisor
         os.set_blocking(self._wake_w, False)
+        # closing the pipe also wakes the supervisor when the manager is collected without shutdown()
+        self._close_wake_pipe = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         _live_managers.add(self)
 
     # ----- abstract methods ---------------------------------------------------------------------------------
@@ -245,8 +256,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Spawn a worker with fresh queues and send it INIT."
         ctx, cfg = multiprocessing.get_context('spawn'), self.worker_config
         self.request_queue = ctx.Queue(cfg.request_queue_size)
-        self.result_queue = ctx.Queue(cfg.result_queue_size)
-        self.response_queue = ctx.Queue(cfg.response_queue_size)
+        self.result_queue, self.response_queue = ctx.SimpleQueue(), ctx.SimpleQueue()  # written synchronously
         self.worker_process = ctx.Process(target=_worker_main, name=f'{self.worker_type}-worker',
             args=(self.get_worker_entry_point(), self.request_queue, self.result_queue, self.response_queue))
         self.worker_process.start()
@@ -303,9 +313,9 @@ class BaseJobManager(ABC, Generic[JobType]):
     def _drain(self, fx:list):
         "Handle every message waiting on the result and response queues."
         for q in (self.result_queue, self.response_queue):
-            while True:
-                try: raw = q.get(block=False)
-                except (queue.Empty, EOFError, OSError): break
+            while q._reader.poll():
+                try: raw = q.get()
+                except (EOFError, OSError): break  # the worker is gone and its pipe is empty (or cut mid-message)
                 except Exception: log.exception("%s: unreadable message from the worker", self.worker_type); continue
                 self._handle_message(decode_message(raw), fx)
 
@@ -446,7 +456,10 @@ class BaseJobManager(ABC, Generic[JobType]):
     def _handle_worker_error(self, fx:list):
         "The worker process is gone: settle its job and commands, clean up, restart by policy."
         proc, reason = self.worker_process, self._kill_reason
-        proc.join(0)
+        proc.join(1.0)  # the sentinel can fire a moment before the exit status can be collected
+        if proc.exitcode is None:
+            _kill_tree(proc.pid)
+            proc.join(1.0)
         pid, exitcode = proc.pid, proc.exitcode
         _kill_tree(pid)  # children orphaned in its process group
         what = _describe_exit(exitcode)
@@ -509,7 +522,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         try: await self.broadcast_event(event, data)
         except Exception: log.exception("%s: broadcasting %s failed", self.worker_type, event)
 
-# %% ../../nbs/managers/base.ipynb #75d15ff0
+# %% ../../nbs/managers/base.ipynb #49355073
 @patch
 async def start(self:BaseJobManager) -> None:
     "Start the worker now and wait until it is ready, so the first job does not pay for the spawn."
@@ -521,7 +534,7 @@ async def start(self:BaseJobManager) -> None:
         self._ensure_worker()
     await fut
 
-# %% ../../nbs/managers/base.ipynb #29033bed
+# %% ../../nbs/managers/base.ipynb #5783464d
 @patch
 async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     "The plugin name for `plugin_id`; `ValueError` if no such plugin exists."
@@ -561,7 +574,7 @@ async def start_job(self:BaseJobManager,
     log.debug("%s job %s submitted (plugin %s)", self.worker_type, job.id, plugin_id)
     return job
 
-# %% ../../nbs/managers/base.ipynb #5139dd5b
+# %% ../../nbs/managers/base.ipynb #14ef67a3
 @patch
 async def wait_for_job(self:BaseJobManager,
                        job_id:str, # Job to wait for
@@ -581,7 +594,7 @@ async def wait_for_job(self:BaseJobManager,
         with self._lock:
             if (loop, fut) in self._waiters.get(job_id, ()): self._waiters[job_id].remove((loop, fut))
 
-# %% ../../nbs/managers/base.ipynb #5fa3ed2a
+# %% ../../nbs/managers/base.ipynb #3bd9f108
 @patch
 async def stream_job(self:BaseJobManager,
                      job_id:str # Job whose streamed output to follow
@@ -602,7 +615,7 @@ async def stream_job(self:BaseJobManager,
         with self._lock:
             if q is not None and (loop, q) in self._listeners.get(job_id, ()): self._listeners[job_id].remove((loop, q))
 
-# %% ../../nbs/managers/base.ipynb #0812f888
+# %% ../../nbs/managers/base.ipynb #7e0cec70
 @patch
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
@@ -620,7 +633,7 @@ async def cancel_job(self:BaseJobManager,
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
-# %% ../../nbs/managers/base.ipynb #db858b56
+# %% ../../nbs/managers/base.ipynb #14d704d3
 @patch
 def get_plugin_name(self:BaseJobManager,
                     plugin_id:str # Plugin unique identifier
@@ -648,7 +661,7 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
     finally:
         with self._lock: self._commands.pop(rid, None)
 
-# %% ../../nbs/managers/base.ipynb #b4dcc9fd
+# %% ../../nbs/managers/base.ipynb #76bda601
 @patch
 async def reload_plugin(self:BaseJobManager,
                         plugin_name:str, # Name of the plugin to reload
@@ -680,7 +693,7 @@ async def unload_plugin(self:BaseJobManager,
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=None, loaded_plugin_resource=None)])
     return True
 
-# %% ../../nbs/managers/base.ipynb #e408e039
+# %% ../../nbs/managers/base.ipynb #315c9fbb
 @patch
 def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
@@ -711,7 +724,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
             self._chunks.pop(i, None)
     return len(done)
 
-# %% ../../nbs/managers/base.ipynb #086ae928
+# %% ../../nbs/managers/base.ipynb #5c0bebdd
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # pid, alive, state, restart_count, current_job_id, loaded_plugin, pending_jobs
     "Describe the worker process and its work."
@@ -742,7 +755,7 @@ async def broadcast_event(self:BaseJobManager,
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is not None: await self.event_broadcaster.broadcast(event_type, data)
 
-# %% ../../nbs/managers/base.ipynb #f24c8fe2
+# %% ../../nbs/managers/base.ipynb #13506f60
 @patch
 def shutdown(self:BaseJobManager):
     "Shutdown the manager and cleanup resources."
@@ -765,7 +778,7 @@ def shutdown(self:BaseJobManager):
     for q in queues:
         if q is not None: q.close()
     if proc is not None and self.resource_manager is not None: _run([lambda: self.resource_manager.unregister_worker(proc.pid)])
-    for fd in (self._wake_r, self._wake_w): os.close(fd)
+    self._close_wake_pipe()
     _live_managers.discard(self)
     log.debug("%s job manager shut down", self.worker_type)
 
