@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'TERMINAL_STATUSES', 'JobType', 'BaseJob', 'BaseJobManager']
 
-# %% ../../nbs/managers/base.ipynb #630c2249
+# %% ../../nbs/managers/base.ipynb #6c4312cd
 import asyncio, atexit, logging, os, pickle, queue, signal, threading, time, uuid, weakref
 import multiprocessing, multiprocessing.util
 from abc import ABC, abstractmethod
@@ -27,7 +27,7 @@ from ..extensions.protocols import (
 
 log = logging.getLogger(__name__)
 
-# %% ../../nbs/managers/base.ipynb #3d2a4247
+# %% ../../nbs/managers/base.ipynb #31ab7db5
 TERMINAL_STATUSES = frozenset({'completed', 'failed', 'cancelled'})
 
 def _now() -> str: return datetime.now().isoformat()
@@ -50,7 +50,7 @@ class BaseJob:
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
-# %% ../../nbs/managers/base.ipynb #39957fae
+# %% ../../nbs/managers/base.ipynb #e3b346a0
 def _worker_main(entry_point:Callable, request_queue, result_queue, response_queue):
     "Spawned process target: own process group, watch the parent, run `entry_point`."
     if hasattr(os, 'setsid'):
@@ -64,7 +64,7 @@ def _worker_main(entry_point:Callable, request_queue, result_queue, response_que
         threading.Thread(target=_watch_parent, name='parent-watch', daemon=True).start()
     entry_point(request_queue, result_queue, response_queue)
 
-# %% ../../nbs/managers/base.ipynb #a2015680
+# %% ../../nbs/managers/base.ipynb #9e5f839e
 def _describe_exit(exitcode:Optional[int]) -> str:
     "Say how a process ended, from its `exitcode`."
     if exitcode is None: return "worker did not exit"
@@ -85,7 +85,7 @@ def _kill_tree(pid:int, sig:int=signal.SIGKILL, group:bool=True) -> None:
         try: p.send_signal(sig)
         except psutil.Error: pass
 
-# %% ../../nbs/managers/base.ipynb #ceb923ca
+# %% ../../nbs/managers/base.ipynb #ff620a2b
 _END = object()  # ends a stream_job iterator
 _live_managers = weakref.WeakSet()
 
@@ -142,7 +142,7 @@ def _shutdown_all(managers=_live_managers, log=log):
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
 
-# %% ../../nbs/managers/base.ipynb #3b629938
+# %% ../../nbs/managers/base.ipynb #0122c26b
 class BaseJobManager(ABC, Generic[JobType]):
     """Abstract base class for managing jobs using worker processes.
 
@@ -252,19 +252,22 @@ class BaseJobManager(ABC, Generic[JobType]):
                 configs[_meta_name(meta)] = self.plugin_registry.load_plugin_config(_meta_id(meta)) or {}
         return {**configs, **self._config_overrides}
 
-    def _start_worker(self, fx:list):
-        "Spawn a worker with fresh queues and send it INIT."
-        ctx, cfg = multiprocessing.get_context('spawn'), self.worker_config
-        self.request_queue = ctx.Queue(cfg.request_queue_size)
-        self.result_queue, self.response_queue = ctx.SimpleQueue(), ctx.SimpleQueue()  # written synchronously
-        self.worker_process = ctx.Process(target=_worker_main, name=f'{self.worker_type}-worker',
-            args=(self.get_worker_entry_point(), self.request_queue, self.result_queue, self.response_queue))
-        self.worker_process.start()
-        for q in (self.result_queue, self.response_queue): q._writer.close()  # EOF, not a hang, once the worker is gone
-        self.request_queue.cancel_join_thread()
-        self._worker_ready = self._worker_stopped = False
-        self._kill_reason = self._kill_sent = self._last_worker_error = self._spawn_due = None
-        self._start_deadline = time.monotonic() + cfg.worker_start_timeout_seconds
+    def _spawn_worker(self) -> tuple:
+        "Start a worker process with fresh queues; no lock held, nothing shared touched."
+        ctx = multiprocessing.get_context('spawn')
+        queues = (ctx.Queue(self.worker_config.request_queue_size), ctx.SimpleQueue(), ctx.SimpleQueue())
+        proc = ctx.Process(target=_worker_main, args=(self.get_worker_entry_point(), *queues), name=f'{self.worker_type}-worker')
+        proc.start()
+        for q in queues[1:]: q._writer.close()  # the parent's copy: EOF, not a hang, once the worker is gone
+        queues[0].cancel_join_thread()  # a dead worker's unread requests must not hold up exit
+        return proc, queues
+
+    def _start_worker(self, spawned:tuple, fx:list):
+        "Make a spawned worker the current one and send it INIT (under the lock)."
+        self.worker_process, (self.request_queue, self.result_queue, self.response_queue) = spawned
+        self._worker_ready = self._worker_stopped = self._kill_sent = False
+        self._kill_reason = self._last_worker_error = self._spawn_due = None
+        self._start_deadline = time.monotonic() + self.worker_config.worker_start_timeout_seconds
         self._init_worker()
         pid = self.worker_process.pid
         log.debug("%s worker spawned, pid %s", self.worker_type, pid)
@@ -276,11 +279,11 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._worker_configs = self._plugin_configs()
         self.request_queue.put(WorkerRequest(WorkerRequestType.INIT, {'plugin_configs': self._worker_configs}).to_dict())
 
-    def _restart_worker(self, fx:list):
-        "Start the replacement of a dead worker."
+    def _restart_worker(self, spawned:tuple, fx:list):
+        "Make a spawned worker the replacement of a dead one (under the lock)."
         self.restart_count += 1
         self.last_restart_time = time.time()
-        pid = self._start_worker(fx)
+        pid = self._start_worker(spawned, fx)
         log.warning("%s worker restarted (pid %s, restart %s)", self.worker_type, pid, self.restart_count)
         self._emit('worker_restarted', {'job_id': None, 'pid': pid, 'restart_count': self.restart_count})
 
@@ -299,29 +302,41 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     def _monitor_results(self, ready:list):
         "One round of the supervisor: read what arrived, settle a death, act on what is due, dispatch."
-        fx = []
+        fx, proc = [], self.worker_process  # only this thread replaces the worker and reads its queues
         if self._wake_r in ready: os.read(self._wake_r, 4096)
+        messages = self._read_messages() if proc is not None else []  # unpickled outside the lock
         with self._lock:
-            proc = self.worker_process
-            if proc is not None:
-                self._drain(fx)
-                if proc.sentinel in ready: self._handle_worker_error(fx)
-            self._act(fx)
+            for msg in messages: self._handle_message(msg, fx)
+            if proc is not None and proc.sentinel in ready: self._handle_worker_error(fx)
+            spawn = self._act(fx)
             self._dispatch()
         _run(fx)
+        if spawn: self._replace_worker(self._spawn_worker())  # the fork and exec happen outside the lock
 
-    def _drain(self, fx:list):
-        "Handle every message waiting on the result and response queues."
+    def _read_messages(self) -> list:
+        "Every message waiting on the result and response queues, decoded."
+        out = []
         for q in (self.result_queue, self.response_queue):
             while q._reader.poll():
-                try: raw = q.get()
+                try: out.append(decode_message(q.get()))
                 except (EOFError, OSError): break  # the worker is gone and its pipe is empty (or cut mid-message)
-                except Exception: log.exception("%s: unreadable message from the worker", self.worker_type); continue
-                self._handle_message(decode_message(raw), fx)
+                except Exception: log.exception("%s: unreadable message from the worker", self.worker_type)
+        return out
 
-    def _act(self, fx:list):
-        "Kill, time out, spawn: whatever is due now."
-        if self._closed: return
+    def _replace_worker(self, spawned:tuple):
+        "Install a freshly spawned worker, unless the manager closed meanwhile."
+        fx = []
+        with self._lock:
+            if not self._closed:
+                if self._spawn_is_restart: self._restart_worker(spawned, fx)
+                else: self._start_worker(spawned, fx)
+                spawned = None
+        _run(fx)
+        if spawned is not None: _stop_process(spawned[0], None, graceful=False, timeout=0)
+
+    def _act(self, fx:list) -> bool:
+        "Kill and time out what is due now; say whether a new worker is due."
+        if self._closed: return False
         now, proc = time.monotonic(), self.worker_process
         if proc is not None and self._kill_reason is None:
             if self._job_deadline is not None and now >= self._job_deadline: self._kill_reason = 'timeout'
@@ -332,9 +347,7 @@ class BaseJobManager(ABC, Generic[JobType]):
             log.debug("%s: ending worker %s (%s)", self.worker_type, proc.pid, self._kill_reason)
             self._kill_sent = True
             _kill_tree(proc.pid)
-        if proc is None and self._spawn_due is not None and now >= self._spawn_due:
-            if self._spawn_is_restart: self._restart_worker(fx)
-            else: self._start_worker(fx)
+        return proc is None and self._spawn_due is not None and now >= self._spawn_due
 
     def _dispatch(self):
         "Hand the next waiting job to the worker if it is ready and free."
@@ -486,6 +499,7 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     def _plan_restart(self, reason:Optional[str], what:str):
         "Schedule the next worker as the restart policy says, or fail the waiting jobs."
+        if self._closed: return
         cfg, policy = self.worker_config, self.worker_config.restart_policy
         if reason in ('cancel', 'timeout'): restart, delay, why = policy != RestartPolicy.NEVER, 0.0, f"restart policy is {policy.value}"
         elif policy in (RestartPolicy.NEVER, RestartPolicy.ON_CANCELLATION):
@@ -522,19 +536,19 @@ class BaseJobManager(ABC, Generic[JobType]):
         try: await self.broadcast_event(event, data)
         except Exception: log.exception("%s: broadcasting %s failed", self.worker_type, event)
 
-# %% ../../nbs/managers/base.ipynb #49355073
+# %% ../../nbs/managers/base.ipynb #ab207f2a
 @patch
 async def start(self:BaseJobManager) -> None:
     "Start the worker now and wait until it is ready, so the first job does not pay for the spawn."
     loop = self._bind_loop()
     with self._lock:
-        if self._worker_ready: return
+        if self._worker_ready and self._kill_reason is None: return  # a worker being ended is not ready: wait for the next
         fut = loop.create_future()
         self._ready_waiters.append((loop, fut))
         self._ensure_worker()
     await fut
 
-# %% ../../nbs/managers/base.ipynb #5783464d
+# %% ../../nbs/managers/base.ipynb #66db9906
 @patch
 async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     "The plugin name for `plugin_id`; `ValueError` if no such plugin exists."
@@ -574,7 +588,7 @@ async def start_job(self:BaseJobManager,
     log.debug("%s job %s submitted (plugin %s)", self.worker_type, job.id, plugin_id)
     return job
 
-# %% ../../nbs/managers/base.ipynb #14ef67a3
+# %% ../../nbs/managers/base.ipynb #7dcc78d2
 @patch
 async def wait_for_job(self:BaseJobManager,
                        job_id:str, # Job to wait for
@@ -594,7 +608,7 @@ async def wait_for_job(self:BaseJobManager,
         with self._lock:
             if (loop, fut) in self._waiters.get(job_id, ()): self._waiters[job_id].remove((loop, fut))
 
-# %% ../../nbs/managers/base.ipynb #3bd9f108
+# %% ../../nbs/managers/base.ipynb #bd5d11e8
 @patch
 async def stream_job(self:BaseJobManager,
                      job_id:str # Job whose streamed output to follow
@@ -615,7 +629,7 @@ async def stream_job(self:BaseJobManager,
         with self._lock:
             if q is not None and (loop, q) in self._listeners.get(job_id, ()): self._listeners[job_id].remove((loop, q))
 
-# %% ../../nbs/managers/base.ipynb #7e0cec70
+# %% ../../nbs/managers/base.ipynb #ab0d89c7
 @patch
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
@@ -633,7 +647,7 @@ async def cancel_job(self:BaseJobManager,
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
-# %% ../../nbs/managers/base.ipynb #14d704d3
+# %% ../../nbs/managers/base.ipynb #b1ae0d33
 @patch
 def get_plugin_name(self:BaseJobManager,
                     plugin_id:str # Plugin unique identifier
@@ -646,14 +660,17 @@ def get_plugin_name(self:BaseJobManager,
 @patch
 async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, timeout:float) -> Optional[WorkerResponse]:
     "Send a command to the worker and await its own answer; None if it failed, timed out or the worker died."
-    loop, rid = self._bind_loop(), uuid.uuid4().hex
-    try: await self.start()
-    except RuntimeError: return None
-    fut = loop.create_future()
-    with self._lock:
-        if self.request_queue is None or self._kill_reason: return None
-        self._commands[rid] = (loop, fut)
-        self.request_queue.put(WorkerRequest(req_type, data, rid).to_dict())
+    loop, rid, fut = self._bind_loop(), uuid.uuid4().hex, None
+    for _ in range(3):  # the worker may be replaced between start() and the lock
+        try: await self.start()
+        except RuntimeError: return None
+        with self._lock:
+            if self.request_queue is not None and self._worker_ready and self._kill_reason is None:
+                fut = loop.create_future()
+                self._commands[rid] = (loop, fut)
+                self.request_queue.put(WorkerRequest(req_type, data, rid).to_dict())
+                break
+    if fut is None: return None
     try: return await asyncio.wait_for(fut, timeout)
     except asyncio.TimeoutError:
         log.warning("%s: %s of %s got no answer within %s s", self.worker_type, req_type.value, data.get('plugin_name'), timeout)
@@ -661,7 +678,7 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
     finally:
         with self._lock: self._commands.pop(rid, None)
 
-# %% ../../nbs/managers/base.ipynb #76bda601
+# %% ../../nbs/managers/base.ipynb #b5779b1a
 @patch
 async def reload_plugin(self:BaseJobManager,
                         plugin_name:str, # Name of the plugin to reload
@@ -693,7 +710,7 @@ async def unload_plugin(self:BaseJobManager,
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=None, loaded_plugin_resource=None)])
     return True
 
-# %% ../../nbs/managers/base.ipynb #315c9fbb
+# %% ../../nbs/managers/base.ipynb #59f13780
 @patch
 def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
@@ -724,7 +741,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
             self._chunks.pop(i, None)
     return len(done)
 
-# %% ../../nbs/managers/base.ipynb #5c0bebdd
+# %% ../../nbs/managers/base.ipynb #9b4f432d
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # pid, alive, state, restart_count, current_job_id, loaded_plugin, pending_jobs
     "Describe the worker process and its work."
@@ -755,7 +772,7 @@ async def broadcast_event(self:BaseJobManager,
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is not None: await self.event_broadcaster.broadcast(event_type, data)
 
-# %% ../../nbs/managers/base.ipynb #13506f60
+# %% ../../nbs/managers/base.ipynb #766b86e8
 @patch
 def shutdown(self:BaseJobManager):
     "Shutdown the manager and cleanup resources."
