@@ -434,3 +434,41 @@ def test_event_loop_never_stalls(no_leftover_processes):
         print(f"longest event-loop stall: {worst * 1000:.1f} ms over {len(stalls)} ticks")
         assert worst < 0.1, f"event loop stalled for {worst * 1000:.0f} ms"
     run(main())
+
+# ----- hooks --------------------------------------------------------------------------------------------------
+class HookedManager(TextJobManager):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.completed_hook = []
+    async def _validate_resources(self, plugin_id, plugin_config):
+        return "GPU is busy" if plugin_id == 'sleep' else None
+    def _on_job_completed(self, job_id):
+        self.completed_hook.append((job_id, self.get_job(job_id).status))
+    def extract_job_result(self, job, result_data):
+        if result_data.get('text') == 'explode': raise KeyError('no such field')
+        return result_data
+
+def test_hooks(no_leftover_processes):
+    async def main():
+        m = HookedManager('text', 'test')
+        try:
+            refused = await m.start_job('sleep', seconds=1)
+            assert refused.status == 'failed' and refused.error == 'GPU is busy' and refused.started_at is None
+            ok = await finish(m, await m.start_job('echo', text='fine'))
+            bad = await finish(m, await m.start_job('echo', text='explode'))
+            assert bad.status == 'failed' and 'extract_job_result failed: KeyError' in bad.error
+            await until(lambda: len(m.completed_hook) == 1)
+            assert m.completed_hook == [(ok.id, 'completed')]  # called once, after the status is set
+        finally: m.shutdown()
+    run(main())
+
+def test_many_waiters_one_result(no_leftover_processes):
+    async def main():
+        m, _ = make()
+        try:
+            job = await m.start_job('sleep', seconds=0.2, text='shared')
+            done = await asyncio.gather(*[m.wait_for_job(job.id, timeout=30) for _ in range(10)])
+            assert all(d is job and d.status == 'completed' and d.result['text'] == 'shared' for d in done)
+            assert m._waiters == {}  # nothing left behind
+        finally: m.shutdown()
+    run(main())
