@@ -157,8 +157,10 @@ def test_crash_matrix(no_leftover_processes, crash, policy):
             await m.start()
             pid = m.worker_process.pid
             params, reason = CRASHES[crash]
+            first = await m.start_job('sleep', seconds=0.3)  # keeps the worker busy while the next two are queued
             bad = await m.start_job(crash, **params)
             behind = await m.start_job('echo', text='behind')
+            assert (await finish(m, first)).status == 'completed'
             bad = await finish(m, bad)
             assert bad.status == 'failed' and reason in bad.error, bad.error
             assert bad.started_at and bad.worker_pid == pid
