@@ -474,3 +474,22 @@ def test_many_waiters_one_result(no_leftover_processes):
             assert m._waiters == {}  # nothing left behind
         finally: m.shutdown()
     run(main())
+
+# ----- a worker that cannot start ------------------------------------------------------------------------------
+class BrokenManager(TextJobManager):
+    def get_worker_entry_point(self):
+        from cjm_fasthtml_workers.testing import failing_init_worker_process
+        return failing_init_worker_process
+
+@pytest.mark.parametrize('policy', [RestartPolicy.ON_CANCELLATION, RestartPolicy.ALWAYS])
+def test_worker_that_dies_in_its_loop(no_leftover_processes, policy):
+    "An exception in the worker's loop kills it: start() and start_job fail clearly, and restarts stop at the budget."
+    async def main():
+        m = BrokenManager('text', 'test', worker_config=WorkerConfig(restart_policy=policy, max_restart_attempts=2))
+        try:
+            with pytest.raises(RuntimeError, match='plugin manager could not be created'): await m.start()
+            assert m.restart_count == (2 if policy == RestartPolicy.ALWAYS else 0)
+            assert m.get_worker_info()['state'] == 'not started'
+            with pytest.raises(RuntimeError, match='exited with code 1'): await m.start_job('echo')
+        finally: m.shutdown()
+    run(main())
