@@ -150,7 +150,7 @@ def ResourcesPanel(swap=False):
 def Changes(event_type, data):
     "What an event changed on the page, as out-of-band swaps."
     kind, job = event_type.split(':', 1)[1], manager.get_job(data.get('job_id') or '')
-    if kind == 'jobs': return JobList(True), WorkerPanel(True)
+    if kind in ('jobs', 'submitted'): return JobList(True), WorkerPanel(True)  # a job came or went: redraw the list
     if kind == 'plugins': return PluginsPanel(data.get('note'), swap=True), WorkerPanel(True)
     return JobCard(job, True) if job else None, None if kind in ('chunk', 'progress') else WorkerPanel(True)
 
@@ -166,9 +166,8 @@ async def index():
 
 @app.post('/jobs')
 async def submit(plugin_id:str, text:str=''):
-    try: await manager.start_job(plugin_id, text=text)
+    try: await manager.start_job(plugin_id, text=text)  # its 'demo:submitted' event redraws every page's list
     except ValueError as e: return Response(str(e), status_code=400)
-    await streams.broadcast('demo:jobs', {})  # a new job: every page redraws its list
     return JobList()
 
 @app.post('/jobs/clear')

@@ -68,7 +68,7 @@ def test_many_jobs_in_order(no_leftover_processes):
             ends = [j.completed_at for j in done]
             assert ends == sorted(ends)
             await asyncio.sleep(0.05)
-            assert all(events.of(j.id) == ['started', 'completed'] for j in jobs)
+            assert all(events.of(j.id) == ['submitted', 'started', 'completed'] for j in jobs)
             assert events.threads == {threading.get_ident()}  # delivered on the loop's thread
         finally: m.shutdown()
         assert_terminal(m)
@@ -105,7 +105,7 @@ def test_cancel_pending_leaves_worker(no_leftover_processes):
             assert slow.status == 'completed' and m.worker_process.pid == pid and m.restart_count == 0
             assert not await m.cancel_job(victim.id) and not await m.cancel_job(after.id)
             await asyncio.sleep(0.05)
-            assert events.of(victim.id) == ['cancelled']
+            assert events.of(victim.id) == ['submitted', 'cancelled']
         finally: m.shutdown()
     run(main())
 
@@ -311,7 +311,7 @@ def test_streaming_arrives_while_running(no_leftover_processes):
             assert seen[0][1] == 'running'  # the first chunk came before the job ended
             assert (await finish(m, job)).result['text'] == 'a b c d e'
             await asyncio.sleep(0.05)
-            assert events.of(job.id) == ['started'] + ['chunk'] * 5 + ['completed']
+            assert events.of(job.id) == ['submitted', 'started'] + ['chunk'] * 5 + ['completed']
         finally: m.shutdown()
     run(main())
 
@@ -325,7 +325,7 @@ def test_progress(no_leftover_processes):
             job = await finish(m, job)
             assert (job.progress, job.progress_message) == (1.0, 'step 4 of 4')
             await asyncio.sleep(0.05)
-            assert events.of(job.id) == ['started'] + ['progress'] * 4 + ['completed']
+            assert events.of(job.id) == ['submitted', 'started'] + ['progress'] * 4 + ['completed']
             assert [d['progress'] for e, d in events.events if e == 'text:progress'] == [0.25, 0.5, 0.75, 1.0]
         finally: m.shutdown()
     run(main())

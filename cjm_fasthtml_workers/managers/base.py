@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'TERMINAL_STATUSES', 'JobType', 'BaseJob', 'BaseJobManager']
 
-# %% ../../nbs/managers/base.ipynb #6c4312cd
+# %% ../../nbs/managers/base.ipynb #dcba44f8
 import asyncio, atexit, logging, os, pickle, queue, signal, threading, time, uuid, weakref
 import multiprocessing, multiprocessing.util
 from abc import ABC, abstractmethod
@@ -27,7 +27,7 @@ from ..extensions.protocols import (
 
 log = logging.getLogger(__name__)
 
-# %% ../../nbs/managers/base.ipynb #31ab7db5
+# %% ../../nbs/managers/base.ipynb #98350ea3
 TERMINAL_STATUSES = frozenset({'completed', 'failed', 'cancelled'})
 
 def _now() -> str: return datetime.now().isoformat()
@@ -50,7 +50,7 @@ class BaseJob:
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
-# %% ../../nbs/managers/base.ipynb #e3b346a0
+# %% ../../nbs/managers/base.ipynb #3affe305
 def _worker_main(entry_point:Callable, request_queue, result_queue, response_queue):
     "Spawned process target: own process group, watch the parent, run `entry_point`."
     if hasattr(os, 'setsid'):
@@ -64,7 +64,7 @@ def _worker_main(entry_point:Callable, request_queue, result_queue, response_que
         threading.Thread(target=_watch_parent, name='parent-watch', daemon=True).start()
     entry_point(request_queue, result_queue, response_queue)
 
-# %% ../../nbs/managers/base.ipynb #9e5f839e
+# %% ../../nbs/managers/base.ipynb #54b938fa
 def _describe_exit(exitcode:Optional[int]) -> str:
     "Say how a process ended, from its `exitcode`."
     if exitcode is None: return "worker did not exit"
@@ -85,7 +85,7 @@ def _kill_tree(pid:int, sig:int=signal.SIGKILL, group:bool=True) -> None:
         try: p.send_signal(sig)
         except psutil.Error: pass
 
-# %% ../../nbs/managers/base.ipynb #ff620a2b
+# %% ../../nbs/managers/base.ipynb #dac7e453
 _END = object()  # ends a stream_job iterator
 _live_managers = weakref.WeakSet()
 
@@ -142,7 +142,7 @@ def _shutdown_all(managers=_live_managers, log=log):
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
 
-# %% ../../nbs/managers/base.ipynb #0122c26b
+# %% ../../nbs/managers/base.ipynb #bf67024c
 class BaseJobManager(ABC, Generic[JobType]):
     """Abstract base class for managing jobs using worker processes.
 
@@ -187,6 +187,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._kill_sent, self._last_worker_error = False, None
         self._job_deadline = self._start_deadline = None  # time.monotonic() deadlines
         self._spawn_due, self._spawn_is_restart = None, False  # when the next worker starts, and whether it is a restart
+        self._restart_after: Optional[str] = None  # the kill reason behind the pending restart (None: a crash)
         self._crash_count = 0  # consecutive crash restarts; a completed job resets it
         self._closed = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -284,7 +285,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self.restart_count += 1
         self.last_restart_time = time.time()
         pid = self._start_worker(spawned, fx)
-        log.warning("%s worker restarted (pid %s, restart %s)", self.worker_type, pid, self.restart_count)
+        log.log(logging.DEBUG if self._restart_after == 'cancel' else logging.WARNING,  # a cancel is asked for, not a fault
+                "%s worker restarted (pid %s, restart %s)", self.worker_type, pid, self.restart_count)
         self._emit('worker_restarted', {'job_id': None, 'pid': pid, 'restart_count': self.restart_count})
 
     # ----- supervisor -----------------------------------------------------------------------------------------
@@ -512,7 +514,7 @@ class BaseJobManager(ABC, Generic[JobType]):
             delay = 0.0 if policy == RestartPolicy.ALWAYS else min(
                 cfg.restart_backoff_base_seconds * 2 ** (self._crash_count - 1), cfg.restart_backoff_max_seconds)
         if restart:
-            self._spawn_due, self._spawn_is_restart = time.monotonic() + delay, True
+            self._spawn_due, self._spawn_is_restart, self._restart_after = time.monotonic() + delay, True, reason
             return
         log.warning("%s worker not restarted: %s", self.worker_type, why)
         err = f"Worker died ({what}) and was not restarted: {why}"
@@ -536,7 +538,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         try: await self.broadcast_event(event, data)
         except Exception: log.exception("%s: broadcasting %s failed", self.worker_type, event)
 
-# %% ../../nbs/managers/base.ipynb #ab207f2a
+# %% ../../nbs/managers/base.ipynb #611de614
 @patch
 async def start(self:BaseJobManager) -> None:
     "Start the worker now and wait until it is ready, so the first job does not pay for the spawn."
@@ -548,7 +550,7 @@ async def start(self:BaseJobManager) -> None:
         self._ensure_worker()
     await fut
 
-# %% ../../nbs/managers/base.ipynb #66db9906
+# %% ../../nbs/managers/base.ipynb #2d46c58e
 @patch
 async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     "The plugin name for `plugin_id`; `ValueError` if no such plugin exists."
@@ -584,11 +586,12 @@ async def start_job(self:BaseJobManager,
             return job
         self._requests[job.id] = request
         self._waiting.append(job.id)
+        self._emit('submitted', {'job_id': job.id, 'plugin_id': plugin_id})
         self._dispatch()
     log.debug("%s job %s submitted (plugin %s)", self.worker_type, job.id, plugin_id)
     return job
 
-# %% ../../nbs/managers/base.ipynb #7dcc78d2
+# %% ../../nbs/managers/base.ipynb #335b38e4
 @patch
 async def wait_for_job(self:BaseJobManager,
                        job_id:str, # Job to wait for
@@ -608,7 +611,7 @@ async def wait_for_job(self:BaseJobManager,
         with self._lock:
             if (loop, fut) in self._waiters.get(job_id, ()): self._waiters[job_id].remove((loop, fut))
 
-# %% ../../nbs/managers/base.ipynb #bd5d11e8
+# %% ../../nbs/managers/base.ipynb #db122ec6
 @patch
 async def stream_job(self:BaseJobManager,
                      job_id:str # Job whose streamed output to follow
@@ -629,7 +632,7 @@ async def stream_job(self:BaseJobManager,
         with self._lock:
             if q is not None and (loop, q) in self._listeners.get(job_id, ()): self._listeners[job_id].remove((loop, q))
 
-# %% ../../nbs/managers/base.ipynb #ab0d89c7
+# %% ../../nbs/managers/base.ipynb #c73655d5
 @patch
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
@@ -647,7 +650,7 @@ async def cancel_job(self:BaseJobManager,
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
-# %% ../../nbs/managers/base.ipynb #b1ae0d33
+# %% ../../nbs/managers/base.ipynb #2a81cad8
 @patch
 def get_plugin_name(self:BaseJobManager,
                     plugin_id:str # Plugin unique identifier
@@ -678,7 +681,7 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
     finally:
         with self._lock: self._commands.pop(rid, None)
 
-# %% ../../nbs/managers/base.ipynb #b5779b1a
+# %% ../../nbs/managers/base.ipynb #6fe70764
 @patch
 async def reload_plugin(self:BaseJobManager,
                         plugin_name:str, # Name of the plugin to reload
@@ -710,7 +713,7 @@ async def unload_plugin(self:BaseJobManager,
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=None, loaded_plugin_resource=None)])
     return True
 
-# %% ../../nbs/managers/base.ipynb #59f13780
+# %% ../../nbs/managers/base.ipynb #2df85bae
 @patch
 def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
@@ -741,7 +744,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
             self._chunks.pop(i, None)
     return len(done)
 
-# %% ../../nbs/managers/base.ipynb #9b4f432d
+# %% ../../nbs/managers/base.ipynb #75fd2505
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # pid, alive, state, restart_count, current_job_id, loaded_plugin, pending_jobs
     "Describe the worker process and its work."
@@ -772,7 +775,7 @@ async def broadcast_event(self:BaseJobManager,
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is not None: await self.event_broadcaster.broadcast(event_type, data)
 
-# %% ../../nbs/managers/base.ipynb #766b86e8
+# %% ../../nbs/managers/base.ipynb #dbc58ece
 @patch
 def shutdown(self:BaseJobManager):
     "Shutdown the manager and cleanup resources."
