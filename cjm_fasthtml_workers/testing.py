@@ -6,13 +6,14 @@
 __all__ = ['PLUGIN_NAMES', 'ScenarioPluginManager', 'scenario_worker_process', 'BrokenPluginManagerError',
            'broken_plugin_manager', 'failing_init_worker_process']
 
-# %% ../nbs/testing.ipynb #dc149eb6
+# %% ../nbs/testing.ipynb #eaece20f
 import faulthandler, os, signal, subprocess, sys, threading, time
 from typing import Any, Dict, Iterator, Optional
 from .core.worker import base_worker_process, report_progress
 
-# %% ../nbs/testing.ipynb #c2294b66
-PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv', 'hang', 'spawn']
+# %% ../nbs/testing.ipynb #1c283efb
+PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv', 'hang', 'spawn',
+                'gpu', 'gpu_server']
 
 class ScenarioPluginManager:
     "A plugin manager with one plugin for each way a job can go."
@@ -28,6 +29,7 @@ class ScenarioPluginManager:
 
     def unload_plugin(self, plugin_name:str) -> None:
         self.configs.pop(plugin_name, None)
+        if plugin_name == 'gpu': self.gpu_memory = None
         self.events.append(f'unload {plugin_name}')
 
     def _configure(self, name, config, event):
@@ -62,17 +64,24 @@ class ScenarioPluginManager:
         if plugin_name == 'exit': os._exit(code)
         if plugin_name == 'kill': os.kill(os.getpid(), signal.SIGKILL)
         if plugin_name == 'segv': faulthandler._sigsegv()
+        if plugin_name == 'gpu':
+            import torch  # only the GPU tests use this plugin
+            self.gpu_memory = torch.empty(params.get('mib', 256) << 20, dtype=torch.uint8, device='cuda')
+            return {'pid': os.getpid()}
+        if plugin_name == 'gpu_server':
+            code = f"import time, torch; x = torch.empty({params.get('mib', 256) << 20}, dtype=torch.uint8, device='cuda'); time.sleep(600)"
+            return {'pid': subprocess.Popen([sys.executable, '-c', code]).pid}
         if plugin_name == 'spawn':
             child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
             with open(pid_file, 'w') as f: f.write(str(child.pid))
         while True: time.sleep(1)  # hang, spawn
 
-# %% ../nbs/testing.ipynb #5abd06c8
+# %% ../nbs/testing.ipynb #51f03f2a
 def scenario_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `ScenarioPluginManager` plugins."
     base_worker_process(request_queue, result_queue, response_queue, ScenarioPluginManager, supports_streaming=True)
 
-# %% ../nbs/testing.ipynb #9a54f55f
+# %% ../nbs/testing.ipynb #20037d91
 class BrokenPluginManagerError(RuntimeError):
     "Raised by `broken_plugin_manager`."
 
