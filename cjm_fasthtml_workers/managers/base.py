@@ -6,7 +6,7 @@
 __all__ = ['log', 'TERMINAL_STATUSES', 'JobType', 'BaseJob', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, pickle, queue, signal, threading, time, uuid, weakref
+import asyncio, atexit, logging, os, pickle, select, signal, threading, time, uuid, weakref
 import multiprocessing, multiprocessing.util
 from abc import ABC, abstractmethod
 from collections import deque
@@ -19,6 +19,7 @@ import psutil
 from fastcore.basics import patch
 
 from ..core.config import RestartPolicy, WorkerConfig
+from ..core.worker import worker_main
 from ..core.protocol import (
     WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType, WorkerResult,
     WorkerStreamChunk, WorkerJobStarted, WorkerProgress, decode_message)
@@ -51,20 +52,6 @@ class BaseJob:
 JobType = TypeVar('JobType', bound=BaseJob)
 
 # %% ../../nbs/managers/base.ipynb #3affe305
-def _worker_main(entry_point:Callable, request_queue, result_queue, response_queue):
-    "Spawned process target: own process group, watch the parent, run `entry_point`."
-    if hasattr(os, 'setsid'):
-        try: os.setsid()
-        except OSError: pass
-    parent = multiprocessing.parent_process()
-    if parent is not None and hasattr(os, 'killpg'):
-        def _watch_parent():
-            parent.join()
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        threading.Thread(target=_watch_parent, name='parent-watch', daemon=True).start()
-    entry_point(request_queue, result_queue, response_queue)
-
-# %% ../../nbs/managers/base.ipynb #54b938fa
 def _describe_exit(exitcode:Optional[int]) -> str:
     "Say how a process ended, from its `exitcode`."
     if exitcode is None: return "worker did not exit"
@@ -85,7 +72,7 @@ def _kill_tree(pid:int, sig:int=signal.SIGKILL, group:bool=True) -> None:
         try: p.send_signal(sig)
         except psutil.Error: pass
 
-# %% ../../nbs/managers/base.ipynb #dac7e453
+# %% ../../nbs/managers/base.ipynb #20a7be07
 _END = object()  # ends a stream_job iterator
 _live_managers = weakref.WeakSet()
 
@@ -116,16 +103,32 @@ def _run(effects:list):
         try: f()
         except Exception: log.exception("hook or resource manager call failed")
 
+def _waiter():
+    "A `wait(objs, timeout)` that registers its objects once and reuses that while they stay the same."
+    if not hasattr(select, 'poll'): return wait
+    state = {'objs': None}
+    def _wait(objs:list, timeout:Optional[float]) -> list:
+        if objs != state['objs']:  # a new worker: register its pipes and sentinel once, not every round
+            poller, by_fd = select.poll(), {}
+            for o in objs:
+                fd = o if isinstance(o, int) else o.fileno()
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = o
+            state.update(objs=objs, poller=poller, by_fd=by_fd)
+        events = state['poller'].poll(None if timeout is None else timeout * 1000)  # POLLHUP comes too: a death
+        return [state['by_fd'][fd] for fd, _ in events]
+    return _wait
+
 def _supervise(ref:weakref.ref):
     "Supervisor thread: wait on the worker and its queues, then let the manager handle what is ready."
-    pid = None
+    pid, wait_for = None, _waiter()
     while (m := ref()) is not None:
         objs, timeout = m._wait_set()
         if objs is None: return
         pid = m.worker_process.pid if m.worker_process is not None else None
         del m
-        try: ready = wait(objs, timeout)
-        except (OSError, ValueError): ready = []
+        try: ready = wait_for(objs, timeout)
+        except (OSError, ValueError): ready, wait_for = [], _waiter()
         if (m := ref()) is None: break
         try: m._monitor_results(ready)
         except Exception: log.exception("%s supervisor: unexpected error", m.worker_type)
@@ -142,7 +145,7 @@ def _shutdown_all(managers=_live_managers, log=log):
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
 
-# %% ../../nbs/managers/base.ipynb #bf67024c
+# %% ../../nbs/managers/base.ipynb #81fd1e51
 class BaseJobManager(ABC, Generic[JobType]):
     """Abstract base class for managing jobs using worker processes.
 
@@ -257,7 +260,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Start a worker process with fresh queues; no lock held, nothing shared touched."
         ctx = multiprocessing.get_context('spawn')
         queues = (ctx.Queue(self.worker_config.request_queue_size), ctx.SimpleQueue(), ctx.SimpleQueue())
-        proc = ctx.Process(target=_worker_main, args=(self.get_worker_entry_point(), *queues), name=f'{self.worker_type}-worker')
+        proc = ctx.Process(target=worker_main, args=(self.get_worker_entry_point(), *queues), name=f'{self.worker_type}-worker')
         proc.start()
         for q in queues[1:]: q._writer.close()  # the parent's copy: EOF, not a hang, once the worker is gone
         queues[0].cancel_join_thread()  # a dead worker's unread requests must not hold up exit
@@ -538,7 +541,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         try: await self.broadcast_event(event, data)
         except Exception: log.exception("%s: broadcasting %s failed", self.worker_type, event)
 
-# %% ../../nbs/managers/base.ipynb #611de614
+# %% ../../nbs/managers/base.ipynb #1648c0b4
 @patch
 async def start(self:BaseJobManager) -> None:
     "Start the worker now and wait until it is ready, so the first job does not pay for the spawn."
@@ -550,7 +553,7 @@ async def start(self:BaseJobManager) -> None:
         self._ensure_worker()
     await fut
 
-# %% ../../nbs/managers/base.ipynb #2d46c58e
+# %% ../../nbs/managers/base.ipynb #611de614
 @patch
 async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     "The plugin name for `plugin_id`; `ValueError` if no such plugin exists."
@@ -591,7 +594,7 @@ async def start_job(self:BaseJobManager,
     log.debug("%s job %s submitted (plugin %s)", self.worker_type, job.id, plugin_id)
     return job
 
-# %% ../../nbs/managers/base.ipynb #335b38e4
+# %% ../../nbs/managers/base.ipynb #2d46c58e
 @patch
 async def wait_for_job(self:BaseJobManager,
                        job_id:str, # Job to wait for
@@ -611,7 +614,7 @@ async def wait_for_job(self:BaseJobManager,
         with self._lock:
             if (loop, fut) in self._waiters.get(job_id, ()): self._waiters[job_id].remove((loop, fut))
 
-# %% ../../nbs/managers/base.ipynb #db122ec6
+# %% ../../nbs/managers/base.ipynb #5a579cc6
 @patch
 async def stream_job(self:BaseJobManager,
                      job_id:str # Job whose streamed output to follow
@@ -632,7 +635,7 @@ async def stream_job(self:BaseJobManager,
         with self._lock:
             if q is not None and (loop, q) in self._listeners.get(job_id, ()): self._listeners[job_id].remove((loop, q))
 
-# %% ../../nbs/managers/base.ipynb #c73655d5
+# %% ../../nbs/managers/base.ipynb #9ea39d1d
 @patch
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
@@ -650,7 +653,7 @@ async def cancel_job(self:BaseJobManager,
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
-# %% ../../nbs/managers/base.ipynb #2a81cad8
+# %% ../../nbs/managers/base.ipynb #a89216c7
 @patch
 def get_plugin_name(self:BaseJobManager,
                     plugin_id:str # Plugin unique identifier
@@ -681,7 +684,7 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
     finally:
         with self._lock: self._commands.pop(rid, None)
 
-# %% ../../nbs/managers/base.ipynb #6fe70764
+# %% ../../nbs/managers/base.ipynb #2a81cad8
 @patch
 async def reload_plugin(self:BaseJobManager,
                         plugin_name:str, # Name of the plugin to reload
@@ -713,7 +716,7 @@ async def unload_plugin(self:BaseJobManager,
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=None, loaded_plugin_resource=None)])
     return True
 
-# %% ../../nbs/managers/base.ipynb #2df85bae
+# %% ../../nbs/managers/base.ipynb #7fd14471
 @patch
 def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
@@ -744,7 +747,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
             self._chunks.pop(i, None)
     return len(done)
 
-# %% ../../nbs/managers/base.ipynb #75fd2505
+# %% ../../nbs/managers/base.ipynb #0c35ad29
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # pid, alive, state, restart_count, current_job_id, loaded_plugin, pending_jobs
     "Describe the worker process and its work."
@@ -775,7 +778,7 @@ async def broadcast_event(self:BaseJobManager,
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is not None: await self.event_broadcaster.broadcast(event_type, data)
 
-# %% ../../nbs/managers/base.ipynb #dbc58ece
+# %% ../../nbs/managers/base.ipynb #bd8d7ba0
 @patch
 def shutdown(self:BaseJobManager):
     "Shutdown the manager and cleanup resources."
