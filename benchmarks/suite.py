@@ -1,0 +1,279 @@
+"""The shapes of issue 6, their repetitions, the table and the JSON; `python benchmarks/run.py` runs it.
+
+Each repetition measures every shape for the library (library.py) and for the floor (floor.py): a spawned echo
+worker over two `multiprocessing.Queue`s and over one `multiprocessing.Pipe`. The two sides take turns going first,
+and each ratio library ÷ floor is taken within one repetition before the median over repetitions is reported with
+its min–max: on a shared, noisy machine the ratios of one run are what counts, never an absolute time."""
+import argparse, asyncio, json, logging, multiprocessing, os, platform, statistics, subprocess, sys, time, uuid
+from dataclasses import dataclass, field
+
+import psutil
+import floor, library
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----- the table's rows ----------------------------------------------------------------------------------------------
+@dataclass
+class Shape:
+    "A row of the table."
+    id: str  # key in the JSON
+    title: str
+    unit: str
+    floor: str  # what the floor column measures
+    target: tuple = ()  # ('ratio' or 'abs', '<=' or '>=', bound); () when the row is only reported
+    ratio: bool = True  # whether library ÷ floor means something here
+
+IDLE_LOOP = 'an idle event loop, same ticker'
+SHAPES = [
+    Shape('latency_median', 'sequential latency, median', 'µs', 'mp.Queue echo round trip', ('ratio', '<=', 1.0)),
+    Shape('latency_p99', 'sequential latency, p99', 'µs', 'mp.Queue echo round trip'),
+    Shape('throughput', 'throughput', 'jobs/s', 'pipelined mp.Queue echo, 64 in flight', ('ratio', '>=', 0.5)),
+    Shape('stall_submissions', 'event-loop stall: submissions', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
+    Shape('stall_cancel', 'event-loop stall: cancel', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
+    Shape('stall_reload', 'event-loop stall: reload', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
+    Shape('stall_unload', 'event-loop stall: unload', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
+    Shape('cold_start', 'cold start', 'ms', 'spawn the mp.Queue echo worker to its first echo', ('ratio', '<=', 1.2)),
+    Shape('cancel_to_ready', 'cancel to ready', 'ms', 'the cold start of the floor', ('ratio', '<=', 1.2)),
+    Shape('crash_detection', 'crash detection', 'ms', "SIGKILL to the worker's sentinel ready", ('abs', '<=', 10)),
+    Shape('shutdown_idle', 'shutdown, idle manager', 'ms', 'None to the echo worker, then join', ('abs', '<=', 50)),
+    Shape('payload_1mb', 'payload 1 MB', 'ms', 'mp.Queue echo of the same text', ('ratio', '<=', 1.1)),
+    Shape('payload_10mb', 'payload 10 MB', 'ms', 'mp.Queue echo of the same text', ('ratio', '<=', 1.1)),
+    Shape('memory_kept', 'memory, jobs kept', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
+    Shape('memory_cleared', 'memory, jobs cleared', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
+]
+
+# How much of each shape one repetition does: the issue's sizes, and a quick run's
+FULL = dict(reps=5, latency=2000, throughput=5000, payload_1mb=10, payload_10mb=4, cancel=3, commands=5, cold=3,
+            crash=5, memory=10000, idle=0.3)
+QUICK = dict(reps=2, latency=200, throughput=500, payload_1mb=2, payload_10mb=1, cancel=1, commands=1, cold=1,
+             crash=1, memory=1000, idle=0.1)
+MB = 1_000_000
+
+def request(text:str='x') -> dict:
+    "A floor message shaped like the library's EXECUTE request, so that both sides pickle the same."
+    return {'type': 'execute', 'job_id': uuid.uuid4().hex, 'plugin_name': 'echo', 'params': {'text': text}, 'stream': False}
+
+def p99(xs:list) -> float: return sorted(xs)[max(0, round(0.99 * len(xs)) - 1)]
+def median(xs) -> float: return statistics.median(list(xs))
+
+def in_fresh_process(target, *args):
+    "Run `target(*args, conn)` in a spawned process and return what it sends on `conn`."
+    ctx = multiprocessing.get_context('spawn')
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(*args, sender), name='benchmark-probe')
+    proc.start()
+    sender.close()
+    try: return receiver.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"{target.__module__}.{target.__name__} failed with exit code {proc.exitcode}") from None
+    finally:
+        proc.join()
+        receiver.close()
+
+# ----- one repetition: a pair of functions per group of shapes, the library's and the floor's --------------------------
+@dataclass
+class Rig:
+    "What one repetition measures with, and what it found: {shape id: {'library'|'floor'|'pipe': value}}."
+    sizes: dict
+    manager: library.TextJobManager = field(default_factory=library.make)
+    crashing: library.TextJobManager = field(default_factory=lambda: library.make('always', max_restart_attempts=10**6))
+    floors: tuple = field(default_factory=lambda: (('floor', floor.QueueFloor()), ('pipe', floor.PipeFloor())))
+    msg: dict = field(default_factory=request)
+    out: dict = field(default_factory=lambda: {s.id: {} for s in SHAPES})
+
+    def put(self, side:str, **values):
+        for k, v in values.items(): self.out[k][side] = v
+
+    async def warm(self):
+        await asyncio.gather(self.manager.start(), self.crashing.start())
+        await library.round_trips(self.manager, 50)
+        for _, f in self.floors: floor.round_trips(f, 50, self.msg)
+
+    def close(self):
+        self.manager.shutdown()
+        self.crashing.shutdown()
+        for _, f in self.floors: f.stop()
+
+# RSS is measured in a fresh process: in this one, memory that earlier shapes freed would hide the growth
+async def library_memory(r:Rig):
+    cleared, kept = in_fresh_process(library.memory_probe, r.sizes['memory'])
+    r.put('library', memory_cleared=cleared, memory_kept=kept)
+async def floor_memory(r:Rig):
+    grown = in_fresh_process(floor.memory_probe, r.sizes['memory'], r.msg)
+    r.put('floor', memory_cleared=grown, memory_kept=grown)
+
+async def library_latency(r:Rig):
+    t = await library.round_trips(r.manager, r.sizes['latency'])
+    r.put('library', latency_median=median(t) * 1e6, latency_p99=p99(t) * 1e6)
+async def floor_latency(r:Rig):
+    for side, f in r.floors:
+        t = floor.round_trips(f, r.sizes['latency'], r.msg)
+        r.put(side, latency_median=median(t) * 1e6, latency_p99=p99(t) * 1e6)
+
+async def library_throughput(r:Rig):
+    rate, stall = await library.throughput(r.manager, r.sizes['throughput'])
+    r.put('library', throughput=rate, stall_submissions=stall * 1e3)
+async def floor_throughput(r:Rig):
+    for side, f in r.floors: r.put(side, throughput=floor.pipelined(f, r.sizes['throughput'], r.msg))
+    idle = await library.idle_stall(r.sizes['idle']) * 1e3
+    r.put('floor', stall_submissions=idle, stall_cancel=idle, stall_reload=idle, stall_unload=idle)
+
+async def library_payload(r:Rig):
+    for key, size in (('payload_1mb', MB), ('payload_10mb', 10 * MB)):
+        r.put('library', **{key: median(await library.round_trips(r.manager, r.sizes[key], 'x' * size)) * 1e3})
+async def floor_payload(r:Rig):
+    for key, size in (('payload_1mb', MB), ('payload_10mb', 10 * MB)):
+        for side, f in r.floors: r.put(side, **{key: median(floor.round_trips(f, r.sizes[key], request('x' * size))) * 1e3})
+
+async def library_commands(r:Rig):  # the floor of a cancel is the floor's cold start
+    cancels = [await library.cancel_to_ready(r.manager) for _ in range(r.sizes['cancel'])]
+    stalls = {c: [await library.command_stall(r.manager, c) for _ in range(r.sizes['commands'])] for c in ('reload', 'unload')}
+    r.put('library', cancel_to_ready=median(t for t, _ in cancels) * 1e3, stall_cancel=max(s for _, s in cancels) * 1e3,
+          stall_reload=max(stalls['reload']) * 1e3, stall_unload=max(stalls['unload']) * 1e3)
+
+async def library_lifecycle(r:Rig):
+    runs = [await library.cold_start() for _ in range(r.sizes['cold'])]
+    r.put('library', cold_start=median(c for c, _ in runs) * 1e3, shutdown_idle=median(s for _, s in runs) * 1e3)
+async def floor_lifecycle(r:Rig):
+    runs = []
+    for _ in range(r.sizes['cold']):
+        cold, f = floor.cold_start(r.msg)
+        runs.append((cold, floor.stop_time(f)))
+    cold = median(c for c, _ in runs) * 1e3
+    r.put('floor', cold_start=cold, cancel_to_ready=cold, shutdown_idle=median(s for _, s in runs) * 1e3)
+
+async def library_crash(r:Rig):
+    r.put('library', crash_detection=median([await library.crash_detection(r.crashing) for _ in range(r.sizes['crash'])]) * 1e3)
+async def floor_crash(r:Rig):
+    r.put('floor', crash_detection=median(floor.cold_start(r.msg)[1].kill() for _ in range(r.sizes['crash'])) * 1e3)
+
+GROUPS = [(library_memory, floor_memory), (library_latency, floor_latency), (library_throughput, floor_throughput),
+          (library_payload, floor_payload), (library_commands, None), (library_lifecycle, floor_lifecycle),
+          (library_crash, floor_crash)]
+
+async def repetition(sizes:dict, rep:int) -> dict: # {shape id: {'library'|'floor'|'pipe': value}}
+    "Every shape once, in the table's units; in each group the library goes first in even repetitions."
+    rig = Rig(sizes)
+    try:
+        await rig.warm()
+        for pair in GROUPS:
+            for side in (pair if rep % 2 == 0 else pair[::-1]):
+                if side is not None: await side(rig)
+    finally: rig.close()
+    return rig.out
+
+# ----- summary ---------------------------------------------------------------------------------------------------------
+def stats(xs:list) -> dict: return {'median': statistics.median(xs), 'min': min(xs), 'max': max(xs), 'reps': xs}
+
+def verdict(shape:Shape, row:dict) -> tuple: # (True, False, or None when only reported; the table's text)
+    if not shape.target: return None, 'reported'
+    kind, op, bound = shape.target
+    value = row['ratio']['median'] if kind == 'ratio' else row['library']['median']
+    met = value <= bound if op == '<=' else value >= bound
+    off = value / bound if op == '<=' else bound / value
+    return met, 'yes' if met else f'no, by {off:.2f}×'
+
+def target_text(shape:Shape) -> str:
+    if not shape.target: return 'reported'
+    kind, op, bound = shape.target
+    return f"{'≤' if op == '<=' else '≥'} " + (f'{bound:.1f}× floor' if kind == 'ratio' else f'{bound:g} {shape.unit}')
+
+def summarize(reps:list) -> dict: # {shape id: row}, each row as it goes in the JSON
+    rows = {}
+    for s in SHAPES:
+        row = {'title': s.title, 'unit': s.unit, 'floor_is': s.floor, 'target': target_text(s)}
+        for side in ('library', 'floor', 'pipe'):
+            if xs := [r[s.id][side] for r in reps if side in r[s.id]]: row[side] = stats(xs)
+        if s.ratio:  # pair by pair: a noisy moment hits both sides of one repetition alike
+            row['ratio'] = stats([r[s.id]['library'] / r[s.id]['floor'] for r in reps])
+        row['met'], row['verdict'] = verdict(s, row)
+        rows[s.id] = row
+    return rows
+
+def num(x:float) -> str:
+    if abs(x) >= 100: return f'{x:,.0f}'
+    return f'{x:.1f}' if abs(x) >= 10 else f'{x:.2f}'
+
+def cell(st:dict, suffix:str='') -> str:
+    if st is None: return '-'
+    if st['min'] == st['max']: return num(st['median']) + suffix
+    return f"{num(st['median'])}{suffix} ({num(st['min'])}–{num(st['max'])})"
+
+def table(rows:dict) -> str:
+    head = ('shape', 'unit', 'library', 'floor', 'library ÷ floor', 'mp.Pipe floor', 'target', 'met')
+    body = [(r['title'], r['unit'], cell(r['library']), cell(r['floor']), cell(r.get('ratio'), '×'), cell(r.get('pipe')),
+             r['target'], r['verdict']) for r in rows.values()]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ['  '.join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+# ----- where it ran ------------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = None
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f: cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), None)
+    return {'cpu': cpu or platform.processor() or platform.machine(), 'cores': psutil.cpu_count(logical=False),
+            'logical_cpus': os.cpu_count(), 'memory_gib': round(psutil.virtual_memory().total / 2**30, 1),
+            'python': f'{platform.python_implementation()} {platform.python_version()}', 'platform': platform.platform(),
+            # a worker without cached bytecode compiles the library at every spawn: cold starts depend on it
+            'bytecode_cache': not sys.dont_write_bytecode}
+
+def checkout() -> dict:
+    "Which library was measured: its path, version and git state."
+    import cjm_fasthtml_workers
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cjm_fasthtml_workers.__file__)))
+    try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError): git = ''
+    return {'path': root, 'version': cjm_fasthtml_workers.__version__, 'git': git or None}
+
+def leftover_children() -> list:
+    "Child processes still running, multiprocessing's resource tracker excepted."
+    left = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not any('resource_tracker' in a for a in p.cmdline()): left.append(p.pid)
+        except psutil.Error: pass
+    return left
+
+# ----- main --------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description='Benchmarks: what the job manager costs on top of the raw multiprocessing floor.')
+    ap.add_argument('--quick', action='store_true', help='small sizes and 2 repetitions: a check that the script works')
+    ap.add_argument('--reps', type=int, help='repetitions (default: 5, or 2 with --quick)')
+    ap.add_argument('--json', default=os.path.join(HERE, 'results.json'), help='where to write the results')
+    args = ap.parse_args(argv)
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.reps: sizes['reps'] = args.reps
+    logging.getLogger('cjm_fasthtml_workers').setLevel(logging.ERROR)  # the crash shape kills workers: warnings expected
+    info, lib, started, load = machine(), checkout(), time.time(), os.getloadavg()
+
+    async def run_all():
+        reps = []
+        for i in range(sizes['reps']):
+            t0 = time.perf_counter()
+            reps.append(await repetition(sizes, i))
+            print(f"repetition {i + 1}/{sizes['reps']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return reps
+    rows = summarize(asyncio.run(run_all()))
+    info['load_average'] = {'start': load, 'end': os.getloadavg()}
+    result = {'machine': info, 'library': lib, 'shapes': rows, 'missed': [k for k, r in rows.items() if r['met'] is False],
+              'run': {'started': time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(started)),
+                      'seconds': round(time.time() - started, 1), 'quick': args.quick, 'sizes': sizes}}
+    print(table(rows))
+    print(f"\nmedian (min–max) over {sizes['reps']} interleaved repetitions; each ratio is taken within a repetition.")
+    print('the floor of each row:')
+    for what in dict.fromkeys(s.floor for s in SHAPES):
+        print(f"  {what}: {', '.join(s.title for s in SHAPES if s.floor == what)}")
+    print(f"library {lib['version']} ({lib['git'] or 'no git'}) at {lib['path']}")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['python']}, {info['platform']}, "
+          f"bytecode cache {'on' if info['bytecode_cache'] else 'off'}; load average {load[0]:.2f} at the start; "
+          f"{result['run']['seconds']:.0f} s in all")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f: json.dump(result, f, indent=1)
+    print(f'written to {args.json}')
+    if left := leftover_children():
+        print(f'error: child processes left behind: {left}', file=sys.stderr)
+        return 1
+    return 0
