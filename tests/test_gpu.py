@@ -1,6 +1,6 @@
 "End to end on a real NVIDIA GPU: the manager's worker and a server it spawned are the app's; another process is not."
-import asyncio, subprocess, sys, time
-import psutil, pytest
+import subprocess, sys
+import pytest
 
 from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.extensions.resources import ResourceManager, ResourceStatus

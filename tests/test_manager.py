@@ -8,7 +8,7 @@ import psutil, pytest
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager, TERMINAL_STATUSES
 from cjm_fasthtml_workers.testing import scenario_worker_process
-from conftest import pid_gone, live_children
+from conftest import pid_gone
 
 @dataclass
 class TextJob(BaseJob):

@@ -1,15 +1,12 @@
 "ResourceManager against real processes (psutil), a fake NVML, threads, and a real GPU when there is one."
-import asyncio, gc, logging, os, subprocess, sys, threading, time, uuid
-from dataclasses import dataclass, field
+import asyncio, gc, logging, os, subprocess, sys, threading, time
 from types import SimpleNamespace
-from typing import Any, Dict
 
 import psutil, pytest
 
 from cjm_fasthtml_workers.extensions import resources
 from cjm_fasthtml_workers.extensions.protocols import ResourceManagerProtocol
-from cjm_fasthtml_workers.extensions.resources import (FakeNVML, ResourceManager, ResourceStatus, ResourceType,
-                                                        WorkerState)
+from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager, ResourceStatus, ResourceType
 from conftest import pid_gone
 
 G = 1 << 30
@@ -303,18 +300,7 @@ def test_memory_threshold_is_validated():
 
 # ----- plugged into BaseJobManager --------------------------------------------------------------------------
 def test_plugs_into_base_job_manager(no_leftover_processes):
-    from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-    from cjm_fasthtml_workers.testing import scenario_worker_process
-
-    @dataclass
-    class TextJob(BaseJob):
-        params: Dict[str, Any] = field(default_factory=dict)
-
-    class TextJobManager(BaseJobManager[TextJob]):
-        def create_job(self, plugin_id, **kwargs): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
-        def get_worker_entry_point(self): return scenario_worker_process
-        def prepare_execute_request(self, job): return job.params
-        def extract_job_result(self, job, result_data): return result_data
+    from test_manager import TextJobManager  # the suite's minimal BaseJobManager subclass
 
     rm = ResourceManager(nvml=FakeNVML([FakeNVML.gpu()]))
     async def main():
