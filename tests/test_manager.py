@@ -493,3 +493,37 @@ def test_worker_that_dies_in_its_loop(no_leftover_processes, policy):
             with pytest.raises(RuntimeError, match='exited with code 1'): await m.start_job('echo')
         finally: m.shutdown()
     run(main())
+
+class UnspawnableManager(TextJobManager):
+    def get_worker_entry_point(self): return lambda *queues: None  # spawn cannot pickle a lambda
+
+def test_worker_that_cannot_be_spawned(no_leftover_processes, caplog):
+    "A spawn that fails in the parent fails start() and the waiting jobs with the reason, once, with no retry loop."
+    async def main():
+        m = UnspawnableManager('text', 'test', worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS))
+        try:
+            with pytest.raises(RuntimeError, match='Could not start a worker'): await m.start()
+            await asyncio.sleep(0.2)
+            assert sum('could not start a worker' in r.getMessage() for r in caplog.records) == 1
+            with pytest.raises(RuntimeError, match='Could not start a worker'): await m.start()  # tries again
+        finally: m.shutdown()
+    run(main())
+
+def test_dispatched_job_that_never_started_runs_on_the_next_worker(no_leftover_processes):
+    async def main():
+        m, events = make(RestartPolicy.ALWAYS)
+        try:
+            await m.start()
+            pid = m.worker_process.pid
+            os.kill(pid, signal.SIGSTOP)  # frozen: the job reaches its pipe but cannot start
+            job = await m.start_job('echo', text='survivor')
+            await asyncio.sleep(0.2)
+            assert job.status == 'pending' and m.get_worker_info()['current_job_id'] == job.id
+            os.kill(pid, signal.SIGKILL)
+            job = await finish(m, job)
+            assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != pid
+            await asyncio.sleep(0.05)
+            died = [d for e, d in events.events if e == 'text:worker_died']
+            assert died and died[0]['job_id'] is None  # it was not running the job
+        finally: m.shutdown()
+    run(main())

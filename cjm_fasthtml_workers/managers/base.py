@@ -308,7 +308,9 @@ class BaseJobManager(ABC, Generic[JobType]):
     def _monitor_results(self, ready:list):
         "One round of the supervisor: read what arrived, settle a death, act on what is due, dispatch."
         fx, proc = [], self.worker_process  # only this thread replaces the worker and reads its queues
-        if self._wake_r in ready: os.read(self._wake_r, 4096)
+        if self._wake_r in ready:
+            try: os.read(self._wake_r, 4096)
+            except OSError: pass  # closed by shutdown() or by the manager's collection
         messages = self._read_messages() if proc is not None else []  # unpickled outside the lock
         with self._lock:
             for msg in messages: self._handle_message(msg, fx)
@@ -316,7 +318,15 @@ class BaseJobManager(ABC, Generic[JobType]):
             spawn = self._act(fx)
             self._dispatch()
         _run(fx)
-        if spawn: self._replace_worker(self._spawn_worker())  # the fork and exec happen outside the lock
+        if not spawn: return
+        try: spawned = self._spawn_worker()  # the fork and exec happen outside the lock
+        except Exception as e:
+            log.exception("%s: could not start a worker", self.worker_type)
+            with self._lock:
+                self._spawn_due = None  # no retry loop: the next start_job tries again
+                self._give_up(f"Could not start a worker: {type(e).__name__}: {e}")
+            return
+        self._replace_worker(spawned)
 
     def _read_messages(self) -> list:
         "Every message waiting on the result and response queues, decoded."
@@ -484,9 +494,10 @@ class BaseJobManager(ABC, Generic[JobType]):
         if self._last_worker_error and not self._worker_ready: what += f" ({self._last_worker_error})"
         job = self.jobs.get(self._dispatched) if self._dispatched else None
         self._dispatched = self._job_deadline = self.current_plugin_id = None
-        running_id = job.id if job is not None else None
-        if job is not None and job.status not in TERMINAL_STATUSES:
-            # a dispatched job counts as started: its JOB_STARTED may have died with the worker's feeder thread
+        running_id = job.id if job is not None and job.status != 'pending' else None
+        if job is not None and job.status == 'pending':  # JOB_STARTED is written synchronously: it never started
+            self._waiting.appendleft(job.id)
+        elif job is not None and job.status == 'running':
             if reason == 'timeout':
                 self._finish(job, 'failed', error=f"Job timed out after {self.worker_config.job_timeout_seconds} s; the worker was ended")
             else: self._finish(job, 'failed', error=f"Worker died while running the job: {what}")
@@ -520,7 +531,10 @@ class BaseJobManager(ABC, Generic[JobType]):
             self._spawn_due, self._spawn_is_restart, self._restart_after = time.monotonic() + delay, True, reason
             return
         log.warning("%s worker not restarted: %s", self.worker_type, why)
-        err = f"Worker died ({what}) and was not restarted: {why}"
+        self._give_up(f"Worker died ({what}) and was not restarted: {why}")
+
+    def _give_up(self, err:str):
+        "No worker is coming: fail the waiting jobs and anyone waiting in start() with `err`."
         while self._waiting: self._finish(self.jobs[self._waiting.popleft()], 'failed', error=err)
         for loop, fut in self._ready_waiters: _resolve(loop, fut, exc=RuntimeError(err))
         self._ready_waiters = []
