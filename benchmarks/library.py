@@ -3,10 +3,10 @@
 The manager is the one of tests/test_manager.py, running the package's scenario plugins (`echo`, `hang`). It lives
 only in the benchmark's process; its worker imports `cjm_fasthtml_workers.testing` by name."""
 import asyncio, gc, os, signal, time, uuid
-import psutil
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+import psutil
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
 from cjm_fasthtml_workers.testing import scenario_worker_process
@@ -78,7 +78,7 @@ async def round_trips(m, n:int, text:str='x') -> list: # Seconds of each of `n` 
 async def submit_all(m, n:int) -> list: # The `n` jobs, all ended
     "Submit `n` echo jobs back to back, then wait until all have ended."
     jobs = []
-    for i in range(n):
+    for _ in range(n):
         jobs.append(await m.start_job('echo', text='x'))
         await asyncio.sleep(0)  # each submission its own turn of the loop, as an app's requests are
     await m.wait_for_job(jobs[-1].id)  # one worker runs jobs in submission order: the last ends last
