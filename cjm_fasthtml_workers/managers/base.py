@@ -393,14 +393,10 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _resolve_plugin_name(self, plugin_id:str) -> str: return self.get_plugin_name(plugin_id) or plugin_id
-
-    def _config_for(self, plugin_id:str) -> Dict[str, Any]:
-        "The configuration a job of `plugin_id` runs with."
-        name = self._resolve_plugin_name(plugin_id)
-        if name in self._config_overrides: return self._config_overrides[name]
-        if self.plugin_registry is not None: return self.plugin_registry.load_plugin_config(plugin_id) or {}
-        return self._worker_configs.get(name) or {}
+    def _config_for(self, plugin_name:str) -> Dict[str, Any]:
+        "The configuration a job of `plugin_name` runs with: what the worker was given, or will be at its INIT."
+        if plugin_name in self._worker_configs: return self._worker_configs[plugin_name]
+        return self._plugin_configs().get(plugin_name) or {}
 
     # ----- messages from the worker -----------------------------------------------------------------------------
     def _handle_message(self, msg, fx:list):
@@ -427,14 +423,14 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     def _handle_job_started(self, job, msg, fx:list):
         if job is None or job.status != 'pending': return  # cancelled while it waited in the pipe: ignore its run
+        name = self._requests[job.id]['plugin_name']  # resolved once, by start_job
         job.status, job.started_at, job.worker_pid = 'running', _now(), msg.pid
-        self.current_plugin_id, self._loaded_plugin = job.plugin_id, self._resolve_plugin_name(job.plugin_id)
+        self.current_plugin_id, self._loaded_plugin = job.plugin_id, name
         if self.worker_config.job_timeout_seconds:
             self._job_deadline = time.monotonic() + self.worker_config.job_timeout_seconds
         self._emit('started', {'job_id': job.id, 'plugin_id': job.plugin_id, 'worker_pid': msg.pid})
         if self.resource_manager is not None:
-            name = self._resolve_plugin_name(job.plugin_id)
-            config = self._worker_configs.get(name) or {}
+            config = self._config_for(name)
             fx.append(lambda: self.resource_manager.update_worker_state(msg.pid, status='running', job_id=job.id,
                 plugin_name=name, plugin_id=job.plugin_id, config=config,
                 loaded_plugin_resource=self._extract_plugin_resource_identifier(config)))
@@ -547,8 +543,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         _call(loop, self._schedule_event, f"{self.worker_type}:{suffix}", data)
 
     def _schedule_event(self, event:str, data:dict):
-        prev, self._event_tail = self._event_tail, None
-        self._event_tail = asyncio.ensure_future(self._broadcast_after(prev, event, data))
+        self._event_tail = asyncio.ensure_future(self._broadcast_after(self._event_tail, event, data))
 
     async def _broadcast_after(self, prev, event:str, data:dict):
         if prev is not None and not prev.done() and prev.get_loop() is asyncio.get_running_loop(): await asyncio.wait([prev])
@@ -594,7 +589,7 @@ async def start_job(self:BaseJobManager,
     try: pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         raise TypeError(f"arguments of a {plugin_id!r} job cannot be sent to the worker: {type(e).__name__}: {e}") from e
-    error = await self._validate_resources(plugin_id, self._config_for(plugin_id))
+    error = await self._validate_resources(plugin_id, self._config_for(name))
     with self._lock:
         self._ensure_worker()
         self.jobs[job.id] = job
