@@ -28,7 +28,8 @@ class DemoJobManager(BaseJobManager[DemoJob]):
     "Runs the demo plugins, one job at a time, in a supervised worker process."
     def create_job(self, plugin_id, text=''): return DemoJob(id=uuid.uuid4().hex[:8], plugin_id=plugin_id, text=text)
     def get_worker_entry_point(self): return demo_worker_process  # from the package: the spawned worker imports it
-    def prepare_execute_request(self, job): return {'text': job.text}
+    # stream=True asks for streaming; the manager streams only plugins whose registry entry supports it
+    def prepare_execute_request(self, job): return {'text': job.text, 'stream': True}
     def extract_job_result(self, job, result_data): return result_data
 
 class EventStreams:
@@ -87,8 +88,9 @@ def JobCard(job, swap=False):
         P(job.text, cls='input') if job.text else P('(no text)', cls='input muted'),  # strings are escaped
         Div(Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'), Span(job.progress_message or '', cls='muted'),
             cls='progress') if job.progress is not None else None,
-        Pre(job.result.get('text', json.dumps(job.result)), cls='result') if job.result else
-        Pre(job.output, cls='output') if job.output else None,
+        # a streamed job's text came as chunks (its result is the documented {'streamed': True})
+        Pre(job.output, cls='result' if job.status == 'completed' else 'output') if job.output else
+        Pre(job.result.get('text', json.dumps(job.result)), cls='result') if job.result else None,
         P(job.error, cls='error') if job.error else None,
         Footer(' · '.join(t for t in times if t)),
         id=f'job-{job.id}', cls=job.status, hx_swap_oob=oob(swap))

@@ -51,7 +51,7 @@ MB = 1_000_000
 
 def request(text:str='x') -> dict:
     "A floor message shaped like the library's EXECUTE request, so that both sides pickle the same."
-    return {'type': 'execute', 'job_id': uuid.uuid4().hex, 'plugin_name': 'echo', 'params': {'text': text}, 'stream': False}
+    return {'type': 'execute', 'job_id': uuid.uuid4().hex, 'plugin_name': 'echo', 'text': text}
 
 def p99(xs:list) -> float: return sorted(xs)[max(0, round(0.99 * len(xs)) - 1)]
 def median(xs) -> float: return statistics.median(list(xs))

@@ -303,15 +303,20 @@ def test_streaming_arrives_while_running(no_leftover_processes):
     async def main():
         m, events = make()
         try:
-            job = await m.start_job('stream', text='a b c d e', delay=0.1)
+            job = await m.start_job('stream', text='a b c d e', delay=0.1, stream=True)
             seen = []
             async for chunk in m.stream_job(job.id):
                 seen.append((chunk, job.status))
             assert [c for c, _ in seen] == ['a ', 'b ', 'c ', 'd ', 'e']
             assert seen[0][1] == 'running'  # the first chunk came before the job ended
-            assert (await finish(m, job)).result['text'] == 'a b c d e'
+            assert (await finish(m, job)).result == {'streamed': True}  # the documented result of a streamed job
+            assert ''.join(m.get_job_chunks(job.id)) == 'a b c d e'
             await asyncio.sleep(0.05)
             assert events.of(job.id) == ['submitted', 'started'] + ['chunk'] * 5 + ['completed']
+            # the same plugin without stream=True runs execute_plugin: no chunks, the text in the result
+            plain = await finish(m, await m.start_job('stream', text='x y'))
+            assert plain.result['text'] == 'x y' and m.get_job_chunks(plain.id) == []
+            assert 'chunk' not in events.of(plain.id)
         finally: m.shutdown()
     run(main())
 
@@ -454,8 +459,9 @@ def test_hooks(no_leftover_processes):
     async def main():
         m = HookedManager('text', 'test')
         try:
-            refused = await m.start_job('sleep', seconds=1)
-            assert refused.status == 'failed' and refused.error == 'GPU is busy' and refused.started_at is None
+            with pytest.raises(RuntimeError, match='^Resource validation failed: GPU is busy$'):
+                await m.start_job('sleep', seconds=1)
+            assert m.get_all_jobs() == []  # a refused job is not kept
             ok = await finish(m, await m.start_job('echo', text='fine'))
             bad = await finish(m, await m.start_job('echo', text='explode'))
             assert bad.status == 'failed' and 'extract_job_result failed: KeyError' in bad.error
@@ -524,6 +530,8 @@ def test_dispatched_job_that_never_started_runs_on_the_next_worker(no_leftover_p
             assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != pid
             await asyncio.sleep(0.05)
             died = [d for e, d in events.events if e == 'text:worker_died']
-            assert died and died[0]['job_id'] is None  # it was not running the job
+            assert died and 'job_id' not in died[0]  # it was not running the job: a worker event with no job_id key
+            restarted = [d for e, d in events.events if e == 'text:worker_restarted']
+            assert restarted and all('job_id' not in d for d in restarted)
         finally: m.shutdown()
     run(main())

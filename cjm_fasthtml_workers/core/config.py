@@ -47,5 +47,8 @@ class WorkerConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{f.name} must be a number, got {v!r}")
             if v < 0: raise ValueError(f"{f.name} must not be negative, got {v!r}")
-        if self.max_workers != 1: raise ValueError(f"max_workers must be 1 (only one worker is supported), got {self.max_workers}")
+        if not isinstance(self.max_workers, int) or self.max_workers < 1:
+            raise ValueError(f"max_workers must be a positive integer, got {self.max_workers!r}")
+        if self.max_workers > 1:
+            raise NotImplementedError(f"max_workers={self.max_workers}: only 1 worker is supported")
         if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")

@@ -87,31 +87,36 @@ class WorkerStreamChunk:
     def to_dict(self) -> Dict[str, Any]:
         "Convert to dictionary for queue serialization."
         return {'type': WorkerResponseType.STREAM_CHUNK.value, 'job_id': self.job_id, 'chunk': self.chunk,
-                'is_final': self.is_final, 'metadata': self.metadata}
+                'is_final': self.is_final, 'metadata': self.metadata or {}}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'WorkerStreamChunk':
         "Create from dictionary received from queue."
-        return cls(d['job_id'], d['chunk'], d.get('is_final', False), d.get('metadata'))
+        return cls(d['job_id'], d['chunk'], d.get('is_final', False), d.get('metadata') or None)
 
+# %% ../../nbs/core/protocol.ipynb #58b98a81
 @dataclass
 class WorkerResult:
     "Structure for job execution results."
     job_id: str  # Unique identifier for the job
     status: str  # 'success' or 'error'
     data: Optional[Dict[str, Any]] = None  # Result data on success
-    error: Optional[str] = None  # Error message on failure
+    error: Optional[str] = None  # Error message on failure: the exception's `str`
     traceback: Optional[str] = None  # The worker-side traceback of a failure, when there is one
+    error_type: Optional[str] = None  # Class name of the exception that failed the job, when there is one
 
     def to_dict(self) -> Dict[str, Any]:
-        "Convert to dictionary for queue serialization."
-        return {'type': WorkerResponseType.RESULT.value, 'job_id': self.job_id, 'status': self.status,
-                'data': self.data, 'error': self.error, 'traceback': self.traceback}
+        "Convert to dictionary for queue serialization; keys whose value is None are left out."
+        d = {'type': WorkerResponseType.RESULT.value, 'job_id': self.job_id, 'status': self.status}
+        optional = {'data': self.data, 'error': self.error,
+                    'traceback': self.traceback, 'error_type': self.error_type}
+        return {**d, **{k: v for k, v in optional.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'WorkerResult':
         "Create from dictionary received from queue."
-        return cls(d['job_id'], d['status'], d.get('data'), d.get('error'), d.get('traceback'))
+        return cls(d['job_id'], d['status'], d.get('data'), d.get('error'),
+                   d.get('traceback'), d.get('error_type'))
 
 # %% ../../nbs/core/protocol.ipynb #6c54507e
 @dataclass

@@ -10,8 +10,9 @@ import logging, os, pickle, signal, threading, traceback
 from typing import Any, Callable, Dict, Optional
 import multiprocessing
 from multiprocessing.queues import SimpleQueue
+from fastcore.basics import patch
 
-from .adapters import default_result_adapter
+from .adapters import default_result_adapter, meta_name
 from .protocol import (
     PluginManagerAdapter, WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType,
     WorkerResult, WorkerStreamChunk, WorkerJobStarted, WorkerProgress)
@@ -32,19 +33,38 @@ def report_progress(
     result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
 
 # %% ../../nbs/core/worker.ipynb #618d3a5f
-def _plugin_name(plugin_data) -> str:
-    "Name of a discovered plugin, whether it is an object, a dict or a string."
-    if isinstance(plugin_data, dict): return plugin_data.get('name')
-    return getattr(plugin_data, 'name', None) or str(plugin_data)
+def _error_text(e:BaseException # The exception that failed a job or a command
+               ) -> str: # Its message, never empty
+    "`str(e)`; the class name if that is empty, a placeholder if `str` itself fails."
+    try: text = str(e)
+    except Exception: return f"<unprintable {type(e).__name__}>"
+    return text or type(e).__name__
 
-def _describe(e:BaseException) -> str: return f"{type(e).__name__}: {e}"
+def _describe(e:BaseException # The exception to log or report
+             ) -> str: # Class name and message
+    "Class name and message, for logs and ERROR messages."
+    name, text = type(e).__name__, _error_text(e)
+    return name if text == name else f"{name}: {text}"
+
+def _format_traceback(e:BaseException # The exception whose traceback is wanted
+                     ) -> str: # The formatted traceback
+    "The traceback of `e` as text, never raising."
+    try: return ''.join(traceback.format_exception(type(e), e, e.__traceback__))
+    except Exception: return f"{type(e).__name__} (its traceback could not be formatted)"
 
 # %% ../../nbs/core/worker.ipynb #c5040112
 class _Worker:
     "State and request handlers of one worker process."
-    def __init__(self, result_queue, response_queue, factory, result_adapter, supports_streaming):
+    def __init__(self,
+                 result_queue, # Where job messages go: READY, JOB_STARTED, STREAM_CHUNK, RESULT, ERROR
+                 response_queue, # Where answers to commands go: RESPONSE, STATE
+                 factory:Callable[[], PluginManagerAdapter], # Creates the plugin manager at INIT
+                 # Plugin result to dict; `default_result_adapter` if None
+                 result_adapter:Optional[Callable[[Any], Dict[str, Any]]]=None,
+                 supports_streaming:bool=False): # Whether this worker may stream a job
         self.result_queue, self.response_queue, self.factory = result_queue, response_queue, factory
         self.adapt, self.supports_streaming = result_adapter or default_result_adapter, supports_streaming
+        # the plugin manager, discovered plugins by name, configurations by name, the name of the one loaded plugin
         self.pm, self.plugins, self.configs, self.loaded = None, {}, {}, None
 
     def send(self, q, msg:dict):
@@ -56,71 +76,136 @@ class _Worker:
         except OSError: raise
         except Exception as e: raise TypeError(f"cannot be pickled: {_describe(e)}") from e
 
-    def init(self, req):
-        self.pm = self.factory()
-        self.plugins = {_plugin_name(p): p for p in self.pm.discover_plugins()}
+    def loaded_plugins(self) -> list: return [] if self.loaded is None else [self.loaded]
+
+    def init(self, req:WorkerRequest):
+        "Create the plugin manager, discover its plugins, keep their configurations; answer READY."
+        self.pm, self.plugins = self.factory(), {}
+        for meta in self.pm.discover_plugins():
+            if (name := meta_name(meta)) is None: log.warning("plugin without a name skipped: %r", meta)
+            else: self.plugins[name] = meta
         self.configs.update(req.data.get('plugin_configs') or {})
         log.debug("worker %s ready with plugins %s", os.getpid(), list(self.plugins))
-        self.send(self.result_queue, WorkerResponse(WorkerResponseType.READY,
-                  {'pid': os.getpid(), 'plugins': list(self.plugins)}).to_dict())
+        ready = {'loaded_plugins': self.loaded_plugins(), 'plugins': list(self.plugins), 'pid': os.getpid()}
+        self.send(self.result_queue, WorkerResponse(WorkerResponseType.READY, ready).to_dict())
+
+    def unload_current(self):
+        "Unload the loaded plugin, if any; it is forgotten first, so a failing unload leaves none loaded."
+        name, self.loaded = self.loaded, None
+        if name is not None: self.pm.unload_plugin(name)
 
     def ensure_loaded(self, name:str):
         "Make `name` the loaded plugin, unloading the previous one first."
         if name == self.loaded: return
         if name not in self.plugins: raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
-        if self.loaded is not None:
-            self.pm.unload_plugin(self.loaded)
-            self.loaded = None
+        self.unload_current()
         self.pm.load_plugin(self.plugins[name], self.configs.get(name) or {})
         self.loaded = name
 
-    def execute(self, req):
-        "Run one job; whatever happens, exactly one RESULT for it goes on the result queue."
-        global _current_job
-        job_id, name = req.data['job_id'], req.data['plugin_name']
-        params = req.data.get('params') or {}
-        self.send(self.result_queue, WorkerJobStarted(job_id, os.getpid()).to_dict())
-        _current_job = (job_id, self.result_queue)
-        try:
-            if self.pm is None: raise RuntimeError("worker was not initialised (no INIT request)")
-            self.ensure_loaded(name)
-            if req.data.get('stream') and self.supports_streaming and self.pm.check_streaming_support(name):
-                parts = []
-                for chunk in self.pm.execute_plugin_stream(name, **params):
-                    parts.append(str(chunk))
-                    self.result_queue.put(WorkerStreamChunk(job_id, parts[-1]).to_dict())
-                self.result_queue.put(WorkerStreamChunk(job_id, '', is_final=True).to_dict())
-                result = ''.join(parts)
-            else: result = self.pm.execute_plugin(name, **params)
-            msg = WorkerResult(job_id, 'success', self.adapt(result))
-        except Exception as e:
-            log.debug("job %s failed in plugin %s", job_id, name, exc_info=True)
-            msg = WorkerResult(job_id, 'error', error=_describe(e), traceback=traceback.format_exc())
-        finally: _current_job = None
-        try: self.send(self.result_queue, msg.to_dict())
-        except TypeError as e:
-            self.send(self.result_queue, WorkerResult(job_id, 'error', error=f"Result of job {job_id} {e}").to_dict())
+# %% ../../nbs/core/worker.ipynb #3c9a7cb2
+@patch
+def run_job(self:_Worker,
+            job_id:str, # The job to run
+            name:str, # Its plugin
+            stream:bool, # Whether the request asked for streaming
+            params:dict # The plugin's keyword arguments
+           ) -> WorkerResult: # The job's successful result; a failure raises
+    "Run the job's plugin, streamed when the worker, the request and the plugin all allow it."
+    if self.pm is None: raise RuntimeError("worker was not initialised (no INIT request)")
+    self.ensure_loaded(name)
+    if not (stream and self.supports_streaming and self.pm.check_streaming_support(name)):
+        return WorkerResult(job_id, 'success', self.adapt(self.pm.execute_plugin(name, **params)))
+    for chunk in self.pm.execute_plugin_stream(name, **params):
+        self.result_queue.put(WorkerStreamChunk(job_id, str(chunk)).to_dict())
+    self.result_queue.put(WorkerStreamChunk(job_id, '', is_final=True).to_dict())
+    return WorkerResult(job_id, 'success', {'streamed': True})
 
-    def command(self, req):
-        "Handle RELOAD, UNLOAD and GET_STATE; the answer carries the request's id."
-        if req.type == WorkerRequestType.GET_STATE:
-            state = {'pid': os.getpid(), 'loaded_plugin': self.loaded, 'plugins': list(self.plugins)}
-            return self.send(self.response_queue, WorkerResponse(WorkerResponseType.STATE, state, req.request_id).to_dict())
-        name = req.data.get('plugin_name')
-        try:
-            if self.pm is None: raise RuntimeError("worker was not initialised (no INIT request)")
-            if req.type == WorkerRequestType.RELOAD and req.data.get('config') is not None:
-                self.configs[name] = req.data['config']
-                if self.loaded == name: self.pm.reload_plugin(name, req.data['config'])
-                else: self.ensure_loaded(name)
-            elif self.loaded == name:
-                self.loaded = None
-                self.pm.unload_plugin(name)
-            answer = {'success': True, 'plugin_name': name}
-        except Exception as e:
-            log.warning("%s of plugin %s failed: %s", req.type.value, name, _describe(e))
-            answer = {'success': False, 'plugin_name': name, 'error': _describe(e)}
-        self.send(self.response_queue, WorkerResponse(WorkerResponseType.RESPONSE, answer, req.request_id).to_dict())
+# %% ../../nbs/core/worker.ipynb #325e3267
+@patch
+def execute(self:_Worker,
+            req:WorkerRequest # An EXECUTE: `job_id`, `plugin_name`, `stream`, the plugin's keyword arguments
+           ):
+    "Run one job; whatever happens, exactly one RESULT for it goes on the result queue."
+    global _current_job
+    params = dict(req.data)
+    job_id, name, stream = params.pop('job_id'), params.pop('plugin_name'), params.pop('stream', False)
+    self.send(self.result_queue, WorkerJobStarted(job_id, os.getpid()).to_dict())
+    _current_job = (job_id, self.result_queue)
+    try: msg = self.run_job(job_id, name, bool(stream), params)
+    # BaseException too: a plugin's SystemExit or KeyboardInterrupt fails its job, not the worker
+    except BaseException as e:
+        log.debug("job %s failed in plugin %s", job_id, name, exc_info=True)
+        msg = WorkerResult(job_id, 'error', error=_error_text(e), traceback=_format_traceback(e),
+                           error_type=type(e).__name__)
+    finally: _current_job = None
+    try: self.send(self.result_queue, msg.to_dict())
+    except TypeError as e:
+        self.send(self.result_queue, WorkerResult(job_id, 'error', error=f"Result of job {job_id} {e}",
+                  error_type=type(e.__cause__ or e).__name__).to_dict())
+
+# %% ../../nbs/core/worker.ipynb #729d6f31
+@patch
+def reload(self:_Worker,
+           name:str, # Plugin to reload
+           config:dict # Its new configuration
+          ):
+    "Make `name` the loaded plugin with `config`, through the plugin manager's `reload_plugin`."
+    if name not in self.plugins: raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
+    if self.loaded != name: self.unload_current()
+    self.loaded = None  # not loaded until the reload succeeds
+    try: self.pm.reload_plugin(name, config)
+    except BaseException:
+        # it may be half loaded: unload it, so that the next job loads it afresh
+        try: self.pm.unload_plugin(name)
+        except Exception: log.debug("unloading %s after its failed reload failed too", name, exc_info=True)
+        raise
+    self.configs[name], self.loaded = config, name
+
+@patch
+def unload(self:_Worker,
+           name:str, # Plugin to unload
+           via_reload:bool=False # A RELOAD with no config: unload through `reload_plugin(name, None)`
+          ) -> bool: # Whether `name` was loaded
+    "Unload `name` if it is the loaded plugin."
+    if self.loaded != name: return False
+    self.loaded = None
+    if via_reload: self.pm.reload_plugin(name, None)
+    else: self.pm.unload_plugin(name)
+    return True
+
+# %% ../../nbs/core/worker.ipynb #71e6b1d9
+@patch
+def state(self:_Worker) -> dict: # The STATE payload
+    "What the worker has loaded: the documented keys, then ours."
+    config = None if self.loaded is None else self.configs.get(self.loaded) or {}
+    return {'current_plugin': self.loaded, 'current_config': config, 'loaded_plugins': self.loaded_plugins(),
+            'request_type': WorkerRequestType.GET_STATE.value, 'pid': os.getpid(), 'loaded_plugin': self.loaded,
+            'plugins': list(self.plugins)}
+
+@patch
+def plugin_command(self:_Worker,
+                   req:WorkerRequest # A RELOAD or an UNLOAD
+                  ) -> dict: # The RESPONSE payload
+    "Carry out a RELOAD or an UNLOAD; the answer says how it went."
+    name, config = req.data.get('plugin_name'), req.data.get('config')
+    answer = {'request_type': req.type.value, 'plugin_name': name}
+    try:
+        if self.pm is None: raise RuntimeError("worker was not initialised (no INIT request)")
+        if req.type == WorkerRequestType.RELOAD and config is not None: self.reload(name, config)
+        else: answer['was_loaded'] = self.unload(name, via_reload=req.type == WorkerRequestType.RELOAD)
+        return {**answer, 'status': 'success', 'success': True}
+    except BaseException as e:
+        log.warning("%s of plugin %s failed: %s", req.type.value, name, _describe(e))
+        return {**answer, 'status': 'error', 'success': False, 'error': _error_text(e)}
+
+@patch
+def command(self:_Worker,
+            req:WorkerRequest # A RELOAD, UNLOAD or GET_STATE
+           ):
+    "Answer a command on the response queue, with the request's id."
+    if req.type == WorkerRequestType.GET_STATE: kind, answer = WorkerResponseType.STATE, self.state()
+    else: kind, answer = WorkerResponseType.RESPONSE, self.plugin_command(req)
+    self.send(self.response_queue, WorkerResponse(kind, answer, req.request_id).to_dict())
 
 # %% ../../nbs/core/worker.ipynb #bf7b23cf
 def base_worker_process(
@@ -143,7 +228,7 @@ def base_worker_process(
         except Exception as e:
             log.exception("worker %s could not handle request %r", os.getpid(), raw)
             worker.send(result_queue, WorkerResponse(WorkerResponseType.ERROR, {'error': _describe(e),
-                        'traceback': traceback.format_exc(), 'request': str(raw)[:200]}).to_dict())
+                        'traceback': _format_traceback(e), 'request': str(raw)[:200]}).to_dict())
             if isinstance(raw, dict) and raw.get('type') == WorkerRequestType.INIT.value: raise
     log.debug("worker %s stopping", os.getpid())
     result_queue.put(WorkerResponse(WorkerResponseType.STOPPED, {'pid': os.getpid()}).to_dict())

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Generic, List, Optional, 
 import psutil
 from fastcore.basics import patch
 
+from ..core.adapters import meta_id, meta_name
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.worker import worker_main
 from ..core.protocol import (
@@ -48,6 +49,8 @@ class BaseJob:
     worker_pid: Optional[int] = None  # Process ID of worker handling this job
     progress: Optional[float] = None  # Latest reported fraction done (0.0 to 1.0)
     progress_message: Optional[str] = None  # Latest reported progress message
+    error_type: Optional[str] = None  # Type name of the exception that failed the job, when there was one
+    traceback: Optional[str] = None  # Worker-side traceback of that exception
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
@@ -75,9 +78,6 @@ def _kill_tree(pid:int, sig:int=signal.SIGKILL, group:bool=True) -> None:
 # %% ../../nbs/managers/base.ipynb #20a7be07
 _END = object()  # ends a stream_job iterator
 _live_managers = weakref.WeakSet()
-
-def _meta_name(meta) -> str: return meta.get('name') if isinstance(meta, dict) else getattr(meta, 'name', None)
-def _meta_id(meta) -> str: return meta.get('id') if isinstance(meta, dict) else getattr(meta, 'id', None)
 
 def _call(loop, fn, *args):
     "Run `fn(*args)` on `loop` from any thread; a closed loop is ignored."
@@ -130,7 +130,8 @@ def _supervise(ref:weakref.ref):
         try: ready = wait_for(objs, timeout)
         except (OSError, ValueError): ready, wait_for = [], _waiter()
         if (m := ref()) is None: break
-        try: m._monitor_results(ready)
+        m._ready = ready
+        try: m._monitor_results()
         except Exception: log.exception("%s supervisor: unexpected error", m.worker_type)
         del m
     if pid: _kill_tree(pid)  # the manager was collected without shutdown(): end its worker
@@ -170,21 +171,25 @@ class BaseJobManager(ABC, Generic[JobType]):
         self.worker_process = self.request_queue = self.result_queue = self.response_queue = None
         self.result_monitor_thread: Optional[threading.Thread] = None
         self.monitor_running = False
+        self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job not cleared
         self.restart_count, self.last_restart_time = 0, None
-        self.current_plugin_id: Optional[str] = None  # plugin of the running job
+        self.current_plugin_id: Optional[str] = None  # plugin id of the running job
+        self.current_plugin_name: Optional[str] = None  # plugin the worker has loaded, as far as the manager knows
+        self.current_config: Optional[Dict[str, Any]] = None  # configuration of that plugin
         self._lock = threading.RLock()  # guards everything below and the jobs' state
         self._waiting: deque = deque()  # ids of jobs the manager holds, in submission order
         self._requests: Dict[str, dict] = {}  # EXECUTE request of each waiting or dispatched job
         self._dispatched: Optional[str] = None  # job handed to the worker (pending until it starts)
+        self._dispatched_at: Optional[str] = None  # when it was handed over
         self._waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
         self._chunks: Dict[str, List[str]] = {}  # job id -> streamed chunks so far
         self._listeners: Dict[str, list] = {}  # job id -> [(loop, asyncio.Queue)] of stream_job
-        self._commands: Dict[str, tuple] = {}  # request id -> (loop, future) of reload/unload/state
+        self._commands: Dict[str, tuple] = {}  # request id -> (loop, future, request type), oldest first
         self._ready_waiters: list = []  # (loop, future) of start()
-        self._known_plugins: Optional[set] = None  # plugin names the worker discovered
+        self._known_plugins: Optional[set] = None  # plugin names the worker discovered (None: it did not say)
+        self._announces_starts = True  # the worker sends JOB_STARTED (a worker of the documented protocol does not)
         self._config_overrides: Dict[str, dict] = {}  # plugin name -> config from reload_plugin
         self._worker_configs: Dict[str, dict] = {}  # plugin configurations the current worker was given
-        self._loaded_plugin: Optional[str] = None  # plugin the worker last loaded, as far as the manager knows
         self._worker_ready = self._worker_stopped = False
         self._kill_reason: Optional[str] = None  # why the manager ends the worker: cancel, timeout, start
         self._kill_sent, self._last_worker_error = False, None
@@ -193,6 +198,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._restart_after: Optional[str] = None  # the kill reason behind the pending restart (None: a crash)
         self._crash_count = 0  # consecutive crash restarts; a completed job resets it
         self._closed = False
+        self._ready: list = []  # what the supervisor's last wait returned (supervisor thread only)
+        self._fx: list = []  # calls into user code queued under the lock; the supervisor runs them outside it
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._event_tail = None  # last scheduled broadcast, so events reach the broadcaster in order
         self._wake_r, self._wake_w = os.pipe()  # written to wake the supervisor
@@ -247,50 +254,59 @@ class BaseJobManager(ABC, Generic[JobType]):
                          ) -> None:
         "Hook called when a job completes successfully."
 
-    # ----- worker lifecycle: runs on the supervisor thread, under the lock -----------------------------------
+    # ----- worker lifecycle: the documented hooks, called on the supervisor thread ---------------------------
     def _plugin_configs(self) -> Dict[str, dict]:
         "Configurations for INIT: the registry's, then what reload_plugin changed."
         configs = {}
         if self.plugin_registry is not None:
             for meta in self.plugin_registry.get_plugins_by_category(self.category):
-                configs[_meta_name(meta)] = self.plugin_registry.load_plugin_config(_meta_id(meta)) or {}
+                configs[meta_name(meta)] = self.plugin_registry.load_plugin_config(meta_id(meta)) or {}
         return {**configs, **self._config_overrides}
 
     def _spawn_worker(self) -> tuple:
         "Start a worker process with fresh queues; no lock held, nothing shared touched."
         ctx = multiprocessing.get_context('spawn')
         queues = (ctx.Queue(self.worker_config.request_queue_size), ctx.SimpleQueue(), ctx.SimpleQueue())
-        proc = ctx.Process(target=worker_main, args=(self.get_worker_entry_point(), *queues), name=f'{self.worker_type}-worker')
+        proc = ctx.Process(target=worker_main, args=(self.get_worker_entry_point(), *queues),
+                           name=f'{self.worker_type}-worker')
         proc.start()
         for q in queues[1:]: q._writer.close()  # the parent's copy: EOF, not a hang, once the worker is gone
         queues[0].cancel_join_thread()  # a dead worker's unread requests must not hold up exit
         return proc, queues
 
-    def _start_worker(self, spawned:tuple, fx:list):
-        "Make a spawned worker the current one and send it INIT (under the lock)."
-        self.worker_process, (self.request_queue, self.result_queue, self.response_queue) = spawned
-        self._worker_ready = self._worker_stopped = self._kill_sent = False
-        self._kill_reason = self._last_worker_error = self._spawn_due = None
-        self._start_deadline = time.monotonic() + self.worker_config.worker_start_timeout_seconds
-        self._init_worker()
-        pid = self.worker_process.pid
-        log.debug("%s worker spawned, pid %s", self.worker_type, pid)
-        if self.resource_manager is not None: fx.append(lambda: self.resource_manager.register_worker(pid, self.worker_type))
-        return pid
+    def _start_worker(self) -> Optional[int]: # pid of the new worker; None if the manager closed meanwhile
+        "Start the worker process and result monitor."
+        spawned = self._spawn_worker()  # the fork and exec happen outside the lock
+        with self._lock:
+            if not self._closed:
+                self.worker_process, (self.request_queue, self.result_queue, self.response_queue) = spawned
+                self._worker_ready = self._worker_stopped = self._kill_sent = False
+                self._kill_reason = self._last_worker_error = self._spawn_due = None
+                self._start_deadline = time.monotonic() + self.worker_config.worker_start_timeout_seconds
+                self._init_worker()
+                pid = self.worker_process.pid
+                log.debug("%s worker spawned, pid %s", self.worker_type, pid)
+                if self.resource_manager is not None:
+                    self._fx.append(lambda: self.resource_manager.register_worker(pid, self.worker_type))
+                return pid
+        _stop_process(spawned[0], None, graceful=False, timeout=0)
+        return None
 
     def _init_worker(self):
         "Send initialization message to worker with plugin configurations."
         self._worker_configs = self._plugin_configs()
         self.request_queue.put(WorkerRequest(WorkerRequestType.INIT, {'plugin_configs': self._worker_configs}).to_dict())
 
-    def _restart_worker(self, spawned:tuple, fx:list):
-        "Make a spawned worker the replacement of a dead one (under the lock)."
+    def _restart_worker(self):
+        "Restart the worker process after an error or cancellation."
         self.restart_count += 1
         self.last_restart_time = time.time()
-        pid = self._start_worker(spawned, fx)
-        log.log(logging.DEBUG if self._restart_after == 'cancel' else logging.WARNING,  # a cancel is asked for, not a fault
+        pid = self._start_worker()
+        if pid is None: return
+        # a restart after a cancel was asked for, not a fault
+        log.log(logging.DEBUG if self._restart_after == 'cancel' else logging.WARNING,
                 "%s worker restarted (pid %s, restart %s)", self.worker_type, pid, self.restart_count)
-        self._emit('worker_restarted', {'job_id': None, 'pid': pid, 'restart_count': self.restart_count})
+        self._emit('worker_restarted', {'pid': pid, 'restart_count': self.restart_count})
 
     # ----- supervisor -----------------------------------------------------------------------------------------
     def _wait_set(self):
@@ -305,51 +321,53 @@ class BaseJobManager(ABC, Generic[JobType]):
             if self._kill_reason and not self._kill_sent: due.append(0)
             return objs, (max(0.0, min(due) - time.monotonic()) if due else None)
 
-    def _monitor_results(self, ready:list):
-        "One round of the supervisor: read what arrived, settle a death, act on what is due, dispatch."
-        fx, proc = [], self.worker_process  # only this thread replaces the worker and reads its queues
+    def _monitor_results(self):
+        "Monitor the result queue in a background thread: one round over what the supervisor's wait returned."
+        ready, proc = self._ready, self.worker_process  # only this thread replaces the worker and reads its queues
         if self._wake_r in ready:
             try: os.read(self._wake_r, 4096)
             except OSError: pass  # closed by shutdown() or by the manager's collection
         messages = self._read_messages() if proc is not None else []  # unpickled outside the lock
         with self._lock:
-            for msg in messages: self._handle_message(msg, fx)
-            if proc is not None and proc.sentinel in ready: self._handle_worker_error(fx)
-            spawn = self._act(fx)
+            for msg in messages: self._handle_message(msg)
+            if proc is not None and proc.sentinel in ready:
+                try: self._handle_worker_error()
+                except Exception: log.exception("%s: _handle_worker_error raised", self.worker_type)
+                # an override that raised or did not call super() must not leave the dead worker in place
+                if self.worker_process is proc: BaseJobManager._handle_worker_error(self)
+            spawn = self._act()
             self._dispatch()
-        _run(fx)
-        if not spawn: return
-        try: spawned = self._spawn_worker()  # the fork and exec happen outside the lock
+        self._run_effects()
+        if spawn: self._spawn_due_worker()
+
+    def _spawn_due_worker(self):
+        "Start the worker that is due: a first one or a restart."
+        try:
+            if self._spawn_is_restart: self._restart_worker()
+            else: self._start_worker()
         except Exception as e:
             log.exception("%s: could not start a worker", self.worker_type)
             with self._lock:
                 self._spawn_due = None  # no retry loop: the next start_job tries again
                 self._give_up(f"Could not start a worker: {type(e).__name__}: {e}")
-            return
-        self._replace_worker(spawned)
+        self._run_effects()
+
+    def _run_effects(self):
+        "Run the calls into user code that this round queued, outside the lock."
+        with self._lock: fx, self._fx = self._fx, []
+        _run(fx)
 
     def _read_messages(self) -> list:
-        "Every message waiting on the result and response queues, decoded."
+        "Every message dict waiting on the result and response queues."
         out = []
         for q in (self.result_queue, self.response_queue):
             while q._reader.poll():
-                try: out.append(decode_message(q.get()))
+                try: out.append(q.get())
                 except (EOFError, OSError): break  # the worker is gone and its pipe is empty (or cut mid-message)
                 except Exception: log.exception("%s: unreadable message from the worker", self.worker_type)
         return out
 
-    def _replace_worker(self, spawned:tuple):
-        "Install a freshly spawned worker, unless the manager closed meanwhile."
-        fx = []
-        with self._lock:
-            if not self._closed:
-                if self._spawn_is_restart: self._restart_worker(spawned, fx)
-                else: self._start_worker(spawned, fx)
-                spawned = None
-        _run(fx)
-        if spawned is not None: _stop_process(spawned[0], None, graceful=False, timeout=0)
-
-    def _act(self, fx:list) -> bool:
+    def _act(self) -> bool:
         "Kill and time out what is due now; say whether a new worker is due."
         if self._closed: return False
         now, proc = time.monotonic(), self.worker_process
@@ -369,8 +387,11 @@ class BaseJobManager(ABC, Generic[JobType]):
         if (self._dispatched is None and self._waiting and self._worker_ready and self._kill_reason is None
                 and not self._closed):
             job_id = self._waiting.popleft()
-            self._dispatched = job_id
+            self._dispatched, self._dispatched_at = job_id, _now()
             self.request_queue.put(self._requests[job_id])
+            if not self._announces_starts:  # it will not say when it starts: the job runs from the handover
+                self._mark_started(self.jobs[job_id], self.worker_process.pid)
+                self._wake()  # the resource manager's update waits for the supervisor's next round
 
     def _wake(self):
         try: os.write(self._wake_w, b'x')
@@ -399,11 +420,18 @@ class BaseJobManager(ABC, Generic[JobType]):
         return self._plugin_configs().get(plugin_name) or {}
 
     # ----- messages from the worker -----------------------------------------------------------------------------
-    def _handle_message(self, msg, fx:list):
-        if isinstance(msg, WorkerResult): return self._handle_job_result(msg, fx)
-        if isinstance(msg, WorkerStreamChunk): return self._handle_stream_chunk(msg)
+    def _handle_message(self, raw:dict):
+        "Act on one message dict from the worker (under the lock)."
+        try: msg = decode_message(raw)
+        except Exception:
+            return log.warning("%s: dropped a malformed message from the worker: %.200r", self.worker_type, raw)
+        if isinstance(msg, WorkerResult): return self._settle_result(raw)
+        if isinstance(msg, WorkerStreamChunk): return self._guarded(self._handle_stream_chunk, raw)
         job = self.jobs.get(getattr(msg, 'job_id', None))
-        if isinstance(msg, WorkerJobStarted): return self._handle_job_started(job, msg, fx)
+        if isinstance(msg, WorkerJobStarted):
+            # a job cancelled while it waited in the pipe is no longer pending: its run is ignored
+            if job is not None and job.status == 'pending': self._mark_started(job, msg.pid)
+            return
         if isinstance(msg, WorkerProgress):
             if job is not None and job.status == 'running':
                 job.progress, job.progress_message = msg.progress, msg.message
@@ -411,51 +439,90 @@ class BaseJobManager(ABC, Generic[JobType]):
             return
         t = msg.type
         if t == WorkerResponseType.READY:
-            self._worker_ready, self._known_plugins = True, set(msg.data.get('plugins') or [])
+            plugins = msg.data.get('plugins')
+            self._worker_ready, self._known_plugins = True, None if plugins is None else set(plugins)
+            self._announces_starts = 'pid' in msg.data  # our worker says who it is; the documented one does not
             for loop, fut in self._ready_waiters: _resolve(loop, fut, True)
             self._ready_waiters = []
         elif t == WorkerResponseType.STOPPED: self._worker_stopped = True
         elif t == WorkerResponseType.ERROR:
             self._last_worker_error = msg.data.get('error')
             log.warning("%s worker reported an error: %s", self.worker_type, self._last_worker_error)
-        elif msg.request_id in self._commands: _resolve(*self._commands.pop(msg.request_id), msg)
-        else: log.debug("%s: dropped a late or unknown %s (request %s)", self.worker_type, t.value, msg.request_id)
+        else: self._answer_command(msg)
 
-    def _handle_job_started(self, job, msg, fx:list):
-        if job is None or job.status != 'pending': return  # cancelled while it waited in the pipe: ignore its run
+    def _answer_command(self, msg:WorkerResponse):
+        "Resolve the command a RESPONSE or STATE answers: by its request id, else the oldest of its request type."
+        rid = msg.request_id
+        if rid is None:  # a worker of the documented protocol answers in order, naming only the request type
+            kind = msg.data.get('request_type') or (WorkerRequestType.GET_STATE.value
+                                                    if msg.type == WorkerResponseType.STATE else None)
+            rid = next((r for r, (_, _, k) in self._commands.items() if k == kind), None)
+        if rid in self._commands:
+            loop, fut, _ = self._commands.pop(rid)
+            return _resolve(loop, fut, msg)
+        log.debug("%s: dropped a late or unknown %s (request %s)", self.worker_type, msg.type.value, rid)
+
+    def _mark_started(self, job, pid:Optional[int]):
+        "The worker started `job`: it runs from now on."
         name = self._requests[job.id]['plugin_name']  # resolved once, by start_job
-        job.status, job.started_at, job.worker_pid = 'running', _now(), msg.pid
-        self.current_plugin_id, self._loaded_plugin = job.plugin_id, name
+        config = self._config_for(name)
+        job.status, job.started_at, job.worker_pid = 'running', self._dispatched_at or _now(), pid
+        self.current_plugin_id, self.current_plugin_name, self.current_config = job.plugin_id, name, config
         if self.worker_config.job_timeout_seconds:
             self._job_deadline = time.monotonic() + self.worker_config.job_timeout_seconds
-        self._emit('started', {'job_id': job.id, 'plugin_id': job.plugin_id, 'worker_pid': msg.pid})
+        self._emit('started', {'job_id': job.id, 'plugin_id': job.plugin_id, 'worker_pid': pid})
         if self.resource_manager is not None:
-            config = self._config_for(name)
-            fx.append(lambda: self.resource_manager.update_worker_state(msg.pid, status='running', job_id=job.id,
+            self._fx.append(lambda: self.resource_manager.update_worker_state(pid, status='running', job_id=job.id,
                 plugin_name=name, plugin_id=job.plugin_id, config=config,
                 loaded_plugin_resource=self._extract_plugin_resource_identifier(config)))
 
-    def _handle_job_result(self, msg:WorkerResult, fx:list):
-        "Store the result of the dispatched job, then settle it."
-        job = self.jobs.get(msg.job_id)
-        if msg.job_id == self._dispatched:
-            self._dispatched = self._job_deadline = self.current_plugin_id = None
-            if self.resource_manager is not None and job is not None and job.worker_pid:
+    def _settle_result(self, raw:dict):
+        "Free the worker for the next job, then let `_handle_job_result` settle this one; it ends, whatever it does."
+        job = self.jobs.get(raw.get('job_id'))
+        if job is not None and raw.get('job_id') == self._dispatched:
+            if job.status == 'pending': self._mark_started(job, self.worker_process.pid)  # it never said it started
+            self._dispatched = self._dispatched_at = self._job_deadline = self.current_plugin_id = None
+            if self.resource_manager is not None and job.worker_pid:
                 pid = job.worker_pid
-                fx.append(lambda: self.resource_manager.update_worker_state(pid, status='idle', job_id=None))
+                self._fx.append(lambda: self.resource_manager.update_worker_state(pid, status='idle', job_id=None))
+        self._guarded(self._handle_job_result, raw)
+        # an override that did not call super() must not leave the job running
+        if job is not None and job.status not in TERMINAL_STATUSES: BaseJobManager._handle_job_result(self, raw)
+
+    def _guarded(self, hook:Callable, raw:dict):
+        "Call a documented hook a subclass may override; what it raises fails the message's job."
+        try: hook(raw)
+        except Exception as e:
+            log.exception("%s: %s raised", self.worker_type, hook.__name__)
+            job = self.jobs.get(raw.get('job_id'))
+            if job is not None and job.status not in TERMINAL_STATUSES:
+                job.error_type = type(e).__name__
+                self._finish(job, 'failed', error=f"{hook.__name__} raised {type(e).__name__}: {e}")
+
+    def _handle_job_result(self,
+                           result:Dict[str, Any] # Result data from worker, as it came off the result queue
+                          ):
+        "Handle a job result from the worker."
+        msg = WorkerResult.from_dict(result)
+        job = self.jobs.get(msg.job_id)
         if job is None or job.status in TERMINAL_STATUSES: return
         if msg.status != 'success':
-            if msg.traceback: job.metadata['traceback'] = msg.traceback
+            job.error_type, job.traceback = msg.error_type, msg.traceback
             return self._finish(job, 'failed', error=msg.error or 'job failed')
         try: job.result = self.extract_job_result(job, msg.data or {})
         except Exception as e:
             log.exception("%s: extract_job_result failed for job %s", self.worker_type, job.id)
+            job.error_type = type(e).__name__
             return self._finish(job, 'failed', error=f"extract_job_result failed: {type(e).__name__}: {e}")
         self._crash_count = 0  # a worker that completes jobs earns its restart budget back
         self._finish(job, 'completed')
-        fx.append(lambda: self._on_job_completed(job.id))
+        self._fx.append(lambda: self._on_job_completed(job.id))
 
-    def _handle_stream_chunk(self, msg:WorkerStreamChunk):
+    def _handle_stream_chunk(self,
+                             chunk_data:Dict[str, Any] # Chunk data from worker, as it came off the result queue
+                            ):
+        "Handle a streaming chunk from the worker."
+        msg = WorkerStreamChunk.from_dict(chunk_data)
         job = self.jobs.get(msg.job_id)
         if job is None or job.status in TERMINAL_STATUSES or msg.is_final: return
         self._chunks.setdefault(job.id, []).append(msg.chunk)
@@ -467,6 +534,9 @@ class BaseJobManager(ABC, Generic[JobType]):
         if error is not None: job.error = error
         job.completed_at = _now()
         job.status = status
+        self.results[job.id] = ({'status': 'success', 'data': job.result} if status == 'completed' else
+                                {'status': 'error', 'error': job.error} if status == 'failed' else
+                                {'status': 'cancelled'})
         self._requests.pop(job.id, None)
         for loop, fut in self._waiters.pop(job.id, ()): _resolve(loop, fut, job)
         for loop, q in self._listeners.pop(job.id, ()): _call(loop, q.put_nowait, _END)
@@ -477,8 +547,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._emit(status, data)
 
     # ----- death and restart ------------------------------------------------------------------------------------
-    def _handle_worker_error(self, fx:list):
-        "The worker process is gone: settle its job and commands, clean up, restart by policy."
+    def _handle_worker_error(self):
+        "Handle worker fatal error based on restart policy."
         proc, reason = self.worker_process, self._kill_reason
         proc.join(1.0)  # the sentinel can fire a moment before the exit status can be collected
         if proc.exitcode is None:
@@ -489,24 +559,27 @@ class BaseJobManager(ABC, Generic[JobType]):
         what = _describe_exit(exitcode)
         if self._last_worker_error and not self._worker_ready: what += f" ({self._last_worker_error})"
         job = self.jobs.get(self._dispatched) if self._dispatched else None
-        self._dispatched = self._job_deadline = self.current_plugin_id = None
+        self._dispatched = self._dispatched_at = self._job_deadline = self.current_plugin_id = None
         running_id = job.id if job is not None and job.status != 'pending' else None
         if job is not None and job.status == 'pending':  # JOB_STARTED is written synchronously: it never started
             self._waiting.appendleft(job.id)
         elif job is not None and job.status == 'running':
             if reason == 'timeout':
-                self._finish(job, 'failed', error=f"Job timed out after {self.worker_config.job_timeout_seconds} s; the worker was ended")
+                self._finish(job, 'failed', error=f"Job timed out after {self.worker_config.job_timeout_seconds} s;"
+                                                  " the worker was ended")
             else: self._finish(job, 'failed', error=f"Worker died while running the job: {what}")
-        for loop, fut in self._commands.values(): _resolve(loop, fut, None)
+        for loop, fut, _ in self._commands.values(): _resolve(loop, fut, None)
         self._commands = {}
         for q in (self.request_queue, self.result_queue, self.response_queue): q.close()
         self.worker_process = self.request_queue = self.result_queue = self.response_queue = None
-        self._worker_ready, self._loaded_plugin = False, None
-        if self.resource_manager is not None: fx.append(lambda: self.resource_manager.unregister_worker(pid))
+        self._worker_ready, self.current_plugin_name, self.current_config = False, None, None
+        if self.resource_manager is not None: self._fx.append(lambda: self.resource_manager.unregister_worker(pid))
         if self._worker_stopped and self._closed: return
         log.log(logging.DEBUG if reason == 'cancel' else logging.WARNING, "%s %s: %s",
                 self.worker_type, 'worker ended' if reason else 'worker died', what)
-        self._emit('worker_died', {'job_id': running_id, 'pid': pid, 'exitcode': exitcode, 'reason': what})
+        event = {'pid': pid, 'exitcode': exitcode, 'reason': what}
+        if running_id is not None: event['job_id'] = running_id  # a worker event names a job only when it had one
+        self._emit('worker_died', event)
         self._plan_restart(reason, what)
 
     def _plan_restart(self, reason:Optional[str], what:str):
@@ -569,9 +642,9 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     if self.plugin_registry is not None:
         meta = self.plugin_registry.get_plugin(plugin_id)
         if meta is None: raise ValueError(f"Unknown plugin {plugin_id!r} for {self.worker_type} jobs")
-        return _meta_name(meta) or plugin_id
+        return meta_name(meta) or plugin_id
     if self._known_plugins is None: await self.start()
-    if plugin_id not in self._known_plugins:
+    if self._known_plugins is not None and plugin_id not in self._known_plugins:  # None: the worker did not list them
         raise ValueError(f"Unknown plugin {plugin_id!r}; the worker has {sorted(self._known_plugins)}")
     return plugin_id
 
@@ -583,19 +656,19 @@ async def start_job(self:BaseJobManager,
     "Start a new job."
     self._bind_loop()
     name = await self._check_plugin(plugin_id)
-    job = self.create_job(plugin_id, **kwargs)
-    request = WorkerRequest(WorkerRequestType.EXECUTE, {'job_id': job.id, 'plugin_name': name,
-        'params': self.prepare_execute_request(job), 'stream': self.check_streaming_support(plugin_id)}).to_dict()
+    job = self.create_job(plugin_id=plugin_id, **kwargs)
+    params = dict(self.prepare_execute_request(job) or {})
+    # the job streams only if it asks to and this manager (and the registry's plugin) can stream
+    if 'stream' in params: params['stream'] = bool(params['stream']) and self.check_streaming_support(plugin_id)
+    request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
     try: pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         raise TypeError(f"arguments of a {plugin_id!r} job cannot be sent to the worker: {type(e).__name__}: {e}") from e
     error = await self._validate_resources(plugin_id, self._config_for(name))
+    if error is not None: raise RuntimeError(f"Resource validation failed: {error}")
     with self._lock:
         self._ensure_worker()
         self.jobs[job.id] = job
-        if error is not None:
-            self._finish(job, 'failed', error=error)
-            return job
         self._requests[job.id] = request
         self._waiting.append(job.id)
         self._emit('submitted', {'job_id': job.id, 'plugin_id': plugin_id})
@@ -670,7 +743,7 @@ def get_plugin_name(self:BaseJobManager,
     "Get plugin name from plugin ID (requires plugin registry)."
     if self.plugin_registry is None: return None
     meta = self.plugin_registry.get_plugin(plugin_id)
-    return None if meta is None else _meta_name(meta)
+    return None if meta is None else meta_name(meta)
 
 @patch
 async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, timeout:float) -> Optional[WorkerResponse]:
@@ -682,7 +755,7 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
         with self._lock:
             if self.request_queue is not None and self._worker_ready and self._kill_reason is None:
                 fut = loop.create_future()
-                self._commands[rid] = (loop, fut)
+                self._commands[rid] = (loop, fut, req_type.value)
                 self.request_queue.put(WorkerRequest(req_type, data, rid).to_dict())
                 break
     if fut is None: return None
@@ -693,6 +766,10 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict, t
     finally:
         with self._lock: self._commands.pop(rid, None)
 
+def _succeeded(resp:Optional[WorkerResponse]) -> bool:
+    "Whether a command's answer says it worked: the documented `status`, or our `success`."
+    return resp is not None and (resp.data.get('status') == 'success' or resp.data.get('success') is True)
+
 # %% ../../nbs/managers/base.ipynb #2a81cad8
 @patch
 async def reload_plugin(self:BaseJobManager,
@@ -702,10 +779,11 @@ async def reload_plugin(self:BaseJobManager,
     "Reload a plugin with new configuration."
     resp = await self._command(WorkerRequestType.RELOAD, {'plugin_name': plugin_name, 'config': config},
                                self.worker_config.reload_timeout_seconds)
-    if resp is None or not resp.data.get('success'): return False
+    if not _succeeded(resp): return False
     with self._lock:
         self._config_overrides[plugin_name] = self._worker_configs[plugin_name] = config
-        self._loaded_plugin, pid = plugin_name, self.worker_process.pid if self.worker_process else None
+        self.current_plugin_name, self.current_config = plugin_name, config
+        pid = self.worker_process.pid if self.worker_process else None
     if self.resource_manager is not None and pid:
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=plugin_name, config=config,
                   loaded_plugin_resource=self._extract_plugin_resource_identifier(config))])
@@ -717,9 +795,9 @@ async def unload_plugin(self:BaseJobManager,
                        ) -> bool: # True if successful, False otherwise
     "Unload a plugin from the worker to free resources."
     resp = await self._command(WorkerRequestType.UNLOAD, {'plugin_name': plugin_name}, self.worker_config.unload_timeout_seconds)
-    if resp is None or not resp.data.get('success'): return False
+    if not _succeeded(resp): return False
     with self._lock:
-        if self._loaded_plugin == plugin_name: self._loaded_plugin = None
+        if self.current_plugin_name == plugin_name: self.current_plugin_name = self.current_config = None
         pid = self.worker_process.pid if self.worker_process else None
     if self.resource_manager is not None and pid:
         _run([lambda: self.resource_manager.update_worker_state(pid, plugin_name=None, loaded_plugin_resource=None)])
@@ -743,8 +821,14 @@ def get_job_result(self:BaseJobManager,
                    job_id:str # Unique job identifier
                   ) -> Optional[Dict[str, Any]]: # Job result or None
     "Get job result."
-    job = self.jobs.get(job_id)
-    return None if job is None else job.result
+    return self.results.get(job_id)
+
+@patch
+def get_job_chunks(self:BaseJobManager,
+                   job_id:str # Unique job identifier
+                  ) -> List[str]: # The chunks streamed so far, in order (empty for a job that did not stream)
+    "The text a streaming job has sent so far, as chunks; `''.join` them for the whole text."
+    with self._lock: return list(self._chunks.get(job_id, ()))
 
 @patch
 def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
@@ -754,6 +838,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
         for i in done:
             del self.jobs[i]
             self._chunks.pop(i, None)
+            self.results.pop(i, None)
     return len(done)
 
 # %% ../../nbs/managers/base.ipynb #0c35ad29
@@ -768,7 +853,7 @@ def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # pid, alive, state,
         else: state = 'busy' if running is not None else 'idle'
         return {'pid': proc.pid if proc else None, 'alive': bool(proc and proc.is_alive()), 'state': state,
                 'restart_count': self.restart_count, 'current_job_id': running.id if running else None,
-                'loaded_plugin': self._loaded_plugin, 'pending_jobs': len(self._waiting)}
+                'loaded_plugin': self.current_plugin_name, 'pending_jobs': len(self._waiting)}
 
 @patch
 def check_streaming_support(self:BaseJobManager,
@@ -799,7 +884,7 @@ def shutdown(self:BaseJobManager):
             job = self.jobs.get(job_id)
             if job is not None and job.status not in TERMINAL_STATUSES: self._finish(job, 'cancelled')
         self._waiting.clear()
-        for loop, fut in list(self._commands.values()) + self._ready_waiters:
+        for loop, fut, *_ in list(self._commands.values()) + self._ready_waiters:
             _resolve(loop, fut, exc=RuntimeError(f"{self.worker_type} job manager is shut down"))
         self._commands, self._ready_waiters = {}, []
         proc, queues = self.worker_process, (self.request_queue, self.result_queue, self.response_queue)
