@@ -7,7 +7,7 @@ the `PluginManagerAdapter` protocol and run by `base_worker_process`, a second w
 documented wire protocol only (plain dicts, flat EXECUTE, no job-started message, answers without request ids),
 and a broadcaster like the spec's `SimpleEventBroadcaster` that shortens every job id it is given.
 Worker entry points are module-level: the manager spawns them, and the child imports this module."""
-import asyncio, inspect, time, uuid
+import asyncio, inspect, subprocess, sys, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
@@ -169,7 +169,9 @@ class MyJobManager(BaseJobManager[MyJob]):
         self.resource_id_configs.append(config)
         return super()._extract_plugin_resource_identifier(config)
 
-    def _on_job_completed(self, job_id): self.completed_hook_calls.append(job_id)
+    def _on_job_completed(self, job_id):
+        # like the spec's example override: it reads the job's result from inside the hook
+        self.completed_hook_calls.append((job_id, self.get_job_result(job_id)))
 
 class NonStreamingWorkerJobManager(MyJobManager):
     def get_worker_entry_point(self) -> Callable: return compat_worker_process_no_streaming
@@ -192,13 +194,23 @@ class ResultHooksManager(MyJobManager):
 class RaisingResultHookManager(MyJobManager):
     def _handle_job_result(self, result: dict): raise RuntimeError("result hook exploded")
 
-class RestartHookManager(MyJobManager):
+class LifecycleHooksManager(MyJobManager):
+    "Overrides the documented lifecycle hooks as `def hook(self)`, recording each call and calling super()."
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.restart_calls = []
+        self.lifecycle_calls = []
+    def _start_worker(self):
+        self.lifecycle_calls.append('start')
+        return super()._start_worker()
+    def _init_worker(self):
+        self.lifecycle_calls.append('init')
+        return super()._init_worker()
     def _restart_worker(self):
-        self.restart_calls.append(time.time())
+        self.lifecycle_calls.append('restart')
         return super()._restart_worker()
+    def _handle_worker_error(self):
+        self.lifecycle_calls.append('worker_error')
+        return super()._handle_worker_error()
 
 class KeywordCreateJobManager(MyJobManager):
     "create_job written as `def create_job(self, **kwargs)`: it needs plugin_id passed by keyword."
@@ -326,6 +338,21 @@ def test_execute_request_is_flat(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
+def test_reserved_request_keys_fail_clearly(no_leftover_processes):
+    "A flat EXECUTE cannot carry a parameter named `type`: it must fail clearly, never leave the job waiting."
+    async def main():
+        m, *_ = make()
+        try:
+            try: job = await m.start_job(ID['echo'], input_text='x', options={'type': 'summary'})
+            except (TypeError, ValueError): job = None  # refused at submission: fine
+            if job is not None:
+                job = await finish(m, job)
+                assert job.status == 'failed' and job.error, (job.status, job.error)
+            after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
+            assert after.status == 'completed', after.error
+        finally: m.shutdown()
+    run(main())
+
 # ----- 4. streaming is chosen per job -------------------------------------------------------------
 def test_streamed_job_chunks_and_result(no_leftover_processes):
     async def main():
@@ -381,6 +408,23 @@ def test_documented_worker_reload_unload_and_jobs(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
+def test_documented_worker_cancel_and_restart(no_leftover_processes):
+    "A job of a worker that never says it started runs from its handover; cancelling it restarts that worker."
+    async def main():
+        m, _, _, events = make(DocumentedWorkerJobManager, supports_streaming=False)
+        try:
+            hang = await m.start_job(ID['sleep'], options={'seconds': 60})
+            await until(lambda: hang.status == 'running', what="job running")
+            old_pid = m.worker_process.pid
+            assert await m.cancel_job(hang.id)
+            after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
+            assert after.status == 'completed' and after.started_at, (after.status, after.error)
+            assert hang.status == 'cancelled' and m.restart_count == 1 and m.worker_process.pid != old_pid
+            await settle()
+            assert_job_ids_are_str(events)
+        finally: m.shutdown()
+    run(main())
+
 def test_failed_reload_returns_false(no_leftover_processes):
     async def main():
         m, *_ = make()
@@ -428,7 +472,8 @@ def test_on_job_completed_called_once_per_job(no_leftover_processes):
             for j in jobs + [bad]: await finish(m, j)
             await until(lambda: len(m.completed_hook_calls) >= 2, 5, "_on_job_completed calls")
             await settle()
-            assert m.completed_hook_calls == [j.id for j in jobs]  # once each, not for the failed job
+            assert [i for i, _ in m.completed_hook_calls] == [j.id for j in jobs]  # once each, not the failed one
+            assert [r for _, r in m.completed_hook_calls] == [{'status': 'success', 'data': j.result} for j in jobs]
         finally: m.shutdown()
     run(main())
 
@@ -443,16 +488,18 @@ def test_lifecycle_hooks_need_only_self(hook):
         assert required == [], f"{hook} requires {required}"
     finally: m.shutdown()
 
-def test_restart_worker_override_sees_restart(no_leftover_processes):
+def test_lifecycle_overrides_see_a_restart(no_leftover_processes):
     async def main():
-        m, *_ = make(RestartHookManager)
+        m, *_ = make(LifecycleHooksManager)
         try:
             hang = await m.start_job(ID['sleep'], options={'seconds': 60})
             await until(lambda: hang.status == 'running', what="job running")
+            assert m.lifecycle_calls == ['start', 'init']
             assert await m.cancel_job(hang.id)
-            await until(lambda: m.restart_calls, what="a call of the _restart_worker override")
+            await until(lambda: 'restart' in m.lifecycle_calls, what="a call of the _restart_worker override")
             after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
             assert after.status == 'completed', after.error
+            assert m.lifecycle_calls == ['start', 'init', 'worker_error', 'restart', 'start', 'init']
         finally: m.shutdown()
     run(main())
 
@@ -485,6 +532,7 @@ def test_restart_attributes_after_cancel(no_leftover_processes):
             await until(lambda: hang.status == 'running', what="job running")
             assert m.current_plugin_id == ID['sleep']
             old_pid, before = m.worker_process.pid, time.time()
+            assert m.get_job_result(hang.id) is None  # no result while it runs
             assert await m.cancel_job(hang.id)
             after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
             assert after.status == 'completed', after.error
@@ -548,9 +596,10 @@ def test_create_job_gets_plugin_id_by_keyword(no_leftover_processes):
     run(main())
 
 # ----- 11. small documented behaviours ------------------------------------------------------------
-def test_worker_config_single_worker():
-    assert WorkerConfig(max_workers=1).max_workers == 1
-    with pytest.raises(NotImplementedError): WorkerConfig(max_workers=2)
+def test_worker_config_max_workers():
+    # documented as "currently only 1"; the pool (issue 10) makes any N >= 1 valid
+    assert WorkerConfig(max_workers=1).max_workers == 1 and WorkerConfig(max_workers=2).max_workers == 2
+    with pytest.raises(ValueError): WorkerConfig(max_workers=0)
 
 def test_wire_dicts_have_no_none_extras():
     assert WorkerResult('j', 'success', data={'a': 1}).to_dict() == {'type': 'result', 'job_id': 'j',
@@ -592,3 +641,18 @@ def test_pending_job_can_be_cancelled(no_leftover_processes):
             assert 'started' not in events.of(pending.id)
         finally: m.shutdown()
     run(main())
+
+# ----- the other differences the README lists ------------------------------------------------------
+def test_missing_abstract_method_fails_at_construction():
+    class Incomplete(BaseJobManager[MyJob]):
+        def create_job(self, plugin_id, **kwargs): return MyJob(id='x', plugin_id=plugin_id)
+        def get_worker_entry_point(self): return compat_worker_process
+        def prepare_execute_request(self, job): return {}
+    with pytest.raises(TypeError, match='extract_job_result'): Incomplete(worker_type='compat', category=CATEGORY)
+
+def test_import_leaves_the_start_method_alone(no_leftover_processes):
+    code = ("import multiprocessing, cjm_fasthtml_workers.managers.base, cjm_fasthtml_workers.core.worker; "
+            "print(multiprocessing.get_start_method(allow_none=True))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'None'

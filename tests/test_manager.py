@@ -477,7 +477,7 @@ def test_many_waiters_one_result(no_leftover_processes):
             job = await m.start_job('sleep', seconds=0.2, text='shared')
             done = await asyncio.gather(*[m.wait_for_job(job.id, timeout=30) for _ in range(10)])
             assert all(d is job and d.status == 'completed' and d.result['text'] == 'shared' for d in done)
-            assert m._waiters == {}  # nothing left behind
+            assert m._book.waiters == {}  # nothing left behind
         finally: m.shutdown()
     run(main())
 

@@ -6,9 +6,9 @@
 __all__ = ['RestartPolicy', 'WorkerConfig']
 
 # %% ../../nbs/core/config.ipynb #adc9164a
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Optional
+from typing import List, Optional, Union
 
 # %% ../../nbs/core/config.ipynb #1c21b62e
 class RestartPolicy(Enum):
@@ -29,13 +29,17 @@ class WorkerConfig:
     max_restart_attempts: int = 3  # Consecutive crash restarts allowed before giving up
     restart_backoff_base_seconds: float = 1.0  # Base delay for exponential backoff
     restart_backoff_max_seconds: float = 60.0  # Max delay for backoff
-    max_workers: int = 1  # Currently only 1 is supported
+    max_workers: int = 1  # Worker processes in the pool
     worker_start_timeout_seconds: float = 30.0  # How long the worker may take to report READY
     reload_timeout_seconds: float = 30.0  # How long a reload may take before it is reported failed
     unload_timeout_seconds: float = 10.0  # How long an unload may take before it is reported failed
     shutdown_timeout_seconds: float = 5.0  # Grace given to a stopping worker before it is terminated
     result_monitor_poll_interval_seconds: float = 0.5  # Kept for compatibility; the supervisor waits on events
     job_timeout_seconds: Optional[float] = None  # A running job past this fails as timed out (None = no limit)
+    gpus: Union[None, str, List[Union[int, str]]] = None  # None: no pinning; 'auto'; or GPU indices / UUIDs
+    workers_per_gpu: int = 1  # Workers pinned to each GPU
+    max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)
+    preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before its first job
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)
@@ -43,12 +47,15 @@ class WorkerConfig:
             raise ValueError(f"restart_policy must be a RestartPolicy, got {self.restart_policy!r}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == 'restart_policy' or v is None: continue
+            if f.name in ('restart_policy', 'gpus', 'preload_plugins') or v is None: continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{f.name} must be a number, got {v!r}")
             if v < 0: raise ValueError(f"{f.name} must not be negative, got {v!r}")
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ValueError(f"max_workers must be a positive integer, got {self.max_workers!r}")
-        if self.max_workers > 1:
-            raise NotImplementedError(f"max_workers={self.max_workers}: only 1 worker is supported")
+        if self.workers_per_gpu < 1 or self.max_jobs_per_worker == 0:
+            raise ValueError("workers_per_gpu and max_jobs_per_worker must be at least 1")
+        if not (self.gpus is None or self.gpus == 'auto' or isinstance(self.gpus, (list, tuple))):
+            raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, got {self.gpus!r}")
+        self.preload_plugins = list(self.preload_plugins)
         if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")
