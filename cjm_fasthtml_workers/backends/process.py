@@ -337,6 +337,9 @@ class ProcessWorker:
     def at_eof(self) -> bool:
         "Whether both pipes from the worker have reached end of file and every message was read."
         return bool(self._inboxes) and all(ib.eof and not ib.buf for ib in self._inboxes)
+    def pipe_closed(self) -> bool:
+        "Whether either pipe from the worker has reached end of file, every message read: it can no longer report."
+        return any(ib.eof and not ib.buf for ib in self._inboxes)
 
     def alive(self) -> bool:
         "Whether the process runs: started, and its death fd has not fired."

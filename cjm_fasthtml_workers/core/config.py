@@ -40,6 +40,7 @@ class WorkerConfig:
     workers_per_gpu: int = 1  # Workers pinned to each GPU
     max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)
     preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before its first job
+    prefetch_jobs: Optional[int] = None  # Jobs a busy worker holds besides its own (None: 1 alone, 0 in a pool)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)

@@ -20,6 +20,7 @@ class WorkerRequestType(Enum):
     UNLOAD = "unload"
     GET_STATE = "get_state"
     STOP = "stop"
+    CANCEL = "cancel"  # Drop a job handed over but not started yet (ours; a documented worker never gets one)
 
 class WorkerResponseType(Enum):
     "Types of responses from worker process."

@@ -7,6 +7,7 @@ __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
 import asyncio, atexit, logging, os, pickle, queue, threading, time, uuid, weakref
+from collections import deque
 import multiprocessing.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -68,6 +69,38 @@ class _Effects:
         self.calls.put(None)
         if self.thread is not threading.current_thread(): self.thread.join(timeout)
 
+# %% ../../nbs/managers/base.ipynb #ev000002
+_DROPPABLE = frozenset({'progress', 'chunk'})  # event suffixes a broadcaster that lags may lose, oldest first
+
+class _EventPump:
+    "Delivers events to a broadcaster in order, one at a time, through a bounded buffer (on the event loop)."
+    def __init__(self, broadcast:Callable, size:int, timeout:float, name:str):
+        self.broadcast, self.size, self.timeout, self.name = broadcast, size, timeout, name
+        self.buffer, self.droppable, self.dropped, self.task = deque(), 0, 0, None
+
+    def put(self, event:str, data:dict, droppable:bool):
+        "Queue an event (called on the loop); past `size`, the oldest droppable one is let go."
+        self.buffer.append((event, data, droppable))
+        self.droppable += droppable
+        if len(self.buffer) > self.size and self.droppable:
+            i = next(i for i, e in enumerate(self.buffer) if e[2])
+            del self.buffer[i]
+            self.droppable, self.dropped = self.droppable - 1, self.dropped + 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("%s: the event broadcaster lags; %d progress/chunk events dropped", self.name, self.dropped)
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.task = loop.create_task(self._run())
+
+    async def _run(self):
+        while self.buffer:
+            event, data, droppable = self.buffer.popleft()
+            self.droppable -= droppable
+            try: await asyncio.wait_for(self.broadcast(event, data), self.timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s: broadcasting %s took over %s s and was given up", self.name, event, self.timeout)
+            except Exception: log.exception("%s: broadcasting %s failed", self.name, event)
+
 # %% ../../nbs/managers/base.ipynb #20a7be07
 _live_managers = weakref.WeakSet()
 
@@ -120,6 +153,8 @@ class BaseJobManager(ABC, Generic[JobType]):
     Jobs run in long-lived worker subprocesses (one, or a pool of `max_workers`) that keep plugins loaded between
     jobs. Cancelling a running job ends its worker (and its process tree) and restarts it by policy; a crash fails
     only the running job; waiting jobs are kept by the manager and never lost."""
+    event_buffer_size = 1000  # events held for a broadcaster that lags; then the oldest progress/chunk go
+    event_timeout_seconds = 10.0  # a broadcast that takes longer is given up (logged)
     def __init__(self,
                  worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
                  category:Any, # Plugin category this manager handles
@@ -149,7 +184,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
         self._closed = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
-        self._event_tail = None  # last scheduled broadcast, so events reach the broadcaster in order
+        self._events = _EventPump(self.broadcast_event, self.event_buffer_size, self.event_timeout_seconds, worker_type)
         self._effects = _Effects(f'{worker_type}-effects')
         _live_managers.add(self)
 
@@ -250,7 +285,8 @@ class BaseJobManager(ABC, Generic[JobType]):
             return self._book.finish(job, 'failed', error=f"extract_job_result failed: {type(e).__name__}: {e}")
         self._supervisor.current.crash_count = 0  # a worker that completes jobs earns its restart budget back
         self._book.finish(job, 'completed')
-        self._supervisor.fx.append(lambda: self._on_job_completed(job.id))
+        if type(self)._on_job_completed is not BaseJobManager._on_job_completed:  # only a hook that does something
+            self._supervisor.fx.append(lambda: self._on_job_completed(job.id))
 
     def _handle_stream_chunk(self,
                              chunk_data:Dict[str, Any] # Chunk data from worker, as it came off the result queue
@@ -326,19 +362,10 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     # ----- events ---------------------------------------------------------------------------------------------
     def _emit(self, suffix:str, data:Dict[str, Any]):
-        "Schedule `{worker_type}:{suffix}` on the manager's event loop, from any thread, in order."
+        "Send `{worker_type}:{suffix}` to the broadcaster, from any thread, in order, on the manager's loop."
         loop = self._loop
         if self.event_broadcaster is None or loop is None: return
-        call_soon(loop, self._schedule_event, f"{self.worker_type}:{suffix}", data)
-
-    def _schedule_event(self, event:str, data:dict):
-        self._event_tail = asyncio.ensure_future(self._broadcast_after(self._event_tail, event, data))
-
-    async def _broadcast_after(self, prev, event:str, data:dict):
-        if prev is not None and not prev.done() and prev.get_loop() is asyncio.get_running_loop():
-            await asyncio.wait([prev])
-        try: await self.broadcast_event(event, data)
-        except Exception: log.exception("%s: broadcasting %s failed", self.worker_type, event)
+        call_soon(loop, self._events.put, f"{self.worker_type}:{suffix}", data, suffix in _DROPPABLE)
 
 # %% ../../nbs/managers/base.ipynb #1648c0b4
 @patch
@@ -367,6 +394,15 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     return plugin_id
 
 _RESERVED = frozenset({'type', 'job_id', 'plugin_name', 'request_id'})
+_LARGE = 1 << 20  # requests whose buffers pass this are pickled on a thread
+
+def _rough_size(params:dict) -> int:
+    "A quick lower bound of a request's pickled size: the lengths of its top-level strings and buffers."
+    n = 0
+    for v in params.values():
+        if isinstance(v, (str, bytes, bytearray)): n += len(v)
+        else: n += getattr(v, 'nbytes', 0) or 0  # memoryview, numpy arrays
+    return n
 
 @patch
 async def start_job(self:BaseJobManager,
@@ -384,7 +420,9 @@ async def start_job(self:BaseJobManager,
     # the job streams only if it asks to and this manager (and the registry's plugin) can stream
     if 'stream' in params: params['stream'] = bool(params['stream']) and self.check_streaming_support(plugin_id)
     request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
-    try: payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)  # once: this is what the worker gets
+    try:  # pickled once: these bytes are what the worker gets; a large request is pickled off the event loop
+        dumps = lambda: pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = await asyncio.to_thread(dumps) if _rough_size(params) > _LARGE else dumps()
     except Exception as e:
         raise TypeError(f"arguments of a {plugin_id!r} job cannot be sent to the worker: {type(e).__name__}: {e}") from e
     error = await self._validate_resources(plugin_id, self._config_for(name))
@@ -450,10 +488,12 @@ async def cancel_job(self:BaseJobManager,
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None or job.status in TERMINAL_STATUSES: return False
-        holder = next((w for w in self._supervisor.workers() if w.job_id == job_id), None) if self._supervisor else None
-        # a job handed over but not started yet is ended when it says it started: a cancelled job never runs
-        if holder is not None and job.status == 'running': self._supervisor.end(holder, 'cancel')
+        sup = self._supervisor
+        holder = sup.holder(job_id) if sup is not None else None
+        if holder is not None and job.status == 'running': sup.end(holder, 'cancel')
+        elif holder is not None: sup.withdraw(holder, job_id)  # handed over, not started: the worker drops it
         self._book.finish(job, 'cancelled')
+        if holder is not None: sup.dispatch()
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
@@ -559,7 +599,7 @@ def get_job_chunks(self:BaseJobManager,
 def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     with self._lock:
-        held = {w.job_id for w in self._supervisor.workers()} if self._supervisor else set()
+        held = {j for w in self._supervisor.workers() for j in (w.job_id, *w.queued)} if self._supervisor else set()
         return self._book.clear(keep=held)
 
 # %% ../../nbs/managers/base.ipynb #0c35ad29
@@ -590,7 +630,10 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # The first worker's row, with pending_jobs
     "Describe the worker process and its work (with a pool, the first worker; `get_workers_info` has them all)."
     info = self.get_workers_info()[0]
-    with self._lock: info.update(restart_count=self.restart_count, pending_jobs=len(self._book.queued))
+    with self._lock:
+        held = [j for w in (self._supervisor.workers() if self._supervisor else []) for j in (w.job_id, *w.queued) if j]
+        unstarted = sum(self.jobs[j].status == 'pending' for j in held if j in self.jobs)
+        info.update(restart_count=self.restart_count, pending_jobs=len(self._book.queued) + unstarted)
     return info
 
 @patch

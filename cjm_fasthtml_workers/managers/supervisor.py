@@ -36,8 +36,11 @@ class Worker:
     kill_deadline: Optional[float] = None  # A recycled worker that has not exited by then is killed
     last_error: Optional[str] = None  # What it reported before dying (ERROR), or why it was ended
     job_id: Optional[str] = None  # The job handed to it (pending until it starts)
+    queued: Deque[str] = field(default_factory=deque)  # Jobs handed after that one (prefetch), to start next
+    cancelled: set = field(default_factory=set)  # Jobs handed to it, then cancelled before they started
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
+    job_timeout: Optional[float] = None  # the limit it runs under (job_timeout_seconds when it started)
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
     loaded_config: Optional[Dict[str, Any]] = None  # That plugin's configuration
     configs: Dict[str, dict] = field(default_factory=dict)  # The configurations it was given (INIT, RELOADs)
@@ -80,6 +83,8 @@ class Supervisor:
         self.worker_type = manager.worker_type
         self.slots = [Slot(i, gpu) for i, gpu in enumerate(gpus)]
         self.current: Optional[Slot] = None  # the slot a documented hook called now is about
+        n, p = len(gpus), self.config.prefetch_jobs
+        self.prefetch = (1 if n == 1 else 0) if p is None else p  # jobs a busy worker may hold besides its own
         self.ready_fds: set = set()  # what the last wait returned
         self.ready_waiters: list = []  # (loop, future) of start()
         self.fx: list = []  # calls into user code queued under the lock
@@ -165,8 +170,8 @@ class Supervisor:
             if not (t.buffered() or any(fd in self.ready_fds for fd in t.fds() if fd != t.death_fd)): continue
             try: messages = t.read(_READ_LIMIT)
             except CorruptStream as e: messages = e.messages + [{'type': '_corrupt', 'error': str(e)}]
-            if t.at_eof() and t.death_fd not in self.ready_fds:
-                # a live worker that closed its pipes can report nothing more; a dying one closes them a moment
+            if t.pipe_closed() and t.death_fd not in self.ready_fds:
+                # a live worker that closed a pipe to us can no longer report; a dying one closes them a moment
                 # before its death fd fires, so give that a moment before calling it broken
                 messages.append({'type': '_eof'})
             if messages: out.append((w, messages))
@@ -177,9 +182,8 @@ class Supervisor:
         m, kind = self.manager(), raw.get('type')
         if m is None: return
         if kind == '_corrupt': return self.end(w, 'corrupt', f"it wrote an unreadable stream ({raw['error']})")
-        if kind == '_eof':
+        if kind == '_eof':  # ended by check_deadlines if its death fd has not fired by then
             if w.kill_deadline is None: w.kill_deadline = time.monotonic() + 0.2
-            w.last_error = w.last_error or "it closed its pipes to the manager"
             return
         if '_unreadable' in raw: return self.unreadable(m, w, raw)
         try: msg = decode_message(raw)
@@ -190,9 +194,9 @@ class Supervisor:
         if isinstance(msg, WorkerStreamChunk): return m._guarded(m._handle_stream_chunk, raw)
         job = self.book.jobs.get(getattr(msg, 'job_id', None))
         if isinstance(msg, WorkerJobStarted):
-            if job is None or w.job_id != job.id: return
-            if job.status == 'pending': return self.mark_started(m, w, job)
-            if job.status == 'cancelled': self.end(w, 'cancel')  # cancelled while in its pipe: it must not run
+            # cancelled while in its pipe, it started before the CANCEL reached it: it must not run on
+            if msg.job_id in w.cancelled: return self.end(w, 'cancel')
+            if job is not None and w.job_id == job.id and job.status == 'pending': self.mark_started(m, w, job)
             return
         if isinstance(msg, WorkerProgress):
             if job is not None and job.status == 'running':
@@ -275,6 +279,7 @@ class Supervisor:
     def settle_result(self, m, w:Worker, raw:dict):
         "A RESULT: free its worker, then let the manager settle the job (documented `_handle_job_result`)."
         job = self.book.jobs.get(raw.get('job_id'))
+        w.cancelled.discard(raw.get('job_id'))
         if job is not None and w.job_id == job.id:
             if job.status == 'pending': self.mark_started(m, w, job)  # a worker that never says it started
             self.release(w)
@@ -284,21 +289,41 @@ class Supervisor:
     def release(self, w:Worker):
         "The job handed to `w` is over: `w` is free (or, past `max_jobs_per_worker`, due to be replaced)."
         pid = w.pid
-        w.job_id = w.dispatched_at = w.job_deadline = None
+        self.next_job(w)
         w.jobs_done += 1
         m = self.manager()
         if m is not None and m.resource_manager is not None:
             self.fx.append(lambda: m.resource_manager.update_worker_state(pid, status='idle', job_id=None))
         if self.config.max_jobs_per_worker and w.jobs_done >= self.config.max_jobs_per_worker: self.end(w, 'recycle')
 
+    def next_job(self, w:Worker):
+        "The job `w` holds next, if it was handed one in advance, becomes the one it runs."
+        w.job_id, w.job_deadline = (w.queued.popleft() if w.queued else None), None
+        w.dispatched_at = now_iso() if w.job_id else None
+
+    def withdraw(self, w:Worker, job_id:str):
+        "Take back a job handed to `w` that has not started (it was cancelled): the worker drops it unrun."
+        if w.job_id == job_id: self.next_job(w)
+        else: w.queued.remove(job_id)
+        w.cancelled.add(job_id)
+        w.transport.send(WorkerRequest(WorkerRequestType.CANCEL, {'job_id': job_id}).to_dict())
+        self.wake()
+
+    def holder(self, job_id:str) -> Optional[Worker]:
+        "The worker a job was handed to (None if none holds it)."
+        return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued), None)
+
     def mark_started(self, m, w:Worker, job):
         "The worker started `job`: it is running from the moment it was handed over."
         name = self.book.requests[job.id][0]
         config = m._config_for(name)
-        job.status, job.started_at, job.worker_pid = 'running', w.dispatched_at or now_iso(), w.pid
+        # a worker that says when it starts a job is believed; for one that does not, it is the handover
+        started = now_iso() if w.announces_starts or not w.dispatched_at else w.dispatched_at
+        job.status, job.started_at, job.worker_pid = 'running', started, w.pid
         w.loaded, w.loaded_config = name, config
         m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, name, config
-        if self.config.job_timeout_seconds: w.job_deadline = time.monotonic() + self.config.job_timeout_seconds
+        w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
+        if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
         m._emit('started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
         if m.resource_manager is not None:
             pid, resource = w.pid, m._extract_plugin_resource_identifier(config)
@@ -319,9 +344,15 @@ class Supervisor:
         for w in self.workers():
             while w.pending and w.free: self.send_command(w, *w.pending.popleft())
         while (head := self.book.head()) is not None:
-            free = [w for w in self.workers() if w.free]
-            if not free: return
-            self.hand(m, self.pick(free, self.book.requests[head][0]), self.book.take())
+            # a free worker first; else a busy one may take the job now, to start it the moment its job ends
+            takers = [w for w in self.workers() if w.free] or [w for w in self.workers() if self.has_room(w)]
+            if not takers: return
+            self.hand(m, self.pick(takers, self.book.requests[head][0]), self.book.take())
+
+    def has_room(self, w:Worker) -> bool:
+        "Whether busy worker `w` may be handed one more job (prefetch): never one with commands waiting."
+        return (w.ready and w.kill_reason is None and w.job_id is not None and w.announces_starts and not w.pending
+                and len(w.queued) < self.prefetch)
 
     def pick(self, free:List[Worker], name:str) -> Worker:
         "Model affinity: a worker with `name` loaded, else an empty one, else the one whose plugin waits least."
@@ -340,6 +371,7 @@ class Supervisor:
                                                uuid.uuid4().hex), None)
         w.transport.send_pickled(payload)
         if w.transport.wants_write(): self.wake()
+        if w.job_id is not None: return w.queued.append(job_id)
         w.job_id, w.dispatched_at = job_id, now_iso()
         if not w.announces_starts:  # it will not say when it starts: the job runs from the handover
             self.mark_started(m, w, self.book.jobs[job_id])
@@ -368,14 +400,16 @@ class Supervisor:
         w = slot.worker
         exitcode, reason = w.transport.reap(), w.kill_reason
         what = describe_exit(exitcode)
-        if w.last_error and (not w.ready or reason == 'corrupt' or w.kill_deadline): what += f" ({w.last_error})"
+        if w.last_error and (not w.ready or reason == 'corrupt'): what += f" ({w.last_error})"
         job = self.book.jobs.get(w.job_id) if w.job_id else None
         running_id = job.id if job is not None and job.status != 'pending' else None  # running, or just cancelled
-        if job is not None and job.status == 'pending': self.book.queue(job.id, front=True)  # it never started
-        elif job is not None and reason == 'timeout':
-            self.book.finish(job, 'failed', error=f"Job timed out after {self.config.job_timeout_seconds} s;"
+        unstarted = ([job.id] if job is not None and job.status == 'pending' else []) + list(w.queued)
+        for job_id in reversed(unstarted): self.book.queue(job_id, front=True)  # back to the head, in order
+        if job is None or job.status == 'pending': pass
+        elif reason == 'timeout':
+            self.book.finish(job, 'failed', error=f"Job timed out after {w.job_timeout} s;"
                                                   " the worker was ended")
-        elif job is not None: self.book.finish(job, 'failed', error=f"Worker died while running the job: {what}")
+        else: self.book.finish(job, 'failed', error=f"Worker died while running the job: {what}")
         for waiter, *_ in w.commands.values():
             if waiter is not None: resolve(*waiter, None)
         for _, waiter in w.pending:
@@ -434,7 +468,9 @@ class Supervisor:
                     w.kill_reason = 'start'
                     w.last_error = f"not ready within {self.config.worker_start_timeout_seconds} s"
             if w.kill_deadline is not None and now >= w.kill_deadline:  # a recycled or pipe-less worker lingers
-                w.kill_deadline, w.kill_reason = None, w.kill_reason or 'corrupt'
+                if w.kill_reason is None:
+                    w.kill_reason, w.last_error = 'corrupt', "it closed its pipes to the manager but did not exit"
+                w.kill_deadline = None
                 kills.append(w)
             elif w.kill_reason == 'recycle':
                 if not w.kill_sent and w.job_id is None:  # between jobs: ask it to stop
@@ -493,6 +529,7 @@ class Supervisor:
 
     def run_effects(self):
         "Hand the calls into user code queued this round to the manager's effects thread."
+        if not self.fx: return  # queued on this thread, or by one that then wakes it
         with self.lock: fx, self.fx = self.fx, []
         m = self.manager()
         if fx and m is not None: m._effects.run(fx)
