@@ -1,8 +1,10 @@
 """The floor: what Python's multiprocessing costs anyway, whatever library sits on top of it.
 
 A spawned echo worker sends back every message it gets, over two `multiprocessing.Queue`s (`QueueFloor`) or over
-one duplex `multiprocessing.Pipe` (`PipeFloor`). Spawn imports this module in the worker, so it imports nothing
-but the standard library: the floor's worker must start as fast as a bare echo process can."""
+one duplex `multiprocessing.Pipe` (`PipeFloor`). Beside it, the standard library's own pool: a
+`ProcessPoolExecutor` of one spawned worker running `echo`, awaited from asyncio as an app would. Spawn imports this
+module in the worker, so it imports nothing but the standard library, and nothing at the top that the echo
+workers do not need: the floor's worker must start as fast as a bare echo process can."""
 import multiprocessing, os, signal, time
 from multiprocessing.connection import wait
 
@@ -80,6 +82,14 @@ def cold_start(msg) -> tuple: # (seconds from spawn to the first echo, the runni
     floor.recv()
     return time.perf_counter() - t0, floor
 
+def cold_starts(n:int, msg) -> float: # Seconds for `n` cold starts in a row, each to its first echo
+    "Spawn `n` `QueueFloor`s one after the other, as a pool of `n` started by hand; all run until the last echoes."
+    t0, floors = time.perf_counter(), []
+    for _ in range(n): floors.append(cold_start(msg)[1])
+    seconds = time.perf_counter() - t0
+    for f in floors: f.stop()
+    return seconds
+
 def stop_time(floor) -> float: # Seconds to stop an idle floor worker
     t0 = time.perf_counter()
     floor.stop()
@@ -94,3 +104,29 @@ def memory_probe(n:int, msg, conn):
     pipelined(floor, n, msg)
     conn.send((me.memory_info().rss - before) / n)
     floor.stop()
+
+# ----- ProcessPoolExecutor(max_workers=1): the standard library's pool, awaited through asyncio ---------------------
+# asyncio and concurrent.futures are imported where they are used, so that the echo workers above stay bare
+def echo(msg): return msg  # the executor's job: by reference, so its worker imports this module
+
+def pool_executor():
+    "A `ProcessPoolExecutor` of one spawned worker; it spawns the worker at its first submission."
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+
+async def pool_round_trips(pool, n:int, msg) -> list: # Seconds of each of `n` sequential round trips
+    "Submit `echo(msg)` and await its result, `n` times."
+    import asyncio
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await asyncio.wrap_future(pool.submit(echo, msg))
+        out.append(time.perf_counter() - t0)
+    return out
+
+async def pool_throughput(pool, n:int, msg) -> float: # Messages per second
+    "Submit `n` echoes back to back, then await them all."
+    import asyncio
+    t0 = time.perf_counter()
+    await asyncio.gather(*[asyncio.wrap_future(pool.submit(echo, msg)) for _ in range(n)])
+    return n / (time.perf_counter() - t0)

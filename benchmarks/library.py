@@ -1,15 +1,17 @@
 """The library's side of each shape: the work of benchmarks/floor.py, done through a `BaseJobManager`.
 
-The manager is the one of tests/test_manager.py, running the package's scenario plugins (`echo`, `hang`). It lives
-only in the benchmark's process; its worker imports `cjm_fasthtml_workers.testing` by name."""
-import asyncio, gc, os, signal, time, uuid
+The manager is the one of tests/test_manager.py, running the package's scenario plugins (`echo`, `sleep`, `hang`).
+It lives only in the benchmark's process; its worker imports `cjm_fasthtml_workers.testing` by name. The affinity
+shape's manager runs `CountingPluginManager` instead, whose workers import this module by name."""
+import asyncio, gc, os, signal, tempfile, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import psutil
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
+from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from cjm_fasthtml_workers.testing import ScenarioPluginManager, scenario_worker_process
 
 @dataclass
 class TextJob(BaseJob):
@@ -21,8 +23,24 @@ class TextJobManager(BaseJobManager[TextJob]):
     def prepare_execute_request(self, job): return job.params
     def extract_job_result(self, job, result_data): return result_data
 
-def make(policy:RestartPolicy=RestartPolicy.ON_CANCELLATION, **cfg) -> TextJobManager:
-    return TextJobManager('bench', 'bench', worker_config=WorkerConfig(restart_policy=policy, **cfg))
+def make(policy:RestartPolicy=RestartPolicy.ON_CANCELLATION, kind=TextJobManager, **cfg) -> TextJobManager:
+    return kind('bench', 'bench', worker_config=WorkerConfig(restart_policy=policy, **cfg))
+
+# A worker's loads, counted where they happen: spawned workers inherit os.environ, so the log's path reaches them
+LOAD_LOG = 'CJM_BENCH_LOAD_LOG'
+
+class CountingPluginManager(ScenarioPluginManager):
+    "The scenario plugins; every load appends a line `<pid> <plugin>` to the file named by $CJM_BENCH_LOAD_LOG."
+    def load_plugin(self, plugin_data, config):
+        super().load_plugin(plugin_data, config)
+        with open(os.environ[LOAD_LOG], 'a') as f: f.write(f"{os.getpid()} {plugin_data['name']}\n")
+
+def counting_worker_process(request_queue, result_queue, response_queue):
+    "Worker entry point running `CountingPluginManager` plugins."
+    base_worker_process(request_queue, result_queue, response_queue, CountingPluginManager, supports_streaming=True)
+
+class CountingJobManager(TextJobManager):
+    def get_worker_entry_point(self): return counting_worker_process
 
 def _check(job, status='completed'):
     if job.status != status: raise RuntimeError(f"job {job.id} ({job.plugin_id}) is {job.status}, not {status}: {job.error}")
@@ -158,6 +176,40 @@ async def memory(m, n:int, rss) -> tuple: # (bytes per job once cleared, bytes p
     kept = (rss() - before) / n
     m.clear_completed_jobs()
     return cleared, kept
+
+async def sleeps(m, n:int, seconds:float) -> float: # Seconds from the first submission to the last result
+    "Submit `n` jobs that sleep `seconds` each, then wait until all have ended: the pool runs them side by side."
+    t0 = time.perf_counter()
+    jobs = [await m.start_job('sleep', seconds=seconds) for _ in range(n)]
+    for j in jobs: _check(await m.wait_for_job(j.id))
+    seconds = time.perf_counter() - t0
+    m.clear_completed_jobs()
+    return seconds
+
+async def pool_start(n:int) -> tuple: # (seconds `start()` takes, the started manager)
+    "A fresh manager of `n` workers: `start()` until every worker is ready."
+    m = make(max_workers=n)
+    t0 = time.perf_counter()
+    await m.start()
+    return time.perf_counter() - t0, m
+
+async def model_loads(workers:int, n:int, pairs:bool=True) -> int: # Plugin loads in all workers together
+    "`n` jobs alternating between the echo and sleep plugins on a fresh pool: two at a time (`pairs`), or all at once."
+    fd, path = tempfile.mkstemp(prefix='cjm-bench-loads-')
+    os.close(fd)
+    os.environ[LOAD_LOG] = path
+    m = make(kind=CountingJobManager, max_workers=workers)
+    try:
+        await m.start()
+        plugins, step = ['echo', 'sleep'] * (n // 2), 2 if pairs else n
+        for i in range(0, n, step):
+            batch = [await m.start_job(p) for p in plugins[i:i + step]]
+            for j in batch: _check(await m.wait_for_job(j.id))
+        with open(path) as f: return len(f.read().splitlines())
+    finally:
+        m.shutdown()
+        del os.environ[LOAD_LOG]
+        os.unlink(path)
 
 def memory_probe(n:int, conn):
     "Spawned by the benchmark: `memory` in a process of its own, on a heap no other shape has grown; sends the result on `conn`."

@@ -1,9 +1,10 @@
-"""The shapes of issue 6, their repetitions, the table and the JSON; `python benchmarks/run.py` runs it.
+"""The shapes of issues 6 and 10, their repetitions, the table and the JSON; `python benchmarks/run.py` runs it.
 
 Each repetition measures every shape for the library (library.py) and for the floor (floor.py): a spawned echo
-worker over two `multiprocessing.Queue`s and over one `multiprocessing.Pipe`. The two sides take turns going first,
-and each ratio library ÷ floor is taken within one repetition before the median over repetitions is reported with
-its min–max: on a shared, noisy machine the ratios of one run are what counts, never an absolute time."""
+worker over two `multiprocessing.Queue`s and over one `multiprocessing.Pipe`, and `ProcessPoolExecutor(1)` beside
+them. The two sides take turns going first, and each ratio (library ÷ floor, or ÷ the executor where the row says
+so; a pool's speed-up, time(N=1) ÷ time(N)) is taken within one repetition before the median over repetitions is
+reported with its min–max: on a shared, noisy machine the ratios of one run are what counts, never an absolute time."""
 import argparse, asyncio, json, logging, multiprocessing, os, platform, statistics, subprocess, sys, time, uuid
 from dataclasses import dataclass, field
 
@@ -21,13 +22,17 @@ class Shape:
     unit: str
     floor: str  # what the floor column measures
     target: tuple = ()  # ('ratio' or 'abs', '<=' or '>=', bound); () when the row is only reported
-    ratio: bool = True  # whether library ÷ floor means something here
+    ratio: bool = True  # whether library ÷ base means something here
+    base: str = 'floor'  # the column the ratio divides by: 'floor', or 'ppe' for ProcessPoolExecutor(1)
 
+BASES = {'floor': 'floor', 'ppe': 'PPE(1)'}  # a ratio's base as the table names it
 IDLE_LOOP = 'an idle event loop, same ticker'
+PPE = 'ProcessPoolExecutor(1, spawn): echo(msg) awaited through asyncio.wrap_future, all submitted, then all awaited'
 SHAPES = [
-    Shape('latency_median', 'sequential latency, median', 'µs', 'mp.Queue echo round trip', ('ratio', '<=', 1.0)),
+    Shape('latency_median', 'sequential latency, median', 'µs', 'mp.Queue echo round trip', ('ratio', '<=', 1.5)),
     Shape('latency_p99', 'sequential latency, p99', 'µs', 'mp.Queue echo round trip'),
-    Shape('throughput', 'throughput', 'jobs/s', 'pipelined mp.Queue echo, 64 in flight', ('ratio', '>=', 0.5)),
+    Shape('throughput', 'throughput', 'jobs/s', 'pipelined mp.Queue echo, 64 in flight', ('ratio', '>=', 0.25)),
+    Shape('throughput_ppe', 'throughput vs ProcessPoolExecutor(1)', 'jobs/s', PPE, ('ratio', '>=', 1.5), base='ppe'),
     Shape('stall_submissions', 'event-loop stall: submissions', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
     Shape('stall_cancel', 'event-loop stall: cancel', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
     Shape('stall_reload', 'event-loop stall: reload', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
@@ -40,13 +45,25 @@ SHAPES = [
     Shape('payload_10mb', 'payload 10 MB', 'ms', 'mp.Queue echo of the same text', ('ratio', '<=', 1.1)),
     Shape('memory_kept', 'memory, jobs kept', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
     Shape('memory_cleared', 'memory, jobs cleared', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
+    Shape('pool_start', 'pool start, N=4', 'ms', '4 cold starts of the floor in a row', ('ratio', '<=', 1.2)),
+    Shape('pool_job_n1', 'pool N=1, per 50 ms sleep job', 'ms', 'none: the sleep itself is 50 ms', ratio=False),
+    Shape('pool_speedup_2', 'pool speed-up N=2', '×', 'none: the library against itself, time(N=1) ÷ time(N)',
+          ('abs', '>=', 1.9), ratio=False),
+    Shape('pool_speedup_4', 'pool speed-up N=4', '×', 'none: the library against itself, time(N=1) ÷ time(N)',
+          ('abs', '>=', 3.5), ratio=False),
+    Shape('affinity_loads', 'model loads, 2 plugins alternating x100 on 2 workers', 'loads',
+          'the same jobs on 1 worker (echo and sleep plugins, two submitted then both awaited)', ('abs', '<=', 2),
+          ratio=False),
+    Shape('affinity_loads_at_once', 'model loads, the same, all 100 submitted at once', 'loads',
+          'none: the affinity row, all jobs submitted before any is awaited', ratio=False),
 ]
 
 # How much of each shape one repetition does: the issue's sizes, and a quick run's
 FULL = dict(reps=5, latency=2000, throughput=5000, payload_1mb=10, payload_10mb=4, cancel=3, commands=5, cold=3,
-            crash=5, memory=10000, idle=0.3)
+            crash=5, memory=10000, idle=0.3, pool_jobs=40, affinity=100)
 QUICK = dict(reps=2, latency=200, throughput=500, payload_1mb=2, payload_10mb=1, cancel=1, commands=1, cold=1,
-             crash=1, memory=1000, idle=0.1)
+             crash=1, memory=1000, idle=0.1, pool_jobs=8, affinity=100)
+SLEEP = 0.05  # seconds each job of the pool shapes sleeps
 MB = 1_000_000
 
 def request(text:str='x') -> dict:
@@ -74,11 +91,12 @@ def in_fresh_process(target, *args):
 # ----- one repetition: a pair of functions per group of shapes, the library's and the floor's --------------------------
 @dataclass
 class Rig:
-    "What one repetition measures with, and what it found: {shape id: {'library'|'floor'|'pipe': value}}."
+    "What one repetition measures with, and what it found: {shape id: {'library'|'floor'|'pipe'|'ppe': value}}."
     sizes: dict
     manager: library.TextJobManager = field(default_factory=library.make)
     crashing: library.TextJobManager = field(default_factory=lambda: library.make('always', max_restart_attempts=10**6))
     floors: tuple = field(default_factory=lambda: (('floor', floor.QueueFloor()), ('pipe', floor.PipeFloor())))
+    ppe: object = field(default_factory=floor.pool_executor)  # its worker is spawned at the first submission
     msg: dict = field(default_factory=request)
     out: dict = field(default_factory=lambda: {s.id: {} for s in SHAPES})
 
@@ -89,11 +107,13 @@ class Rig:
         await asyncio.gather(self.manager.start(), self.crashing.start())
         await library.round_trips(self.manager, 50)
         for _, f in self.floors: floor.round_trips(f, 50, self.msg)
+        await floor.pool_round_trips(self.ppe, 50, self.msg)
 
     def close(self):
         self.manager.shutdown()
         self.crashing.shutdown()
         for _, f in self.floors: f.stop()
+        self.ppe.shutdown()
 
 # RSS is measured in a fresh process: in this one, memory that earlier shapes freed would hide the growth
 async def library_memory(r:Rig):
@@ -110,12 +130,16 @@ async def floor_latency(r:Rig):
     for side, f in r.floors:
         t = floor.round_trips(f, r.sizes['latency'], r.msg)
         r.put(side, latency_median=median(t) * 1e6, latency_p99=p99(t) * 1e6)
+    t = await floor.pool_round_trips(r.ppe, r.sizes['latency'], r.msg)
+    r.put('ppe', latency_median=median(t) * 1e6, latency_p99=p99(t) * 1e6)
 
 async def library_throughput(r:Rig):
     rate, stall = await library.throughput(r.manager, r.sizes['throughput'])
-    r.put('library', throughput=rate, stall_submissions=stall * 1e3)
+    r.put('library', throughput=rate, throughput_ppe=rate, stall_submissions=stall * 1e3)
 async def floor_throughput(r:Rig):
     for side, f in r.floors: r.put(side, throughput=floor.pipelined(f, r.sizes['throughput'], r.msg))
+    rate = await floor.pool_throughput(r.ppe, r.sizes['throughput'], r.msg)
+    r.put('ppe', throughput=rate, throughput_ppe=rate)
     idle = await library.idle_stall(r.sizes['idle']) * 1e3
     r.put('floor', stall_submissions=idle, stall_cancel=idle, stall_reload=idle, stall_unload=idle)
 
@@ -148,11 +172,33 @@ async def library_crash(r:Rig):
 async def floor_crash(r:Rig):
     r.put('floor', crash_detection=median(floor.cold_start(r.msg)[1].kill() for _ in range(r.sizes['crash'])) * 1e3)
 
+# The pool's N=1 is the rig's warm manager; N=4 is the manager whose start is measured, so that it starts once
+async def library_pool(r:Rig):
+    start, big = await library.pool_start(4)
+    pools = {1: r.manager, 2: library.make(max_workers=2), 4: big}
+    try:
+        for n, m in pools.items():  # every worker runs one job first: the sleep plugin is loaded everywhere
+            await m.start()
+            await library.sleeps(m, n, SLEEP)
+        wall = {n: await library.sleeps(m, r.sizes['pool_jobs'], SLEEP) for n, m in pools.items()}
+    finally:
+        for n in (2, 4): pools[n].shutdown()
+    r.put('library', pool_start=start * 1e3, pool_job_n1=wall[1] / r.sizes['pool_jobs'] * 1e3,
+          pool_speedup_2=wall[1] / wall[2], pool_speedup_4=wall[1] / wall[4])
+async def floor_pool(r:Rig):
+    r.put('floor', pool_start=floor.cold_starts(4, r.msg) * 1e3)
+
+async def library_affinity(r:Rig):
+    r.put('library', affinity_loads=await library.model_loads(2, r.sizes['affinity']),
+          affinity_loads_at_once=await library.model_loads(2, r.sizes['affinity'], pairs=False))
+async def floor_affinity(r:Rig):
+    r.put('floor', affinity_loads=await library.model_loads(1, r.sizes['affinity']))
+
 GROUPS = [(library_memory, floor_memory), (library_latency, floor_latency), (library_throughput, floor_throughput),
           (library_payload, floor_payload), (library_commands, None), (library_lifecycle, floor_lifecycle),
-          (library_crash, floor_crash)]
+          (library_crash, floor_crash), (library_pool, floor_pool), (library_affinity, floor_affinity)]
 
-async def repetition(sizes:dict, rep:int) -> dict: # {shape id: {'library'|'floor'|'pipe': value}}
+async def repetition(sizes:dict, rep:int) -> dict: # {shape id: {'library'|'floor'|'pipe'|'ppe': value}}
     "Every shape once, in the table's units; in each group the library goes first in even repetitions."
     rig = Rig(sizes)
     try:
@@ -177,22 +223,23 @@ def verdict(shape:Shape, row:dict) -> tuple: # (True, False, or None when only r
 def target_text(shape:Shape) -> str:
     if not shape.target: return 'reported'
     kind, op, bound = shape.target
-    return f"{'≤' if op == '<=' else '≥'} " + (f'{bound:.1f}× floor' if kind == 'ratio' else f'{bound:g} {shape.unit}')
+    unit = shape.unit if shape.unit == '×' else ' ' + shape.unit
+    return f"{'≤' if op == '<=' else '≥'} " + (f'{bound:g}× {BASES[shape.base]}' if kind == 'ratio' else f'{bound:g}{unit}')
 
 def summarize(reps:list) -> dict: # {shape id: row}, each row as it goes in the JSON
     rows = {}
     for s in SHAPES:
         row = {'title': s.title, 'unit': s.unit, 'floor_is': s.floor, 'target': target_text(s)}
-        for side in ('library', 'floor', 'pipe'):
+        for side in ('library', 'floor', 'pipe', 'ppe'):
             if xs := [r[s.id][side] for r in reps if side in r[s.id]]: row[side] = stats(xs)
         if s.ratio:  # pair by pair: a noisy moment hits both sides of one repetition alike
-            row['ratio'] = stats([r[s.id]['library'] / r[s.id]['floor'] for r in reps])
+            row['ratio'] = stats([r[s.id]['library'] / r[s.id][s.base] for r in reps])
         row['met'], row['verdict'] = verdict(s, row)
         rows[s.id] = row
     return rows
 
 def num(x:float) -> str:
-    if abs(x) >= 100: return f'{x:,.0f}'
+    if abs(x) >= 100 or float(x).is_integer(): return f'{x:,.0f}'
     return f'{x:.1f}' if abs(x) >= 10 else f'{x:.2f}'
 
 def cell(st:dict, suffix:str='') -> str:
@@ -201,9 +248,9 @@ def cell(st:dict, suffix:str='') -> str:
     return f"{num(st['median'])}{suffix} ({num(st['min'])}–{num(st['max'])})"
 
 def table(rows:dict) -> str:
-    head = ('shape', 'unit', 'library', 'floor', 'library ÷ floor', 'mp.Pipe floor', 'target', 'met')
-    body = [(r['title'], r['unit'], cell(r['library']), cell(r['floor']), cell(r.get('ratio'), '×'), cell(r.get('pipe')),
-             r['target'], r['verdict']) for r in rows.values()]
+    head = ('shape', 'unit', 'library', 'floor', 'ratio', 'mp.Pipe floor', 'PPE(1)', 'target', 'met')
+    body = [(r['title'], r['unit'], cell(r['library']), cell(r.get('floor')), cell(r.get('ratio'), '×'),
+             cell(r.get('pipe')), cell(r.get('ppe')), r['target'], r['verdict']) for r in rows.values()]
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
     lines = ['  '.join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
     lines.insert(1, '  '.join('-' * w for w in widths))
@@ -262,7 +309,11 @@ def main(argv=None) -> int:
               'run': {'started': time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(started)),
                       'seconds': round(time.time() - started, 1), 'quick': args.quick, 'sizes': sizes}}
     print(table(rows))
-    print(f"\nmedian (min–max) over {sizes['reps']} interleaved repetitions; each ratio is taken within a repetition.")
+    print(f"\nmedian (min–max) over {sizes['reps']} interleaved repetitions; each ratio is taken within a repetition: "
+          "library ÷ floor, or ÷ PPE(1) where the target names it.")
+    print(f"PPE(1): {PPE}; the latency rows await one at a time.")
+    print(f"pool: {sizes['pool_jobs']} jobs that sleep {SLEEP * 1e3:.0f} ms, submitted then awaited, for N = 1, "
+          "2, 4; the speed-up is time(N=1) ÷ time(N).")
     print('the floor of each row:')
     for what in dict.fromkeys(s.floor for s in SHAPES):
         print(f"  {what}: {', '.join(s.title for s in SHAPES if s.floor == what)}")

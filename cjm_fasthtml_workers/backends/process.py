@@ -344,7 +344,8 @@ class ProcessWorker:
     def alive(self) -> bool:
         "Whether the process runs: started, and its death fd has not fired."
         if self.death_fd is None: return False
-        return not _readable(self.death_fd) if self._pidfd else self.process.is_alive()
+        if _readable(self.death_fd): return False  # a sentinel fires as the process exits, before it is reapable
+        return self._pidfd or self.process.is_alive()  # a grandchild holding the sentinel hides a death from it
 
     def close(self) -> None:
         "Release the pipes and fds; idempotent. A worker still running sees end of file on its request pipe."

@@ -8,7 +8,7 @@ __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD
            'worker_main']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
-import logging, os, pickle, signal, threading, traceback
+import logging, os, pickle, select, signal, threading, traceback
 from collections import deque
 from typing import Any, Callable, Dict, Optional
 import multiprocessing
@@ -275,6 +275,12 @@ def _prctl(option:int, # A `PR_SET_*` option
     return getattr(libc, 'prctl', None) is not None and libc.prctl(ctypes.c_int(option), *args) == 0
 
 # %% ../../nbs/core/worker.ipynb #21c8345d
+def _poller(conn) -> Callable[[float], bool]:
+    "`conn.poll`, over one `select.poll` made once (`Connection.poll` builds a selector at every call)."
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    return lambda timeout=0.0: bool(p.poll(timeout * 1000))
+
 class PipeEnd(SimpleQueue):
     "A `SimpleQueue` over one end of a pipe: the reader (`get`) or the writer (`put`)."
     def __init__(self,
@@ -283,7 +289,7 @@ class PipeEnd(SimpleQueue):
         # no SimpleQueue.__init__: it would make a pipe and two process-shared locks
         self._reader, self._writer = reader, writer
         self._rlock, self._wlock = threading.Lock(), threading.Lock()
-        self._poll = reader.poll if reader is not None else (lambda timeout=0.0: False)
+        self._poll = _poller(reader) if reader is not None else (lambda timeout=0.0: False)
 
     def __getstate__(self):
         multiprocessing.context.assert_spawning(self)

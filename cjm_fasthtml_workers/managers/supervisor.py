@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from ..core.config import RestartPolicy
-from ..core.protocol import (
-    WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType, WorkerResult, WorkerStreamChunk,
-    WorkerJobStarted, WorkerProgress, decode_message)
+from cjm_fasthtml_workers.core.protocol import (
+    WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType, WorkerStreamChunk, WorkerProgress,
+    decode_message)
 from ..backends.process import CorruptStream, describe_exit
 from .jobs import TERMINAL_STATUSES, now_iso, resolve
 
@@ -186,18 +186,14 @@ class Supervisor:
             if w.kill_deadline is None: w.kill_deadline = time.monotonic() + 0.2
             return
         if '_unreadable' in raw: return self.unreadable(m, w, raw)
+        if kind == 'result': return self.settle_result(m, w, raw)  # the hook decodes it: no second decode here
+        if kind == 'job_started': return self.job_started(m, w, raw.get('job_id'))
         try: msg = decode_message(raw)
         except Exception:
             return log.warning("%s: dropped a message of unknown type from worker %s: %.200r", self.worker_type, w.pid, raw)
-        if isinstance(msg, WorkerResult): return self.settle_result(m, w, raw)
         self.current = w.slot
         if isinstance(msg, WorkerStreamChunk): return m._guarded(m._handle_stream_chunk, raw)
         job = self.book.jobs.get(getattr(msg, 'job_id', None))
-        if isinstance(msg, WorkerJobStarted):
-            # cancelled while in its pipe, it started before the CANCEL reached it: it must not run on
-            if msg.job_id in w.cancelled: return self.end(w, 'cancel')
-            if job is not None and w.job_id == job.id and job.status == 'pending': self.mark_started(m, w, job)
-            return
         if isinstance(msg, WorkerProgress):
             if job is not None and job.status == 'running':
                 job.progress, job.progress_message = msg.progress, msg.message
@@ -209,6 +205,13 @@ class Supervisor:
             w.last_error = msg.data.get('error')
             log.warning("%s worker %s reported an error: %s", self.worker_type, w.pid, w.last_error)
         else: self.answer(w, msg)
+
+    def job_started(self, m, w:Worker, job_id:str):
+        "JOB_STARTED: the job handed to `w` runs."
+        # cancelled while in its pipe, it started before the CANCEL reached it: it must not run on
+        if job_id in w.cancelled: return self.end(w, 'cancel')
+        job = self.book.jobs.get(job_id)
+        if job is not None and w.job_id == job_id and job.status == 'pending': self.mark_started(m, w, job)
 
     def end(self, w:Worker, reason:str, error:Optional[str]=None):
         "Have worker `w` ended this round, for `reason` (the first reason given wins)."
