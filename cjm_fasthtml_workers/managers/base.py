@@ -21,7 +21,7 @@ from ..core.config import RestartPolicy, WorkerConfig
 from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResult, WorkerStreamChunk
 from ..extensions.protocols import (
     PluginRegistryProtocol, ResourceManagerProtocol, EventBroadcasterProtocol)
-from .jobs import TERMINAL_STATUSES, JobBook, _END, call_soon, now_iso, resolve
+from .jobs import TERMINAL_STATUSES, JobBook, _END, call_soon, now_iso, resolve, result_envelope
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,19 @@ class _EventPump:
     "Delivers events to a broadcaster in order, one at a time, through a bounded buffer (on the event loop)."
     def __init__(self, broadcast:Callable, size:int, timeout:float, name:str):
         self.broadcast, self.size, self.timeout, self.name = broadcast, size, timeout, name
-        self.buffer, self.droppable, self.dropped, self.task = deque(), 0, 0, None
+        self.buffer, self.droppables = deque(), deque()  # entries [event, data, waiting]; the droppable ones
+        self.waiting, self.dropped, self.task = 0, 0, None
 
     def put(self, event:str, data:dict, droppable:bool):
-        "Queue an event (called on the loop); past `size`, the oldest droppable one is let go."
-        self.buffer.append((event, data, droppable))
-        self.droppable += droppable
-        if len(self.buffer) > self.size and self.droppable:
-            i = next(i for i, e in enumerate(self.buffer) if e[2])
-            del self.buffer[i]
-            self.droppable, self.dropped = self.droppable - 1, self.dropped + 1
+        "Queue an event (called on the loop); past `size`, the oldest droppable one still waiting is let go."
+        entry = [event, data, True]
+        self.buffer.append(entry)
+        self.waiting += 1
+        if droppable: self.droppables.append(entry)
+        while self.waiting > self.size and self.droppables:  # O(1) amortized: each entry leaves this deque once
+            old = self.droppables.popleft()
+            if not old[2]: continue  # delivered already
+            old[2], self.waiting, self.dropped = False, self.waiting - 1, self.dropped + 1
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: the event broadcaster lags; %d progress/chunk events dropped", self.name, self.dropped)
         loop = asyncio.get_running_loop()
@@ -94,12 +97,13 @@ class _EventPump:
 
     async def _run(self):
         while self.buffer:
-            event, data, droppable = self.buffer.popleft()
-            self.droppable -= droppable
-            try: await asyncio.wait_for(self.broadcast(event, data), self.timeout)
+            entry = self.buffer.popleft()
+            if not entry[2]: continue  # dropped
+            entry[2], self.waiting = False, self.waiting - 1
+            try: await asyncio.wait_for(self.broadcast(entry[0], entry[1]), self.timeout)
             except asyncio.TimeoutError:
-                log.warning("%s: broadcasting %s took over %s s and was given up", self.name, event, self.timeout)
-            except Exception: log.exception("%s: broadcasting %s failed", self.name, event)
+                log.warning("%s: broadcasting %s took over %s s and was given up", self.name, entry[0], self.timeout)
+            except Exception: log.exception("%s: broadcasting %s failed", self.name, entry[0])
 
 # %% ../../nbs/managers/base.ipynb #20a7be07
 _live_managers = weakref.WeakSet()
@@ -163,6 +167,7 @@ class BaseJobManager(ABC, Generic[JobType]):
                  plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
                  resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager integration
                  event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
+                 job_store=None, # Optional durable job store (`managers.store.SQLiteJobStore`): jobs survive a restart
                 ):
         "Initialize the job manager."
         self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
@@ -170,7 +175,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self.plugin_registry, self.resource_manager = plugin_registry, resource_manager
         self.event_broadcaster = event_broadcaster
         self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, and what follows
-        self._book = JobBook(self._emit)
+        self.job_store = job_store
+        self._book = JobBook(self._emit_now, self._lock, job_store)
         self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
         self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
         self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
@@ -182,11 +188,12 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
         self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
         self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
-        self._closed = False
+        self._closed, self._resume = False, False  # _resume: pending jobs recovered from the store
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
         self._events = _EventPump(self.broadcast_event, self.event_buffer_size, self.event_timeout_seconds, worker_type)
         self._effects = _Effects(f'{worker_type}-effects')
         _live_managers.add(self)
+        if job_store is not None: self._recover(job_store.open(worker_type))
 
     # ----- abstract methods ---------------------------------------------------------------------------------
     @abstractmethod
@@ -325,6 +332,21 @@ class BaseJobManager(ABC, Generic[JobType]):
                 configs[meta_name(meta)] = self.plugin_registry.load_plugin_config(meta_id(meta)) or {}
         return {**configs, **self._config_overrides}
 
+    def _recover(self, jobs:list):
+        "Take the jobs a store kept: finished ones to read, pending ones queued again in submission order."
+        with self._lock:
+            for job in jobs:
+                if job.status in TERMINAL_STATUSES:
+                    self.jobs[job.id], self.results[job.id] = job, result_envelope(job)
+                    continue
+                name = self.get_plugin_name(job.plugin_id) or job.plugin_id
+                try: self._book.add(job, name, _dumps(self._execute_request(job, name)[0], job))
+                except Exception as e:  # its subclass or plugin changed since: it cannot run any more
+                    self.jobs[job.id] = job
+                    self._book.finish(job, 'failed', error=f"could not be queued again after a restart: {e}")
+            self._resume = self._book.head() is not None  # jobs to run again: workers start at the first await
+        log.debug("%s: recovered %d jobs from the store", self.worker_type, len(jobs))
+
     def _config_for(self, plugin_name:str) -> Dict[str, Any]:
         "The configuration a job of `plugin_name` runs with now."
         if plugin_name in self._config_overrides: return self._config_overrides[plugin_name]
@@ -353,6 +375,10 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Events go to the loop the manager was started on (a new one only once that loop has closed)."
         loop = asyncio.get_running_loop()
         if self._loop is None or self._loop.is_closed(): self._loop = loop
+        if self._resume:  # jobs recovered from a store wait for a worker
+            with self._lock:
+                self._resume = False
+                self._ensure_workers()
         return loop
 
     @property
@@ -362,7 +388,11 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     # ----- events ---------------------------------------------------------------------------------------------
     def _emit(self, suffix:str, data:Dict[str, Any]):
-        "Send `{worker_type}:{suffix}` to the broadcaster, from any thread, in order, on the manager's loop."
+        "Send `{worker_type}:{suffix}` to the broadcaster, from any thread, in order (behind the store's writes)."
+        self._book.announce([], lambda: self._emit_now(suffix, data))
+
+    def _emit_now(self, suffix:str, data:Dict[str, Any]):
+        "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
         loop = self._loop
         if self.event_broadcaster is None or loop is None: return
         call_soon(loop, self._events.put, f"{self.worker_type}:{suffix}", data, suffix in _DROPPABLE)
@@ -396,6 +426,25 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
 _RESERVED = frozenset({'type', 'job_id', 'plugin_name', 'request_id'})
 _LARGE = 1 << 20  # requests whose buffers pass this are pickled on a thread
 
+@patch
+def _execute_request(self:BaseJobManager, job, name:str) -> tuple: # (the EXECUTE dict, a rough size of it)
+    "The documented flat EXECUTE request of `job`, for the worker's plugin `name`."
+    params = dict(self.prepare_execute_request(job) or {})
+    if reserved := sorted(_RESERVED & params.keys()):  # the documented EXECUTE is flat: these are its own keys
+        raise ValueError(f"prepare_execute_request returned {reserved}: these names are keys of the EXECUTE "
+                         "request itself and cannot be plugin parameters")
+    # the job streams only if it asks to and this manager (and the registry's plugin) can stream
+    if 'stream' in params: params['stream'] = bool(params['stream']) and self.check_streaming_support(job.plugin_id)
+    request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
+    return request, _rough_size(params)
+
+def _dumps(request:dict, job) -> bytes:
+    "Pickle an EXECUTE request once: these bytes are what the worker gets."
+    try: return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise TypeError(f"arguments of a {job.plugin_id!r} job cannot be sent to the worker: "
+                        f"{type(e).__name__}: {e}") from e
+
 def _rough_size(params:dict) -> int:
     "A quick lower bound of a request's pickled size: the lengths of its top-level strings and buffers."
     n = 0
@@ -413,24 +462,15 @@ async def start_job(self:BaseJobManager,
     self._bind_loop()
     name = await self._check_plugin(plugin_id)
     job = self.create_job(plugin_id=plugin_id, **kwargs)
-    params = dict(self.prepare_execute_request(job) or {})
-    if reserved := sorted(_RESERVED & params.keys()):  # the documented EXECUTE is flat: these are its own keys
-        raise ValueError(f"prepare_execute_request returned {reserved}: these names are keys of the EXECUTE "
-                         "request itself and cannot be plugin parameters")
-    # the job streams only if it asks to and this manager (and the registry's plugin) can stream
-    if 'stream' in params: params['stream'] = bool(params['stream']) and self.check_streaming_support(plugin_id)
-    request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
-    try:  # pickled once: these bytes are what the worker gets; a large request is pickled off the event loop
-        dumps = lambda: pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-        payload = await asyncio.to_thread(dumps) if _rough_size(params) > _LARGE else dumps()
-    except Exception as e:
-        raise TypeError(f"arguments of a {plugin_id!r} job cannot be sent to the worker: {type(e).__name__}: {e}") from e
+    request, size = self._execute_request(job, name)
+    payload = await asyncio.to_thread(_dumps, request, job) if size > _LARGE else _dumps(request, job)
     error = await self._validate_resources(plugin_id, self._config_for(name))
     if error is not None: raise RuntimeError(f"Resource validation failed: {error}")
+    if self.job_store is not None: self.job_store.check(job)  # TypeError if it cannot be stored
     with self._lock:
         self._ensure_workers()
         self._book.add(job, name, payload)
-        self._emit('submitted', {'job_id': job.id, 'plugin_id': plugin_id})
+        self._book.changed(job, 'submitted', {'job_id': job.id, 'plugin_id': plugin_id})
         self._supervisor.dispatch()
     log.debug("%s job %s submitted (plugin %s)", self.worker_type, job.id, plugin_id)
     return job
@@ -446,7 +486,7 @@ async def wait_for_job(self:BaseJobManager,
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None: raise KeyError(job_id)
-        if job.status in TERMINAL_STATUSES: return job
+        if job.status in TERMINAL_STATUSES and job_id not in self._book.unsaved: return job
         fut = loop.create_future()
         self._book.waiters.setdefault(job_id, []).append((loop, fut))
     try: return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
@@ -467,7 +507,7 @@ async def stream_job(self:BaseJobManager,
         job = self.jobs.get(job_id)
         if job is None: raise KeyError(job_id)
         buffered, q = list(self._book.chunks.get(job_id, ())), None
-        if job.status not in TERMINAL_STATUSES:
+        if job.status not in TERMINAL_STATUSES or job_id in self._book.unsaved:
             q = asyncio.Queue()
             self._book.listeners.setdefault(job_id, []).append((loop, q))
     try:
@@ -663,7 +703,8 @@ def shutdown(self:BaseJobManager):
         sup = self._supervisor
         workers = sup.workers() if sup else []
         busy = {id(w) for w in workers if w.job_id is not None}
-        for job in list(self.jobs.values()): self._book.finish(job, 'cancelled')  # ended ones are left as they are
+        # ended ones are left as they are; with a store, the stored ones stay pending or running, for recovery
+        for job in list(self.jobs.values()): self._book.finish(job, 'cancelled', save=self.job_store is None)
         for w in workers:
             for waiter in [c[0] for c in w.commands.values()] + [p[1] for p in w.pending]:
                 if waiter is not None: resolve(*waiter, None)
@@ -681,5 +722,6 @@ def shutdown(self:BaseJobManager):
     if self.resource_manager is not None:
         self._effects.run([lambda pid=w.pid: self.resource_manager.unregister_worker(pid) for w in workers])
     self._effects.close()
+    if self.job_store is not None: self.job_store.close()  # what is queued is written first
     _live_managers.discard(self)
     log.debug("%s job manager shut down", self.worker_type)

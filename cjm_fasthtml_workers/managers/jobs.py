@@ -6,7 +6,7 @@
 __all__ = ['log', 'TERMINAL_STATUSES', 'now_iso', 'call_soon', 'resolve', 'result_envelope', 'JobBook']
 
 # %% ../../nbs/managers/jobs.ipynb #jb000003
-import asyncio, logging
+import asyncio, logging, threading
 from collections import Counter, deque
 from datetime import datetime
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -44,9 +44,12 @@ def result_envelope(job) -> Dict[str, Any]:
 class JobBook:
     "Every job of one manager, the queue of those waiting, and `finish`, the one way a job ends."
     def __init__(self,
-                 emit:Callable[[str, Dict[str, Any]], None] # Called with (event suffix, data) for every change
+                 emit:Callable[[str, Dict[str, Any]], None], # Called with (event suffix, data) for every change
+                 lock=None, # The manager's lock (an announcement after a store's commit takes it)
+                 store=None, # A job store (`managers.store.SQLiteJobStore`), or None to keep jobs in memory
                 ):
-        self.emit = emit
+        self.emit, self.lock, self.store = emit, lock or threading.RLock(), store
+        self.unsaved: set = set()  # ended jobs whose end the store has not committed yet
         self.jobs: Dict[str, Any] = {}  # every job not yet cleared, by id, in submission order
         self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job
         # ids in submission order; an id whose job ended while it waited stays until it reaches the head, so that a
@@ -63,6 +66,15 @@ class JobBook:
         "Keep a new job and queue it."
         self.jobs[job.id], self.requests[job.id] = job, (plugin_name, request)
         self.queue(job.id)
+
+    def announce(self, jobs:list, fn:Callable[[], None]):
+        "Run `fn` once the current state of `jobs` is stored: at once without a store, after its commit with one."
+        if self.store is None: fn()
+        else: self.store.write(jobs, fn)
+
+    def changed(self, job, suffix:str, data:Dict[str, Any]):
+        "`job` changed state (submitted, started): store it, then emit the event."
+        self.announce([job], lambda: self.emit(suffix, data))
 
     def queue(self, job_id:str, front:bool=False):
         "Put a job (back) in the waiting queue; `front` for one that a dead worker never started."
@@ -89,7 +101,11 @@ class JobBook:
 
 # %% ../../nbs/managers/jobs.ipynb #jb000011
 @patch
-def finish(self:JobBook, job, status:str, error:Optional[str]=None) -> bool: # False if it had ended already
+def finish(self:JobBook, job, # The job to end
+           status:str, # 'completed', 'failed' or 'cancelled'
+           error:Optional[str]=None, # Its error, when it failed
+           save:bool=True # Whether the store (if any) keeps this end
+          ) -> bool: # False if it had ended already
     "End `job` in a terminal status: error, times, envelope, waiters, streams, then the event."
     if job.status in TERMINAL_STATUSES: return False
     if job.id in self.queued: self._unqueue(job.id)
@@ -97,13 +113,20 @@ def finish(self:JobBook, job, status:str, error:Optional[str]=None) -> bool: # F
     job.completed_at, job.status = now_iso(), status
     self.results[job.id] = result_envelope(job)
     self.requests.pop(job.id, None)
-    for loop, fut in self.waiters.pop(job.id, ()): resolve(loop, fut, job)
-    for loop, q in self.listeners.pop(job.id, ()): call_soon(loop, q.put_nowait, _END)
     data = {'job_id': job.id}
     if status == 'completed': data['result'] = job.result
     if status == 'failed': data['error'] = job.error
     log.debug("job %s %s%s", job.id, status, f": {error}" if error else '')
-    self.emit(status, data)
+    if self.store is not None and save: self.unsaved.add(job.id)
+    def ended():  # waiters, streams, event: once the store (if any) has the end
+        with self.lock:
+            self.unsaved.discard(job.id)
+            waiters, listeners = self.waiters.pop(job.id, ()), self.listeners.pop(job.id, ())
+        for loop, fut in waiters: resolve(loop, fut, job)
+        for loop, q in listeners: call_soon(loop, q.put_nowait, _END)
+        self.emit(status, data)
+    if save: self.announce([job], ended)
+    else: ended()  # shutdown with a store: the stored job stays pending or running, for recovery
     return True
 
 # %% ../../nbs/managers/jobs.ipynb #jb000014
@@ -112,14 +135,15 @@ def add_chunk(self:JobBook, job, chunk:str):
     "Keep a streamed chunk of a running job and pass it to its streams and the event broadcaster."
     self.chunks.setdefault(job.id, []).append(chunk)
     for loop, q in self.listeners.get(job.id, ()): call_soon(loop, q.put_nowait, chunk)
-    self.emit('chunk', {'job_id': job.id, 'chunk': chunk})
+    self.announce([], lambda: self.emit('chunk', {'job_id': job.id, 'chunk': chunk}))
 
 @patch
 def clear(self:JobBook, keep=()) -> int: # How many jobs were dropped
-    "Drop the finished jobs (except those in `keep`), their chunks and envelopes."
-    done = [i for i, j in self.jobs.items() if j.status in TERMINAL_STATUSES and i not in keep]
+    "Drop the finished jobs (except those in `keep`), their chunks and envelopes; from the store too."
+    done = [i for i, j in self.jobs.items() if j.status in TERMINAL_STATUSES and i not in keep and i not in self.unsaved]
     for i in done:
         del self.jobs[i]
         self.chunks.pop(i, None)
         self.results.pop(i, None)
+    if done and self.store is not None: self.store.delete(done)
     return len(done)

@@ -327,7 +327,7 @@ class Supervisor:
         m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, name, config
         w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
         if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
-        m._emit('started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
+        m._book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
         if m.resource_manager is not None:
             pid, resource = w.pid, m._extract_plugin_resource_identifier(config)
             self.fx.append(lambda: m.resource_manager.update_worker_state(pid, status='running', job_id=job.id,
