@@ -53,6 +53,9 @@ def _describe(e:BaseException # The exception to log or report
     name, text = type(e).__name__, _error_text(e)
     return name if text == name else f"{name}: {text}"
 
+_ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream', 'reload_plugin',
+                    'unload_plugin', 'check_streaming_support')  # what `PluginManagerAdapter` asks of a plugin manager
+
 def _format_traceback(e:BaseException # The exception whose traceback is wanted
                      ) -> str: # The formatted traceback
     "The traceback of `e` as text, never raising."
@@ -88,6 +91,10 @@ class _Worker:
     def init(self, req:WorkerRequest):
         "Create the plugin manager, discover its plugins, keep their configurations; answer READY."
         self.pm, self.plugins = self.factory(), {}
+        missing = [n for n in _ADAPTER_METHODS if not callable(getattr(self.pm, n, None))]
+        if missing:  # fail at the start, naming what is missing, not in the first job that needs it
+            raise TypeError(f"the plugin manager {type(self.pm).__name__} lacks {', '.join(missing)} of "
+                            "PluginManagerAdapter; wrap it with core.adapters.create_simple_adapter(plugin_manager)")
         for meta in self.pm.discover_plugins():
             if (name := meta_name(meta)) is None: log.warning("plugin without a name skipped: %r", meta)
             else: self.plugins[name] = meta

@@ -6,7 +6,7 @@
 __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, pickle, queue, threading, time, uuid, weakref
+import asyncio, atexit, logging, os, pickle, queue, sys, threading, time, uuid, weakref
 from collections import deque
 import multiprocessing.util
 from abc import ABC, abstractmethod
@@ -122,6 +122,19 @@ def _shutdown_all(managers=_live_managers, log=log):
 # priority run first, so ours stops the workers before that join. The plain atexit hook covers the rest.
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
+
+def _check_entry_point(fn:Callable):
+    "A spawned worker imports its entry point by module and name: refuse, saying what to do, one it cannot import."
+    name, module = getattr(fn, '__qualname__', None), getattr(fn, '__module__', None)
+    if name is None: return  # a partial or another callable object: pickling will tell
+    if '<' in name:  # '<lambda>', 'f.<locals>.g'
+        raise RuntimeError(f"the worker entry point {name} is not a module-level function: a spawned worker "
+                           "imports it by name. Define it at the top level of an importable module.")
+    main = sys.modules.get('__main__')
+    if module == '__main__' and not getattr(main, '__file__', None):
+        raise RuntimeError(f"the worker entry point {name} is defined in an interactive session (a notebook, "
+                           "python -c or stdin), which a spawned worker cannot import. Move it to a module "
+                           "(say my_workers.py) and import it from there.")
 
 def _list_gpus(resource_manager) -> list:
     "The GPUs NVML sees (`extensions.resources.GPUDevice`s), through the resource manager when it can tell."
@@ -244,9 +257,10 @@ class BaseJobManager(ABC, Generic[JobType]):
     # ----- worker lifecycle: documented hooks, called by the supervisor thread --------------------------------
     def _start_worker(self) -> Optional[int]: # pid of the new worker (None if the manager closed meanwhile)
         "Start the worker process and result monitor."
-        slot = self._supervisor.current
+        slot, entry_point = self._supervisor.current, self.get_worker_entry_point()
+        _check_entry_point(entry_point)
         env = {'CUDA_VISIBLE_DEVICES': slot.gpu, 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'} if slot.gpu else None
-        transport = ProcessWorker(self.get_worker_entry_point(), f'{self.worker_type}-worker-{slot.id}', env=env)
+        transport = ProcessWorker(entry_point, f'{self.worker_type}-worker-{slot.id}', env=env)
         return self._supervisor.start_worker(self, slot, transport)
 
     def _init_worker(self):

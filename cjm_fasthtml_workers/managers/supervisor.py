@@ -71,6 +71,14 @@ class Slot:
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000009
 _READ_LIMIT = 64  # messages read from one worker per round: a flood cannot starve deaths, deadlines, others
+_NO_WORD = ("before it was ready, without saying why; its traceback is on the app's stderr. Often the worker "
+            "cannot import its entry point (or a module it imports) in a fresh process, or the app's main script "
+            "lacks `if __name__ == '__main__':`")
+
+def _with_where(error:Optional[str], tb:Optional[str]) -> Optional[str]:
+    "A worker's error with the last two frames of its traceback, for logs and job errors."
+    frames = [l.strip() for l in (tb or '').splitlines() if l.strip().startswith('File ')][-2:]
+    return f"{error} (at {'; '.join(frames)})" if error and frames else error
 
 class Supervisor:
     "The thread that watches every worker of one manager."
@@ -202,7 +210,7 @@ class Supervisor:
         if msg.type == WorkerResponseType.READY: return self.worker_ready(m, w, msg)
         if msg.type == WorkerResponseType.STOPPED: w.stopped = True
         elif msg.type == WorkerResponseType.ERROR:
-            w.last_error = msg.data.get('error')
+            w.last_error = _with_where(msg.data.get('error'), msg.data.get('traceback'))
             log.warning("%s worker %s reported an error: %s", self.worker_type, w.pid, w.last_error)
         else: self.answer(w, msg)
 
@@ -403,7 +411,8 @@ class Supervisor:
         w = slot.worker
         exitcode, reason = w.transport.reap(), w.kill_reason
         what = describe_exit(exitcode)
-        if w.last_error and (not w.ready or reason == 'corrupt'): what += f" ({w.last_error})"
+        if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
+        elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
         job = self.book.jobs.get(w.job_id) if w.job_id else None
         running_id = job.id if job is not None and job.status != 'pending' else None  # running, or just cancelled
         unstarted = ([job.id] if job is not None and job.status == 'pending' else []) + list(w.queued)
@@ -433,7 +442,7 @@ class Supervisor:
         cfg, policy = self.config, self.config.restart_policy
         why, delay = None, 0.0
         if reason == 'recycle': pass  # replaced after max_jobs_per_worker: not a fault, always restarted
-        elif reason in ('cancel', 'timeout'):
+        elif reason in ('cancel', 'timeout', 'command'):  # ended by the manager, not a fault
             slot.cancels += 1
             if policy == RestartPolicy.NEVER: why = f"restart policy is {policy.value}"
         else:
@@ -485,9 +494,13 @@ class Supervisor:
             for rid, (waiter, kind, deadline, data) in list(w.commands.items()):
                 if now < deadline: continue
                 del w.commands[rid]
-                log.warning("%s: %s of %s got no answer within its timeout", self.worker_type, kind,
-                            data.get('plugin_name'))
+                why = f"its {kind} of {data.get('plugin_name')} got no answer within its timeout"
+                log.warning("%s: worker %s: %s; it is ended, so that it cannot take effect later",
+                            self.worker_type, w.pid, why)
                 if waiter is not None: resolve(*waiter, None)
+                if w.kill_reason is None:
+                    w.kill_reason, w.last_error, w.kill_sent = 'command', why, True
+                    kills.append(w)
         for w in kills: log.debug("%s: ending worker %s (%s)", self.worker_type, w.pid, w.kill_reason)
         return kills
 
