@@ -8,7 +8,7 @@ __all__ = ['RestartPolicy', 'WorkerConfig']
 # %% ../../nbs/core/config.ipynb #adc9164a
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 # %% ../../nbs/core/config.ipynb #1c21b62e
 class RestartPolicy(Enum):
@@ -41,6 +41,10 @@ class WorkerConfig:
     max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)
     preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before its first job
     prefetch_jobs: Optional[int] = None  # Jobs a busy worker holds besides its own (None: 1 alone, 0 in a pool)
+    backend: str = 'process'  # Where workers run: 'process' (subprocesses of the app) or 'ray' (on a Ray cluster)
+    ray_address: Optional[str] = None  # With backend='ray': the cluster to join (None: `ray.init()`'s default)
+    ray_init_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': more `ray.init` options
+    ray_actor_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': e.g. {'num_gpus': 1}
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)
@@ -48,7 +52,8 @@ class WorkerConfig:
             raise ValueError(f"restart_policy must be a RestartPolicy, got {self.restart_policy!r}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ('restart_policy', 'gpus', 'preload_plugins') or v is None: continue
+            if f.name in ('restart_policy', 'gpus', 'preload_plugins', 'backend', 'ray_address', 'ray_init_options',
+                          'ray_actor_options') or v is None: continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{f.name} must be a number, got {v!r}")
             if v < 0: raise ValueError(f"{f.name} must not be negative, got {v!r}")
@@ -59,4 +64,5 @@ class WorkerConfig:
         if not (self.gpus is None or self.gpus == 'auto' or isinstance(self.gpus, (list, tuple))):
             raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, got {self.gpus!r}")
         self.preload_plugins = list(self.preload_plugins)
+        if self.backend not in ('process', 'ray'): raise ValueError(f"backend must be 'process' or 'ray', got {self.backend!r}")
         if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")

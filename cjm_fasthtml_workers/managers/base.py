@@ -123,6 +123,14 @@ def _shutdown_all(managers=_live_managers, log=log):
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
 
+def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional[dict]):
+    "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
+    if config.backend == 'ray':
+        from cjm_fasthtml_workers.backends.ray import RayWorker
+        return RayWorker(entry_point, name, env=env, address=config.ray_address,
+                         init_options=config.ray_init_options, actor_options=config.ray_actor_options)
+    return ProcessWorker(entry_point, name, env=env)
+
 def _check_entry_point(fn:Callable):
     "A spawned worker imports its entry point by module and name: refuse, saying what to do, one it cannot import."
     name, module = getattr(fn, '__qualname__', None), getattr(fn, '__module__', None)
@@ -260,7 +268,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         slot, entry_point = self._supervisor.current, self.get_worker_entry_point()
         _check_entry_point(entry_point)
         env = {'CUDA_VISIBLE_DEVICES': slot.gpu, 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'} if slot.gpu else None
-        transport = ProcessWorker(entry_point, f'{self.worker_type}-worker-{slot.id}', env=env)
+        transport = _transport(self.worker_config, entry_point, f'{self.worker_type}-worker-{slot.id}', env)
         return self._supervisor.start_worker(self, slot, transport)
 
     def _init_worker(self):
@@ -668,7 +676,8 @@ def _worker_row(self:BaseJobManager, slot) -> Dict[str, Any]:
     return {'worker_id': slot.id, 'pid': w.pid if w else None, 'alive': bool(w and w.transport.alive()),
             'state': state, 'gpu': slot.gpu, 'loaded_plugin': w.loaded if w else None,
             'current_job_id': w.job_id if w else None, 'restart_count': slot.restarts, 'crashes': slot.crashes,
-            'cancels': slot.cancels, 'jobs_done': w.jobs_done if w else 0, 'last_exit': slot.last_exit}
+            'cancels': slot.cancels, 'jobs_done': w.jobs_done if w else 0, 'last_exit': slot.last_exit,
+            **(w.transport.placement() if w and hasattr(w.transport, 'placement') else {})}
 
 @patch
 def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per worker of the pool

@@ -345,6 +345,7 @@ class Supervisor:
         "Event data that says which worker: `worker_id`, and `gpu` when it is pinned."
         data['worker_id'] = w.slot.id
         if w.slot.gpu is not None: data['gpu'] = w.slot.gpu
+        if hasattr(w.transport, 'placement'): data.update(w.transport.placement())  # e.g. a Ray node and its GPUs
         return data
 
     # ----- dispatch -----------------------------------------------------------------------------------------------
