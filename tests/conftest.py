@@ -22,6 +22,16 @@ def wait_no_children(timeout: float = 10.0) -> list:
     while (kids := live_children()) and time.monotonic() < deadline: time.sleep(0.05)
     return kids
 
+def seconds_until_gone(pid: int, timeout: float = 5.0) -> float:
+    "Seconds until process `pid` has ended (or is a zombie), polled every 2 ms; `timeout` if it has not."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE: break
+        except psutil.NoSuchProcess: break
+        time.sleep(0.002)
+    return time.monotonic() - t0
+
 def pid_gone(pid: int, timeout: float = 10.0) -> bool:
     "Whether process `pid` (a child or not) has ended within `timeout` seconds."
     deadline = time.monotonic() + timeout

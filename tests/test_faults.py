@@ -14,7 +14,7 @@ from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.core.worker import WATCHDOG_ENV, base_worker_process, report_progress
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager, _daemon, _fork
 from test_manager import TERMINAL_STATUSES, Recorder, TextJobManager, assert_terminal, finish, until
-from conftest import pid_gone
+from conftest import pid_gone, seconds_until_gone
 
 pytestmark = pytest.mark.timeout(60)
 POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
@@ -94,16 +94,6 @@ def make(n, policy=RestartPolicy.ON_CANCELLATION, cls=FaultManager, events=None,
 def run(coro, timeout=50): return asyncio.run(asyncio.wait_for(coro, timeout))
 def pids(m): return [r['pid'] for r in m.get_workers_info()]
 def of_kind(events, kind): return [d for e, d in events.events if e == f'text:{kind}']
-
-def gone_after(pid, timeout=5.0) -> float:
-    "Seconds until `pid` has ended (or is a zombie), polled every 2 ms; `timeout` if it has not."
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE: break
-        except psutil.NoSuchProcess: break
-        time.sleep(0.002)
-    return time.monotonic() - t0
 
 def alive(pid) -> bool:
     try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -350,7 +340,7 @@ def test_killed_app_takes_its_workers_along_inside_a_gil_holding_call(no_leftove
         assert psutil.Process(got['gil']).cpu_percent(0.2) > 10, "the 'gil' worker is not busy"
         app.kill()
         t0 = time.monotonic()
-        took = {pid: gone_after(pid, 3) for pid in got['workers'] + [got['daemon']]}
+        took = {pid: seconds_until_gone(pid, 3) for pid in got['workers'] + [got['daemon']]}
         total = time.monotonic() - t0
         print(f"\n[7 n={n}] app SIGKILLed: gil worker gone after {took[got['gil']] * 1000:.0f} ms, "
               f"daemon {took[got['daemon']] * 1000:.0f} ms, all {total * 1000:.0f} ms")
@@ -732,7 +722,7 @@ def test_cancelling_a_flood_ends_its_worker_fast_and_others_are_not_starved(no_l
                 assert other_took < 1.0, f"an echo on another worker took {other_took:.2f} s during the flood"
             pid, t0 = flood.worker_pid, time.monotonic()
             assert await m.cancel_job(flood.id)
-            gone_after(pid, 5)
+            seconds_until_gone(pid, 5)
             took = time.monotonic() - t0
             print(f"\n[15 {kind} n={n}] flooding worker gone {took * 1000:.0f} ms after cancel_job")
             assert flood.status == 'cancelled' and flood.error is None

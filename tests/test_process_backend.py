@@ -4,7 +4,7 @@ import functools, gc, json, logging, os, select, signal, subprocess, sys, textwr
 import psutil
 import pytest
 
-from conftest import pid_gone
+from conftest import pid_gone, seconds_until_gone
 from cjm_fasthtml_workers.backends.process import (
     CorruptStream, ProcessWorker, Unreadable, describe_exit, frame_header, kill_token, _readable)
 from cjm_fasthtml_workers.core.protocol import WorkerRequest
@@ -73,15 +73,6 @@ def execute(w:ProcessWorker, job_id:str, plugin:str, **params) -> dict:
     return pump(w, result_of(job_id))[-1]
 
 
-def seconds_until_gone(pid:int, timeout:float=5.0) -> float:
-    "Seconds until process `pid` has ended (or is a zombie), polled every 2 ms; `timeout` if it has not."
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE: break
-        except psutil.NoSuchProcess: break
-        time.sleep(0.002)
-    return time.monotonic() - t0
 
 
 def end(*pids:int):
