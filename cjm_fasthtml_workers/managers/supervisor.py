@@ -272,9 +272,10 @@ class Supervisor:
         waiter, kind, _, data = w.commands.pop(rid)
         ok = msg.data.get('status') == 'success' or msg.data.get('success') is True
         name = data.get('plugin_name')
-        if ok and kind == WorkerRequestType.RELOAD.value and data.get('config') is not None:
+        reload = kind == WorkerRequestType.RELOAD.value
+        if reload and ok and data.get('config') is not None:
             w.loaded, w.loaded_config, w.configs[name] = name, data['config'], data['config']
-        elif ok and kind in (WorkerRequestType.UNLOAD.value, WorkerRequestType.RELOAD.value) and w.loaded == name:
+        elif w.loaded == name and (reload or ok):  # unloaded; a reload to None, or one that failed, unloads too
             w.loaded = w.loaded_config = None
         if waiter is not None: resolve(*waiter, msg)
 
@@ -325,7 +326,7 @@ class Supervisor:
         return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued), None)
 
     def mark_started(self, m, w:Worker, job):
-        "The worker started `job`: it is running from the moment it was handed over."
+        "The worker started `job` (it said so, or, for a worker that never says, it was handed over)."
         name = self.book.requests[job.id][0]
         config = m._config_for(name)
         # a worker that says when it starts a job is believed; for one that does not, it is the handover
@@ -401,11 +402,20 @@ class Supervisor:
         for slot in self.slots:
             w = slot.worker
             if w is None or w.transport.death_fd not in self.ready_fds: continue
+            self.drain(w)
             self.current = slot
             try: m._handle_worker_error()
             except Exception: log.exception("%s: _handle_worker_error raised", self.worker_type)
             # an override that raised or did not call super() must not leave the dead worker in place
             if slot.worker is w: self.settle_death(m, slot)
+
+    def drain(self, w:Worker):
+        "Handle what a dead worker left in its pipes past this round's read (its last result may be there)."
+        for _ in range(1000):  # bounded: a grandchild holding the pipe could write forever
+            try: messages = w.transport.read(_READ_LIMIT)
+            except CorruptStream as e: messages = e.messages
+            if not messages: return
+            for raw in messages: self.handle_message(w, raw)
 
     def settle_death(self, m, slot:Slot):
         "Its job fails (or, never started, goes back to the head of the queue); its slot restarts by policy."
