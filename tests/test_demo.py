@@ -1,16 +1,20 @@
 "demo_app.py driven in headless Chromium, and run as a command that Ctrl+C stops cleanly."
-import os, re, signal, socket, subprocess, sys, time
+import importlib.util, os, re, signal, socket, subprocess, sys, time
+from html import escape
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx, psutil, pytest
 from conftest import pid_gone
 
+from cjm_fasthtml_workers.core.worker import TOKEN_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
                  '--disable-sync', '--no-first-run', '--disable-quic']
 SCRIPT_TEXT = '<script>window.__pwned = 1</script><b>bold</b>'
+HAS_SPEECH = importlib.util.find_spec('pocketsphinx') is not None
 
 def status(name:str) -> re.Pattern:
     "Matches a job card's class list holding `name` (htmx adds classes of its own while it swaps)."
@@ -21,11 +25,11 @@ def free_port() -> int:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
-def start_app(cwd:Path, port:int, timeout:float=30.0) -> subprocess.Popen:
-    "Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`); return once its page answers."
-    log = open(cwd/'app.log', 'w')
-    proc = subprocess.Popen([sys.executable, str(ROOT/'demo_app.py'), str(port)], cwd=cwd,
-                            stdout=log, stderr=subprocess.STDOUT)
+def start_app(cwd:Path, port:int, data:Path, timeout:float=30.0) -> subprocess.Popen:
+    "Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`, its store in `data`); return once it answers."
+    log = open(cwd/'app.log', 'a')
+    proc = subprocess.Popen([sys.executable, str(ROOT/'demo_app.py'), str(port)], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, 'CJM_DEMO_DATA': str(data)})
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -39,8 +43,11 @@ def start_app(cwd:Path, port:int, timeout:float=30.0) -> subprocess.Popen:
     raise AssertionError(f"demo_app.py did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")
 
 def worker_pids(proc:subprocess.Popen) -> list:
-    "pids of the app's multiprocessing children (the worker; the resource tracker ends by itself)."
-    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if 'spawn_main' in ' '.join(p.cmdline())]
+    "pids of the app's job workers (spawned, with the manager's token; the resource tracker ends by itself)."
+    def is_worker(p):
+        try: return 'spawn_main' in ' '.join(p.cmdline()) and TOKEN_ENV in p.environ()
+        except psutil.Error: return False
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if is_worker(p)]
 
 def stop_app(proc:subprocess.Popen, sig:int=signal.SIGINT, timeout:float=15.0):
     "Ctrl+C the app (or send it `sig`); it must exit by itself, with status 0."
@@ -52,24 +59,31 @@ def stop_app(proc:subprocess.Popen, sig:int=signal.SIGINT, timeout:float=15.0):
         raise AssertionError(f"demo_app.py still ran {timeout} s after {signal.Signals(sig).name}")
     assert proc.returncode == 0, f"exit status {proc.returncode}"
 
+def check_log(path:Path, stops:int=1):
+    log = path.read_text()
+    assert log.count('demo stopped') == stops and log.rstrip().endswith('demo stopped'), log
+    assert 'Traceback' not in log and 'leaked' not in log and 'Waiting for connections' not in log, log
+
 # ----- the page in a real browser --------------------------------------------------------------------------------
+def card_ids(page) -> list: return page.locator('#jobs article').evaluate_all('els => els.map(e => e.id)')
+
 def submit(page, plugin_id:str, text:str):
     "Submit a job from the form; return the locator of its new card."
-    before = page.locator('#jobs article').evaluate_all('els => els.map(e => e.id)')
+    before = card_ids(page)
     page.select_option('select[name=plugin_id]', plugin_id)
     page.fill('input[name=text]', text)
     page.get_by_role('button', name='Submit job').click()
-    page.wait_for_function("before => [...document.querySelectorAll('#jobs article')].some(e => !before.includes(e.id))", arg=before)
-    new = [i for i in page.locator('#jobs article').evaluate_all('els => els.map(e => e.id)') if i not in before]
+    page.wait_for_function("before => [...document.querySelectorAll('#jobs article')].some(e => !before.includes(e.id))",
+                           arg=before)
+    new = [i for i in card_ids(page) if i not in before]
     assert len(new) == 1, new
     return page.locator(f'#{new[0]}')
 
-def watch(card, script:str, until_status:str, timeout:float=20.0) -> list:
+def watch(card, script:str, until_status:str, timeout:float=30.0) -> list:
     "Values of `script` run on the card, sampled until the card shows `until_status`."
     from playwright.sync_api import expect
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
-        # one evaluation reads the card and its status together: events replace the card at any moment
         value, done = card.evaluate(f"card => [({script})(card), card.classList.contains('{until_status}')]")
         seen.append(value)
         if done: break
@@ -77,80 +91,131 @@ def watch(card, script:str, until_status:str, timeout:float=20.0) -> list:
     expect(card).to_have_class(status(until_status))
     return seen
 
-def worker_field(page, name:str):
-    return page.locator('#worker tr').filter(has=page.locator('th', has_text=re.compile(f'^{name}$'))).locator('td')
+def worker(page, field:str, n:int):
+    "Worker `n`'s cell of `field` (a key of get_workers_info) in the workers panel."
+    return page.locator(f'#workers tr[data-field={field}] td').nth(n)
+
+def workers(page, field:str) -> list: return page.locator(f'#workers tr[data-field={field}] td').all_inner_texts()
+
+def runs_on(page, card) -> int:
+    "Which worker runs the card's job."
+    job_id = card.get_attribute('id').removeprefix('job-')
+    page.wait_for_function("id => [...document.querySelectorAll('#workers tr[data-field=current_job_id] td')]"
+                           ".some(td => td.textContent === id)", arg=job_id)
+    return workers(page, 'current_job_id').index(job_id)
+
+def open_page(context, url):
+    page = context.new_page()
+    page.add_init_script("""window.__messages = [];
+        document.addEventListener('htmx:sseOpen', () => { window.__sseOpen = true });
+        document.addEventListener('htmx:sseMessage', e => window.__messages.push(e.detail.data.length));""")
+    page.goto(url)
+    caught_up(page)
+    return page
+
+def caught_up(page):
+    "Wait until the page's event stream is open and its first message, the page as it is now, is in."
+    page.wait_for_function('window.__sseOpen === true && window.__messages.length > 0')
 
 @pytest.mark.browser
+@pytest.mark.timeout(400)
 def test_demo_in_browser(tmp_path, no_leftover_processes):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium package to run the browser test")
     from playwright.sync_api import sync_playwright, expect
     expect.set_options(timeout=20_000)
-    port = free_port()
+    port, data, cwd = free_port(), tmp_path/'data', tmp_path/'cwd'
+    cwd.mkdir()
     url = f'http://127.0.0.1:{port}/'
-    app = start_app(tmp_path, port)
+    app = start_app(cwd, port, data)
     requests = []
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={'width': 1280, 'height': 1000})
             context.on('request', lambda r: requests.append(r.url))
-            page = context.new_page()
-            page.add_init_script("document.addEventListener('htmx:sseOpen', () => { window.__sseOpen = true })")
-            page.goto(url)
-            page.wait_for_function('window.__sseOpen === true')
-            expect(worker_field(page, 'state')).to_have_text('idle')
-            first_pid = worker_field(page, 'pid').inner_text()
+            page = open_page(context, url)
+            expect(page.locator('#workers tr[data-field=state] td')).to_have_text(['idle', 'idle'])
+            first_pids = workers(page, 'pid')
+            page.evaluate("document.getElementById('jobs').__mark = 'the list'")  # gone if the list is drawn again
 
             # a quick job completes, and its result arrives without a reload
             card = submit(page, 'demo-quick', 'hello browser')
             expect(card).to_have_class(status('completed'))
             expect(card.locator('pre.result')).to_have_text('HELLO BROWSER')
-            expect(worker_field(page, 'loaded plugin')).to_have_text('quick')
+            assert 'quick' in workers(page, 'loaded_plugin')
 
-            # the progress bar moves, then reaches 100 %
+            # while a job runs, the panels follow it: its worker is busy with it, the resources are read again
             card = submit(page, 'demo-slow', 'count these words')
+            n = runs_on(page, card)
+            expect(worker(page, 'state', n)).to_have_text('busy')
+            read_at = page.locator('#read-at').inner_text()
+            expect(page.locator('#read-at')).not_to_have_text(read_at)  # every 2 s while a page is open
+            expect(page.locator('#resources')).to_contain_text('worker: running')
+            # the progress bar moves to 100 %
             values = watch(card, "c => c.querySelector('progress')?.getAttribute('value')", 'completed')
-            expect(card.locator('progress')).to_have_attribute('value', '100')
-            expect(card.locator('.pct')).to_have_text('100 %')
             partial = {int(v) for v in values if v is not None and 0 < int(v) < 100}
             assert len(partial) >= 2, f"progress seen: {values}"
+            expect(card.locator('.pct')).to_have_text('100 %')
+            expect(worker(page, 'state', n)).to_have_text('idle')
+            expect(worker(page, 'jobs_done', n)).not_to_have_text('0')
 
-            # streamed text grows word by word
+            # Cancel works on the first click while progress comes in: its button is not replaced under the mouse
+            card = submit(page, 'demo-slow', 'to cancel while it counts')
+            expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))  # 10 % .. 90 %
+            n = runs_on(page, card)
+            cancels, pid = int(worker(page, 'cancels', n).inner_text()), worker(page, 'pid', n).inner_text()
+            button = card.get_by_role('button', name='Cancel').element_handle()
+            page.wait_for_function("c => c.querySelector('progress').value >= 30", arg=card.element_handle())
+            assert button.evaluate('b => b.isConnected'), "a progress event replaced the Cancel button"
+            button.click()
+            expect(card).to_have_class(status('cancelled'))
+            expect(worker(page, 'cancels', n)).to_have_text(str(cancels + 1))
+            expect(worker(page, 'pid', n)).not_to_have_text(pid)  # the cancelled job's worker was replaced
+            expect(worker(page, 'state', n)).to_have_text('idle')
+
+            # streamed text grows word by word, appended to the same element
             words = 'one two three four five six seven eight nine ten eleven twelve'
             card = submit(page, 'demo-stream', words)
-            texts = watch(card, "c => c.querySelector('pre.output')?.textContent ?? ''", 'completed')
-            grown = [t for i, t in enumerate(texts) if t and (i == 0 or t != texts[i - 1])]
+            expect(card.locator('pre.output')).not_to_be_empty()
+            card.locator('pre.output').evaluate("p => p.__mark = 'the output'")
+            texts = watch(card, "c => [c.querySelector('pre.output')?.textContent ?? '', c.querySelector('pre.output')?.__mark]",
+                          'completed')
+            grown = [t for i, (t, mark) in enumerate(texts) if t and (i == 0 or t != texts[i - 1][0])]
             assert len(grown) >= 3 and all(words.startswith(t.strip()) for t in grown), f"stream seen: {grown}"
+            assert all(mark == 'the output' for t, mark in texts if t), "a chunk drew the output again"
             expect(card.locator('pre.result')).to_have_text(words)
 
-            # cancel a pending job (the worker stays), then the running one (the worker is replaced)
-            running = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
+            # a waiting job is cancelled without touching a worker; a running one ends its worker
+            long_stream = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
+            slow = submit(page, 'demo-slow', 'keeps the other worker busy')
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
-            expect(running.locator('pre.output')).to_contain_text('long long')
+            expect(long_stream.locator('pre.output')).to_contain_text('long long')
             expect(pending).to_have_class(status('pending'))
-            pid = worker_field(page, 'pid').inner_text()
+            expect(page.locator('#waiting')).to_have_text('1 jobs waiting')
+            pids = workers(page, 'pid')
             pending.get_by_role('button', name='Cancel').click()
             expect(pending).to_have_class(status('cancelled'))
-            assert 'running' in running.get_attribute('class').split() and worker_field(page, 'pid').inner_text() == pid
-            running.get_by_role('button', name='Cancel').click()
-            expect(running).to_have_class(status('cancelled'))
-            assert 0 < running.locator('pre.output').inner_text().count('long') < 100
-            expect(worker_field(page, 'pid')).not_to_have_text(pid)
-            expect(worker_field(page, 'state')).to_have_text('idle')
-            assert pid == first_pid
+            assert workers(page, 'pid') == pids and 'running' in long_stream.get_attribute('class').split()
+            n = runs_on(page, long_stream)
+            long_stream.get_by_role('button', name='Cancel').click()
+            expect(long_stream).to_have_class(status('cancelled'))
+            assert 0 < long_stream.locator('pre.output').inner_text().count('long') < 100
+            expect(worker(page, 'pid', n)).not_to_have_text(pids[n])
+            expect(slow).to_have_class(status('completed'))
 
-            # the crash plugin fails its job with the exit code, and a new worker comes back
-            pid, restarts = worker_field(page, 'pid').inner_text(), int(worker_field(page, 'restarts').inner_text())
+            # the crash plugin fails its job with the exit code; its worker comes back, its crash counted
             card = submit(page, 'demo-crash', 'crash')
             expect(card).to_have_class(status('failed'))
             expect(card.locator('.error')).to_contain_text('exited with code 13')
-            expect(worker_field(page, 'pid')).not_to_have_text(pid)
-            expect(worker_field(page, 'restarts')).to_have_text(str(restarts + 1))
-            expect(worker_field(page, 'state')).to_have_text('idle')
-            expect(page.locator('#resources')).to_contain_text(worker_field(page, 'pid').inner_text())
+            crashed = [i for i, t in enumerate(workers(page, 'last_exit')) if 'code 13' in t]
+            assert len(crashed) == 1, workers(page, 'last_exit')
+            n = crashed[0]
+            expect(worker(page, 'crashes', n)).to_have_text('1')
+            expect(worker(page, 'state', n)).to_have_text('idle')
+            expect(page.locator('#resources')).to_contain_text(worker(page, 'pid', n).inner_text())
 
-            # user text is shown as text: no script runs, no tag is made
+            # user text is shown as text: no script runs, no tag is made; a failed job's traceback opens
             card = submit(page, 'demo-quick', SCRIPT_TEXT)
             expect(card).to_have_class(status('completed'))
             expect(card.locator('p.input')).to_have_text(SCRIPT_TEXT)
@@ -158,8 +223,23 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             card = submit(page, 'demo-fail', SCRIPT_TEXT)
             expect(card).to_have_class(status('failed'))
             expect(card.locator('.error')).to_contain_text(SCRIPT_TEXT)
+            expect(card.locator('pre.traceback')).to_be_hidden()
+            card.locator('summary', has_text='Traceback').click()
+            expect(card.locator('pre.traceback')).to_be_visible()
+            expect(card.locator('pre.traceback')).to_contain_text('RuntimeError: this plugin always fails')
             assert page.locator('#jobs script, #jobs b').count() == 0
             assert page.evaluate('window.__pwned') is None
+
+            # a form's error (a 400) is shown, and the next good answer clears it
+            page.select_option('select[name=plugin_id]', 'demo-quick')
+            page.locator('select[name=plugin_id] option[value=demo-quick]').evaluate("o => o.value = 'nope'")
+            page.get_by_role('button', name='Submit job').click()
+            expect(page.locator('#notice')).to_have_text("There is no plugin 'nope'.")
+            page.reload()
+            caught_up(page)
+            page.evaluate("document.getElementById('jobs').__mark = 'the list'")
+            card = submit(page, 'demo-quick', 'ok')
+            expect(page.locator('#notice')).to_be_empty()
 
             # reload a plugin with its next configuration, then unload it
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Reload').click()
@@ -169,7 +249,38 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(card.locator('pre.result')).to_have_text('cba')
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Unload').click()
             expect(page.locator('#plugins .note')).to_have_text('Unloaded quick.')
-            expect(worker_field(page, 'loaded plugin')).to_have_text('none')
+            expect(page.locator('#workers tr[data-field=loaded_plugin] td', has_text='quick')).to_have_count(0)
+
+            # speech recognition on CPU, streamed phrase by phrase (or the page says what to install)
+            speech = page.locator('#plugins tr', has_text='Speech recognition')
+            if HAS_SPEECH:
+                card = submit(page, 'demo-speech', '')
+                seen = watch(card, "c => [c.querySelector('pre.output')?.textContent, c.querySelector('progress')?.value]",
+                             'completed')
+                # the first phrase while the rest is being listened to, progress along the way (5.2 s, in real time)
+                assert 'speech recognition runs in a worker process' in {text for text, _ in seen}, seen
+                assert len({p for _, p in seen if p and p < 100}) >= 5, seen
+                expect(card.locator('pre.result')).to_have_text('speech recognition runs in a worker process one job at a time')
+            else:
+                expect(speech.locator('.missing')).to_contain_text("pip install 'cjm-fasthtml-workers[speech]'")
+                expect(page.locator('select[name=plugin_id] option[value=demo-speech]')).to_be_disabled()
+
+            # many jobs: each comes as one card, the list is never drawn again, every message stays small
+            before = page.locator('#jobs article.completed').count()
+            for i in range(200): httpx.post(url + 'jobs', data={'plugin_id': 'demo-quick', 'text': f'job {i}'}, timeout=10)
+            expect(page.locator('#jobs article.completed')).to_have_count(before + 200, timeout=60_000)
+            assert page.evaluate("document.getElementById('jobs').__mark") == 'the list'
+            sizes = page.evaluate('window.__messages')[1:]  # after the first, which catches the page up
+            assert max(sizes) < 6000, sorted(sizes)[-5:]
+            card = submit(page, 'demo-slow', 'still quick to answer')
+            expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))
+            card.get_by_role('button', name='Cancel').click()
+            expect(card).to_have_class(status('cancelled'))
+
+            # long results scroll inside their box
+            card = submit(page, 'demo-quick', 'word ' * 399)
+            box = card.locator('pre.result').evaluate('p => [p.scrollHeight, p.clientHeight]')
+            assert box[0] > box[1] > 0, box
 
             # resources: GPUs (or why there is none), system memory, the app's processes
             resources = page.locator('#resources')
@@ -177,11 +288,20 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(resources).to_contain_text('system memory')
             expect(resources).to_contain_text('app server')
             expect(resources).to_contain_text('worker: idle')
-
             page.screenshot(path=tmp_path/'demo.png', full_page=True)
+
+            # Ctrl+C with the page connected: the page says it lost the server
+            stop_app(app)
+            expect(page.locator('#offline')).to_be_visible()
+            # started again on the same store, the page reconnects by itself and the jobs are still there
+            app = start_app(cwd, port, data)
+            expect(page.locator('#offline')).to_be_hidden(timeout=30_000)
+            kept = page.locator('#jobs article', has_text='one two three four')
+            expect(kept.locator('pre.result')).to_have_text(words)
+            expect(page.locator('#jobs article', has_text='hello browser').locator('pre.result')).to_have_text('HELLO BROWSER')
+            assert set(workers(page, 'pid')).isdisjoint(first_pids)
             page.get_by_role('button', name='Clear finished').click()
             expect(page.locator('#jobs')).to_have_text('No jobs yet: pick a plugin and submit one.')
-            # Ctrl+C with the page still connected to the event stream
             stop_app(app)
             browser.close()
     finally:
@@ -191,24 +311,23 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
     outside = [u for u in requests if urlsplit(u).scheme != 'data' and urlsplit(u).hostname != '127.0.0.1']
     assert not outside, f"requests that left 127.0.0.1: {outside}"
     paths = {urlsplit(u).path for u in requests}
-    assert {'/events', '/static/htmx.min.js', '/static/htmx-ext-sse.min.js', '/static/demo.css'} <= paths, paths
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['app.log', 'demo.png']  # no .sesskey or other litter
-    log = (tmp_path/'app.log').read_text()
-    assert log.rstrip().endswith('demo stopped') and 'Traceback' not in log and 'leaked' not in log, log
+    assert {'/events', '/cjm-workers/htmx.min.js', '/cjm-workers/htmx-ext-sse.min.js', '/cjm-workers/demo.css'} <= paths
+    assert os.listdir(cwd) == ['app.log']  # no .sesskey or other litter; the store is in CJM_DEMO_DATA
+    check_log(cwd/'app.log', stops=2)
 
 # ----- the command ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 def test_demo_app_command(tmp_path, sig, no_leftover_processes):
     port = free_port()
-    app = start_app(tmp_path, port)
+    app = start_app(tmp_path, port, tmp_path/'data')
     try:
         assert f'http://127.0.0.1:{port}' in (tmp_path/'app.log').read_text()
         page = httpx.get(f'http://127.0.0.1:{port}/', timeout=5)
         assert 'cjm-fasthtml-workers demo' in page.text
         assert not re.search(r'''(src|href)=["']?(https?:)?//''', page.text)  # every script and link is local
-        assert httpx.get(f'http://127.0.0.1:{port}/static/htmx-ext-sse.min.js', timeout=5).status_code == 200
-        workers = worker_pids(app)
-        assert len(workers) == 1
+        assert httpx.get(f'http://127.0.0.1:{port}/cjm-workers/htmx-ext-sse.min.js', timeout=5).status_code == 200
+        pids = worker_pids(app)
+        assert len(pids) == 2  # the pool
         with httpx.stream('GET', f'http://127.0.0.1:{port}/events', timeout=10) as events:  # an open event stream
             first = next(events.iter_lines())
             assert first.startswith('data: ')
@@ -217,26 +336,46 @@ def test_demo_app_command(tmp_path, sig, no_leftover_processes):
         if app.poll() is None:
             app.kill()
             app.wait()
-    assert pid_gone(workers[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['app.log']  # no .sesskey or other litter
-    log = (tmp_path/'app.log').read_text()
-    assert log.rstrip().endswith('demo stopped') and 'Traceback' not in log and 'leaked' not in log, log
+    assert all(pid_gone(pid) for pid in pids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['app.log', 'data']  # no .sesskey or other litter
+    assert (tmp_path/'data'/'jobs.sqlite').exists()
+    check_log(tmp_path/'app.log')
+
+def test_form_errors(tmp_path, no_leftover_processes):
+    "What the form refuses comes back as a 400 with the reason, in the notice."
+    port = free_port()
+    app = start_app(tmp_path, port, tmp_path/'data')
+    base = f'http://127.0.0.1:{port}'
+    try:
+        for data, reason in [({'plugin_id': 'nope'}, "There is no plugin 'nope'."),
+                             ({'plugin_id': 'demo-quick', 'text': 'x' * 2001}, 'The text has 2001 characters; 2000 at most.')]:
+            r = httpx.post(f'{base}/jobs', data=data, timeout=5)
+            assert r.status_code == 400 and re.search(r'<div [^>]*id="notice"[^>]*>' + re.escape(escape(reason, quote=False)), r.text), r.text
+        r = httpx.post(f'{base}/jobs/nope/cancel', timeout=5)
+        assert r.status_code == 400 and 'nothing to cancel' in r.text
+        if not HAS_SPEECH:
+            r = httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-speech'}, timeout=5)
+            assert r.status_code == 400 and 'cjm-fasthtml-workers[speech]' in r.text
+        assert httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-quick', 'text': 'ok'}, timeout=5).status_code == 200
+        stop_app(app)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
 
 # ----- the GPU rows, with a fake NVML (this machine may have no GPU) ---------------------------------------------
 def test_resources_panel_shows_gpus():
-    import importlib.util
     from fasthtml.common import to_xml
     from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager
     spec = importlib.util.spec_from_file_location('demo_app_under_test', ROOT/'demo_app.py')
     demo_app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo_app)  # builds the app and its manager; starts nothing
-    try:
-        gpu = FakeNVML.gpu(80 << 30, {4321: 3 << 30}, name='Fake H100', utilization=7)  # pid 4321 is not the app's
-        demo_app.resources = ResourceManager(nvml=FakeNVML([gpu]))
-        html = to_xml(demo_app.ResourcesPanel())
-        for text in ['GPU 0', 'Fake H100', '3.0 GiB of 80.0 GiB', '7 %', 'free: processes outside the app use 3.8%', 'app server']:
-            assert text in html, text
-        assert 'No GPU' not in html
-        demo_app.resources = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))
-        assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in to_xml(demo_app.ResourcesPanel())
-    finally: demo_app.manager.shutdown()
+    spec.loader.exec_module(demo_app)  # builds the app; its manager is made by the lifespan only
+    assert demo_app.manager is None
+    gpu = FakeNVML.gpu(80 << 30, {4321: 3 << 30}, name='Fake H100', utilization=7)  # pid 4321 is not the app's
+    demo_app.resources = ResourceManager(nvml=FakeNVML([gpu]))
+    html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources()))
+    for text in ['GPU 0', 'Fake H100', '3.0 GiB of 80.0 GiB', '7 %', 'free: processes outside the app use 3.8%', 'app server']:
+        assert text in html, text
+    assert 'No GPU' not in html
+    demo_app.resources = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))
+    assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in to_xml(demo_app.ResourcesPanel(demo_app.read_resources()))

@@ -40,7 +40,7 @@ class WorkerConfig:
     workers_per_gpu: int = 1  # Workers pinned to each GPU
     max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)
     preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before its first job
-    prefetch_jobs: Optional[int] = None  # Jobs a busy worker holds besides its own (None: 1 alone, 0 in a pool)
+    prefetch_jobs: Optional[int] = None  # Jobs a busy worker holds besides its own (None: 1 alone, 0 in a pool or with a job store)
     backend: str = 'process'  # Where workers run: 'process' (subprocesses of the app) or 'ray' (on a Ray cluster)
     ray_address: Optional[str] = None  # With backend='ray': the cluster to join (None: `ray.init()`'s default)
     ray_init_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': more `ray.init` options

@@ -209,12 +209,13 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
         self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
         self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
-        self._closed, self._resume = False, False  # _resume: pending jobs recovered from the store
+        self._closed = False
+        self._store_lock = threading.Lock()  # one opening of the job store
+        self._store_open = job_store is None  # the store is opened (and its jobs recovered) at the first await
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
         self._events = _EventPump(self.broadcast_event, self.event_buffer_size, self.event_timeout_seconds, worker_type)
         self._effects = _Effects(f'{worker_type}-effects')
         _live_managers.add(self)
-        if job_store is not None: self._recover(job_store.open(worker_type))
 
     # ----- abstract methods ---------------------------------------------------------------------------------
     @abstractmethod
@@ -354,6 +355,18 @@ class BaseJobManager(ABC, Generic[JobType]):
                 configs[meta_name(meta)] = self.plugin_registry.load_plugin_config(meta_id(meta)) or {}
         return {**configs, **self._config_overrides}
 
+    async def _open_store(self):
+        "Open the job store off the loop and take its jobs, once (a spawned worker re-importing the app never does)."
+        if not self._store_open: await asyncio.to_thread(self._open_store_now)
+
+    def _open_store_now(self):
+        "Open the job store here and now, once: a job accessor called before the manager's first await."
+        if self._store_open: return
+        with self._store_lock:
+            if self._store_open: return
+            self._recover(self.job_store.open(self.worker_type))
+            self._store_open = True
+
     def _recover(self, jobs:list):
         "Take the jobs a store kept: finished ones to read, pending ones queued again in submission order."
         with self._lock:
@@ -366,7 +379,7 @@ class BaseJobManager(ABC, Generic[JobType]):
                 except Exception as e:  # its subclass or plugin changed since: it cannot run any more
                     self.jobs[job.id] = job
                     self._book.finish(job, 'failed', error=f"could not be queued again after a restart: {e}")
-            self._resume = self._book.head() is not None  # jobs to run again: workers start at the first await
+            if self._book.head() is not None: self._ensure_workers()  # jobs to run again
         log.debug("%s: recovered %d jobs from the store", self.worker_type, len(jobs))
 
     def _config_for(self, plugin_name:str) -> Dict[str, Any]:
@@ -397,10 +410,6 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Events go to the loop the manager was started on (a new one only once that loop has closed)."
         loop = asyncio.get_running_loop()
         if self._loop is None or self._loop.is_closed(): self._loop = loop
-        if self._resume:  # jobs recovered from a store wait for a worker
-            with self._lock:
-                self._resume = False
-                self._ensure_workers()
         return loop
 
     @property
@@ -424,6 +433,7 @@ class BaseJobManager(ABC, Generic[JobType]):
 async def start(self:BaseJobManager) -> None:
     "Start the workers now and wait until every one is ready, so the first job does not pay for a spawn."
     loop = self._bind_loop()
+    await self._open_store()
     with self._lock:
         self._ensure_workers()
         sup = self._supervisor
@@ -482,6 +492,7 @@ async def start_job(self:BaseJobManager,
                    ) -> JobType: # Created and started job
     "Start a new job."
     self._bind_loop()
+    await self._open_store()
     name = await self._check_plugin(plugin_id)
     job = self.create_job(plugin_id=plugin_id, **kwargs)
     request, size = self._execute_request(job, name)
@@ -505,6 +516,7 @@ async def wait_for_job(self:BaseJobManager,
                       ) -> JobType: # The job, in its terminal state
     "Wait until a job has ended and return it; `TimeoutError` on timeout, `KeyError` for an unknown id."
     loop = self._bind_loop()
+    await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None: raise KeyError(job_id)
@@ -525,6 +537,7 @@ async def stream_job(self:BaseJobManager,
                     ) -> AsyncIterator[str]: # Its text chunks, in order
     "Yield a job's streamed chunks (those already buffered first) until the job ends."
     loop = self._bind_loop()
+    await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None: raise KeyError(job_id)
@@ -547,6 +560,7 @@ async def cancel_job(self:BaseJobManager,
                     ) -> bool: # True if cancellation successful
     "Cancel a job: a waiting one is dropped; a running one ends its worker (its whole process tree)."
     self._bind_loop()
+    await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None or job.status in TERMINAL_STATUSES: return False
@@ -636,11 +650,13 @@ def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
            ) -> Optional[JobType]: # Job object or None
     "Get a job by ID."
+    if not self._store_open: self._open_store_now()
     return self.jobs.get(job_id)
 
 @patch
 def get_all_jobs(self:BaseJobManager) -> List[JobType]: # List of all jobs
     "Get all jobs."
+    if not self._store_open: self._open_store_now()
     with self._lock: return list(self.jobs.values())
 
 @patch
@@ -648,6 +664,7 @@ def get_job_result(self:BaseJobManager,
                    job_id:str # Unique job identifier
                   ) -> Optional[Dict[str, Any]]: # Job result or None
     "Get job result."
+    if not self._store_open: self._open_store_now()
     return self.results.get(job_id)
 
 @patch

@@ -425,7 +425,8 @@ _open_stores = weakref.WeakSet()  # stores open in this process, closed at exit
 # %% ../../nbs/managers/store.ipynb #st000054
 @patch
 def write(self:SQLiteJobStore, jobs:List[Any], # job records whose current state to store
-          then:Callable[[], None] # called on the writer thread once that state is committed
+          then:Callable[[], None], # called on the writer thread once that state is committed
+          handed:bool=False # the jobs are being handed to a worker: count an attempt (recovery treats it as started)
          ) -> None:
     "Queue the current state of `jobs` for one transaction; `then()` runs after the commit."
     if self._writer is None: raise JobStoreError(f"the job store {self.path} is not open")
@@ -435,8 +436,8 @@ def write(self:SQLiteJobStore, jobs:List[Any], # job records whose current state
         rows = []
         for job_id, status, created_at, completed_at, blob in states:
             was, attempts = self._known.get(job_id, (None, 0))
-            if status == 'running' and was != 'running': attempts += 1
-            self._known[job_id] = (status, attempts)
+            if handed or status == 'running' and was not in ('running', 'handed'): attempts += 1
+            self._known[job_id] = ('handed' if handed else status, attempts)
             rows.append((self.namespace, job_id, status, created_at, completed_at, attempts, blob))
         finished = any(state[1] in TERMINAL_STATUSES for state in states)
         if not self._writer.put(Queued(rows, (), finished, then)):

@@ -91,8 +91,10 @@ class Supervisor:
         self.worker_type = manager.worker_type
         self.slots = [Slot(i, gpu) for i, gpu in enumerate(gpus)]
         self.current: Optional[Slot] = None  # the slot a documented hook called now is about
-        n, p = len(gpus), self.config.prefetch_jobs
-        self.prefetch = (1 if n == 1 else 0) if p is None else p  # jobs a busy worker may hold besides its own
+        # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a held
+        # job cannot go to the next free worker) or with a store (a held job counts as started if the app dies)
+        p = self.config.prefetch_jobs
+        self.prefetch = (1 if len(gpus) == 1 and manager.job_store is None else 0) if p is None else p
         self.ready_fds: set = set()  # what the last wait returned
         self.ready_waiters: list = []  # (loop, future) of start()
         self.fx: list = []  # calls into user code queued under the lock
@@ -382,13 +384,22 @@ class Supervisor:
         if (w.configs.get(name) or {}) != config:  # what the worker would load it with
             self.send_command(w, WorkerRequest(WorkerRequestType.RELOAD, {'plugin_name': name, 'config': config},
                                                uuid.uuid4().hex), None)
-        w.transport.send_pickled(payload)
-        if w.transport.wants_write(): self.wake()
-        if w.job_id is not None: return w.queued.append(job_id)
-        w.job_id, w.dispatched_at = job_id, now_iso()
-        if not w.announces_starts:  # it will not say when it starts: the job runs from the handover
+        if w.job_id is not None: w.queued.append(job_id)
+        else: w.job_id, w.dispatched_at = job_id, now_iso()
+        store = self.book.store
+        if store is None: self.send_job(w, job_id, payload)
+        # with a store, the handover is committed first: a job the app dies on is known to have started
+        else: store.write([self.book.jobs[job_id]], lambda: self.send_job(w, job_id, payload), handed=True)
+        if w.job_id == job_id and not w.announces_starts:  # it will not say when it starts: it runs from now
             self.mark_started(m, w, self.book.jobs[job_id])
             self.wake()  # the resource manager's update is run by the next round
+
+    def send_job(self, w:Worker, job_id:str, payload:bytes):
+        "Send a job's EXECUTE to `w`, unless (after a store's commit) it was taken back or `w` is gone meanwhile."
+        with self.lock:
+            if w.slot.worker is not w or not (w.job_id == job_id or job_id in w.queued): return
+            w.transport.send_pickled(payload)
+            if w.transport.wants_write(): self.wake()
 
     def flush(self):
         "Write what waits in the outboxes whose pipes can take more."
