@@ -22,7 +22,7 @@ class RestartPolicy(Enum):
 @dataclass
 class WorkerConfig:
     "Configuration for worker process behavior."
-    request_queue_size: int = 0  # 0 = unlimited
+    request_queue_size: int = 0  # Kept for compatibility: requests go over a pipe that never blocks the app
     result_queue_size: int = 100  # Kept for compatibility: results travel over a pipe, whose buffer gives back-pressure
     response_queue_size: int = 10  # Kept for compatibility: command responses travel over a pipe too
     restart_policy: RestartPolicy = RestartPolicy.ON_CANCELLATION  # What to do when the worker dies
