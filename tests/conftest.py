@@ -1,5 +1,6 @@
 "Shared fixtures: every process test ends by asserting that no child process is left."
-import time
+import subprocess, time
+from pathlib import Path
 import psutil, pytest
 
 def _is_resource_tracker(p: psutil.Process) -> bool:
@@ -51,3 +52,26 @@ def no_leftover_processes():
         try: p.kill()
         except psutil.NoSuchProcess: pass
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+def kill_tree(proc: subprocess.Popen):
+    "After a failure: kill an app and what it started (under --reload, the server is a child that would outlive it)."
+    if proc.poll() is not None: return
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        try: p.kill()
+        except psutil.Error: pass
+    proc.wait()
+
+def start_web_app(cmd: list, cwd: Path, port: int, env: dict, timeout: float = 30.0) -> subprocess.Popen:
+    "Run a web app (its output in `cwd/app.log`) and return once its page answers on 127.0.0.1:`port`."
+    import httpx
+    with open(cwd/'app.log', 'a') as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{cmd[1:2]} exited with {proc.returncode}:\n{(cwd/'app.log').read_text()}"
+        try:
+            if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200: return proc
+        except httpx.HTTPError: pass
+        time.sleep(0.1)
+    kill_tree(proc)
+    raise AssertionError(f"the app did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")

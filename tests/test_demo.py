@@ -5,7 +5,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx, psutil, pytest
-from conftest import pid_gone
+from conftest import pid_gone, start_web_app
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 
@@ -27,20 +27,8 @@ def free_port() -> int:
 
 def start_app(cwd:Path, port:int, data:Path, timeout:float=30.0) -> subprocess.Popen:
     "Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`, its store in `data`); return once it answers."
-    log = open(cwd/'app.log', 'a')
-    proc = subprocess.Popen([sys.executable, str(ROOT/'demo_app.py'), str(port)], cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, 'CJM_DEMO_DATA': str(data)})
-    log.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"demo_app.py exited with {proc.returncode}:\n{(cwd/'app.log').read_text()}"
-        try:
-            if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200: return proc
-        except httpx.HTTPError: pass
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"demo_app.py did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")
+    return start_web_app([sys.executable, str(ROOT/'demo_app.py'), str(port)], cwd, port,
+                         {**os.environ, 'CJM_DEMO_DATA': str(data)}, timeout)
 
 def worker_pids(proc:subprocess.Popen) -> list:
     "pids of the app's job workers (spawned, with the manager's token; the resource tracker ends by itself)."

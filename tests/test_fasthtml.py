@@ -4,7 +4,7 @@ import asyncio, os, re, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 import httpx, psutil, pytest
-from conftest import pid_gone
+from conftest import kill_tree, pid_gone, start_web_app
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 from cjm_fasthtml_workers.extensions.fasthtml import SSEBroadcaster, sse_response
@@ -28,28 +28,9 @@ def start(cwd:Path, port:int, runner:str, timeout:float=30.0) -> subprocess.Pope
     "Run app.py in `cwd` as `python app.py` (serve) or `uvicorn app:app`; return once its page answers."
     cmd = ([sys.executable, 'app.py'] if runner == 'serve' else
            [sys.executable, '-m', 'uvicorn', 'app:app', '--host', '127.0.0.1', '--port', str(port)])
-    log = open(cwd/'app.log', 'w')
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'PORT': str(port)})
-    log.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the app exited with {proc.returncode}:\n{(cwd/'app.log').read_text()}"
-        try:
-            if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200: return proc
-        except httpx.HTTPError: pass
-        time.sleep(0.1)
-    kill_tree(proc)
-    raise AssertionError(f"the app did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")
+    return start_web_app(cmd, cwd, port, {**os.environ, 'PORT': str(port)}, timeout)
 
 def descendants(proc) -> list: return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-
-def kill_tree(proc):
-    "After a failure: kill the app and what it started (under --reload, the server is a child that would outlive it)."
-    if proc.poll() is not None: return
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        try: p.kill()
-        except psutil.Error: pass
-    proc.wait()
 
 def workers(proc) -> list:
     "pids of the app's job workers: spawned processes that carry the manager's token (not uvicorn's server)."
