@@ -290,9 +290,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         # a restart after a cancel (or a recycle) was asked for, not a fault
         log.log(logging.DEBUG if slot.restart_after in ('cancel', 'recycle') else logging.WARNING,
                 "%s worker %s restarted (pid %s, restart %s)", self.worker_type, slot.id, pid, slot.restarts)
-        event = {'worker_id': slot.id, 'pid': pid, 'restart_count': self.restart_count}
-        if slot.gpu: event['gpu'] = slot.gpu
-        self._emit('worker_restarted', event)
+        self._emit('worker_restarted', self._supervisor.about(slot.worker, pid=pid, restart_count=self.restart_count))
 
     def _monitor_results(self):
         "Monitor the result queue in a background thread: one supervisor round."

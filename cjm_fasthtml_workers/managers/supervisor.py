@@ -433,6 +433,7 @@ class Supervisor:
         w = slot.worker
         exitcode, reason = w.transport.reap(), w.kill_reason
         what = describe_exit(exitcode)
+        if getattr(w.transport, 'exit_reason', None): what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
         if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
         elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
         job = self.book.jobs.get(w.job_id) if w.job_id else None
