@@ -1,5 +1,5 @@
 "Shared fixtures: every process test ends by asserting that no child process is left."
-import subprocess, time
+import socket, subprocess, time
 from pathlib import Path
 import psutil, pytest
 
@@ -75,3 +75,9 @@ def start_web_app(cmd: list, cwd: Path, port: int, env: dict, timeout: float = 3
         time.sleep(0.1)
     kill_tree(proc)
     raise AssertionError(f"the app did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")
+
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on now."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

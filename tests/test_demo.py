@@ -1,11 +1,11 @@
 "demo_app.py driven in headless Chromium, and run as a command that Ctrl+C stops cleanly."
-import importlib.util, os, re, signal, socket, subprocess, sys, time
+import importlib.util, os, re, signal, subprocess, sys, time
 from html import escape
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx, psutil, pytest
-from conftest import pid_gone, start_web_app
+from conftest import pid_gone, start_web_app, free_port
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 
@@ -19,11 +19,6 @@ HAS_SPEECH = importlib.util.find_spec('pocketsphinx') is not None
 def status(name:str) -> re.Pattern:
     "Matches a job card's class list holding `name` (htmx adds classes of its own while it swaps)."
     return re.compile(rf'(^|\s){name}(\s|$)')
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def start_app(cwd:Path, port:int, data:Path, timeout:float=30.0) -> subprocess.Popen:
     "Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`, its store in `data`); return once it answers."

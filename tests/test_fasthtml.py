@@ -4,7 +4,7 @@ import asyncio, os, re, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 import httpx, psutil, pytest
-from conftest import kill_tree, pid_gone, start_web_app
+from conftest import kill_tree, pid_gone, start_web_app, free_port
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 from cjm_fasthtml_workers.extensions.fasthtml import SSEBroadcaster, sse_response
@@ -18,11 +18,6 @@ def readme_app() -> str:
     assert HEADING in text, f"no '{HEADING}' section in {os.environ.get('CJM_README', 'README.md')}"
     section = text.split(HEADING, 1)[1].split('\n## ', 1)[0]
     return re.search(r'```python\n(.*?)```', section, re.S).group(1)
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def start(cwd:Path, port:int, runner:str, timeout:float=30.0) -> subprocess.Popen:
     "Run app.py in `cwd` as `python app.py` (serve) or `uvicorn app:app`; return once its page answers."
