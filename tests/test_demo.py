@@ -262,6 +262,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
 
             # long results scroll inside their box
             card = submit(page, 'demo-quick', 'word ' * 399)
+            expect(card).to_have_class(status('completed'))  # measured once the result is there and laid out
+            expect(card.locator('pre.result')).to_be_visible()
             box = card.locator('pre.result').evaluate('p => [p.scrollHeight, p.clientHeight]')
             assert box[0] > box[1] > 0, box
 
