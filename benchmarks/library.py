@@ -93,6 +93,18 @@ async def round_trips(m, n:int, text:str='x') -> list: # Seconds of each of `n` 
     m.clear_completed_jobs()
     return out
 
+async def bytes_round_trip(m, size:int) -> tuple: # (seconds, longest event-loop stall in seconds)
+    "One echo job whose argument is `size` bytes and whose result holds them again, with a ticker running."
+    blob = b'x' * size
+    async with Ticker() as ticker:
+        t0 = time.perf_counter()
+        job = await m.start_job('echo', data=blob)
+        await m.wait_for_job(job.id)
+        seconds = time.perf_counter() - t0
+    if _check(job).result['params']['data'] != blob: raise RuntimeError("the echoed bytes differ")
+    m.clear_completed_jobs()
+    return seconds, ticker.stall
+
 async def submit_all(m, n:int) -> list: # The `n` jobs, all ended
     "Submit `n` echo jobs back to back, then wait until all have ended."
     jobs = []

@@ -43,6 +43,9 @@ SHAPES = [
     Shape('shutdown_idle', 'shutdown, idle manager', 'ms', 'None to the echo worker, then join', ('abs', '<=', 50)),
     Shape('payload_1mb', 'payload 1 MB', 'ms', 'mp.Queue echo of the same text', ('ratio', '<=', 1.1)),
     Shape('payload_10mb', 'payload 10 MB', 'ms', 'mp.Queue echo of the same text', ('ratio', '<=', 1.1)),
+    Shape('payload_200mb', 'payload 200 MB of bytes, there and back', 'ms', 'mp.Queue echo of the same bytes'),
+    Shape('stall_payload_200mb', 'event-loop stall: 200 MB of bytes there and back', 'ms', IDLE_LOOP, ('abs', '<=', 5),
+          ratio=False),
     Shape('memory_kept', 'memory, jobs kept', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
     Shape('memory_cleared', 'memory, jobs cleared', 'B/job', 'RSS growth per mp.Queue echo', ratio=False),
     Shape('pool_start', 'pool start, N=4', 'ms', '4 cold starts of the floor in a row', ('ratio', '<=', 1.2)),
@@ -59,9 +62,9 @@ SHAPES = [
 ]
 
 # How much of each shape one repetition does: the issue's sizes, and a quick run's
-FULL = dict(reps=5, latency=2000, throughput=5000, payload_1mb=10, payload_10mb=4, cancel=3, commands=5, cold=3,
+FULL = dict(reps=5, latency=2000, throughput=5000, payload_1mb=10, payload_10mb=4, payload_200mb=2, cancel=3, commands=5, cold=3,
             crash=5, memory=10000, idle=0.3, pool_jobs=40, affinity=100)
-QUICK = dict(reps=2, latency=200, throughput=500, payload_1mb=2, payload_10mb=1, cancel=1, commands=1, cold=1,
+QUICK = dict(reps=2, latency=200, throughput=500, payload_1mb=2, payload_10mb=1, payload_200mb=1, cancel=1, commands=1, cold=1,
              crash=1, memory=1000, idle=0.1, pool_jobs=8, affinity=100)
 SLEEP = 0.05  # seconds each job of the pool shapes sleeps
 MB = 1_000_000
@@ -146,9 +149,14 @@ async def floor_throughput(r:Rig):
 async def library_payload(r:Rig):
     for key, size in (('payload_1mb', MB), ('payload_10mb', 10 * MB)):
         r.put('library', **{key: median(await library.round_trips(r.manager, r.sizes[key], 'x' * size)) * 1e3})
+    trips = [await library.bytes_round_trip(r.manager, 200 * MB) for _ in range(r.sizes['payload_200mb'])]
+    r.put('library', payload_200mb=median(t for t, _ in trips) * 1e3, stall_payload_200mb=max(s for _, s in trips) * 1e3)
 async def floor_payload(r:Rig):
     for key, size in (('payload_1mb', MB), ('payload_10mb', 10 * MB)):
         for side, f in r.floors: r.put(side, **{key: median(floor.round_trips(f, r.sizes[key], request('x' * size))) * 1e3})
+    blob = request(b'x' * (200 * MB))
+    for side, f in r.floors: r.put(side, payload_200mb=median(floor.round_trips(f, r.sizes['payload_200mb'], blob)) * 1e3)
+    r.put('floor', stall_payload_200mb=await library.idle_stall(r.sizes['idle']) * 1e3)
 
 async def library_commands(r:Rig):  # the floor of a cancel is the floor's cold start
     cancels = [await library.cancel_to_ready(r.manager) for _ in range(r.sizes['cancel'])]

@@ -4,7 +4,7 @@ Every test is bounded in time, asserts the final state and the error text of the
 process is left. Workers run `FaultPluginManager` (below, module level: spawned workers import it by name): the
 scenario plugins of `cjm_fasthtml_workers.testing` plus a few that misbehave in ways testing.py has no plugin for.
 Measured numbers are printed (run with -s to see them)."""
-import asyncio, json, os, signal, subprocess, sys, textwrap, threading, time
+import asyncio, json, os, pickle, signal, subprocess, sys, textwrap, threading, time
 
 import psutil
 import pytest
@@ -12,7 +12,7 @@ import pytest
 from cjm_fasthtml_workers.core import worker as worker_module
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.core.worker import WATCHDOG_ENV, base_worker_process, report_progress
-from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager, _daemon, _fork
+from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager, _alien, _daemon, _fork
 from test_manager import TERMINAL_STATUSES, Recorder, TextJobManager, assert_terminal, finish, until
 from conftest import pid_gone, seconds_until_gone
 
@@ -22,7 +22,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
 FAULT_PLUGINS = ['garbage', 'mark', 'daemon_hang', 'fork_hang', 'flood', 'flood_stream', 'close_result', 'size',
-                 'big', 'gil_daemon']
+                 'big', 'buffers', 'gil_daemon']
 
 def _hang():
     while True: time.sleep(1)
@@ -73,8 +73,14 @@ class FaultPluginManager(ScenarioPluginManager):
             else: os.close(fd)
             time.sleep(params.get('seconds', 20))
             return {'text': 'finished after closing its pipe'}
-        if plugin_name == 'size': return {'n': len(params['data'])}
+        if plugin_name == 'size': return {'n': len(params['data']), 'type': type(params['data']).__name__}
         if plugin_name == 'big': return {'blob': b'r' * params['n']}
+        if plugin_name == 'buffers':  # what the argument held, and new buffers of each kind, one of them twice
+            blob = b'b' * params['n']
+            return {'got': {k: (type(v).__name__, len(v)) for k, v in params['data'].items()}, 'blob': blob,
+                    'again': [blob], 'array': bytearray(b'a' * params['n']),
+                    'buffer': pickle.PickleBuffer(bytearray(b'w' * params['n'])),
+                    **(_alien() if params.get('alien') else {})}
         return super().execute_plugin(plugin_name, **params)
 
 def fault_worker_process(request_queue, result_queue, response_queue):
@@ -628,11 +634,10 @@ def test_cancelling_20000_waiting_jobs_newest_first_is_prompt(no_leftover_proces
 # ----- 13. a 200 MB argument and result -------------------------------------------------------------------------
 MB200 = 200 << 20
 
+# (Un)pickling 200 MB holds the GIL for 100-250 ms on any thread: large buffers travel out of band, read into place
+# with the GIL released. The bound here is loose (a loaded CI machine); benchmarks/run.py measures the stall itself.
 @POOLS
 @pytest.mark.timeout(90)
-# Known open defect of issue 11: pickling a 200 MB argument (even on a thread) and unpickling a 200 MB result (on the
-# supervisor thread) each hold the GIL for 100-250 ms here, so the loop stalls for as long.
-@pytest.mark.xfail(strict=False, reason="a 200 MB (un)pickle holds the GIL for over 100 ms, stalling the event loop")
 def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, n):
     async def main():
         m, _ = make(n)
@@ -647,12 +652,14 @@ def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, 
             submit_gap, submit_took = await ticker.take(), time.monotonic() - t0
             arg_job = await finish(m, arg_job, 40)
             arg_gap, arg_took = await ticker.take(), time.monotonic() - t0
-            assert arg_job.status == 'completed' and arg_job.result['n'] == MB200, (arg_job.status, arg_job.error)
+            assert arg_job.status == 'completed' and arg_job.result == {'n': MB200, 'type': 'bytes'}, \
+                (arg_job.status, arg_job.error)
             del blob, arg_job
             t0 = time.monotonic()
             res_job = await finish(m, await m.start_job('big', n=MB200), 40)
             res_gap, res_took = await ticker.take(), time.monotonic() - t0
-            assert res_job.status == 'completed' and len(res_job.result['blob']) == MB200, (res_job.status, res_job.error)
+            assert res_job.status == 'completed', (res_job.status, res_job.error)
+            assert type(res_job.result['blob']) is bytes and res_job.result['blob'] == b'r' * MB200
             print(f"\n[13 n={n}] 200 MB argument: start_job {submit_took * 1000:.0f} ms, longest gap "
                   f"{submit_gap * 1000:.1f} ms; until done {arg_took:.2f} s, longest gap {arg_gap * 1000:.1f} ms; "
                   f"200 MB result: {res_took:.2f} s, longest gap {res_gap * 1000:.1f} ms")
@@ -665,6 +672,32 @@ def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, 
             m.shutdown()
         assert_terminal(m)
     run(main(), 80)
+
+@POOLS
+def test_large_buffers_keep_their_types_and_identity(no_leftover_processes, n):
+    "Out of band, bytes stay bytes, a bytearray a bytearray, one object twice one object; the rest of the message too."
+    size = 3 << 20
+    async def main():
+        m, _ = make(n)
+        try:
+            await m.start()
+            data = {'bytes': b'x' * size, 'bytearray': bytearray(size), 'small': b'tiny'}
+            jobs = [await finish(m, await m.start_job('buffers', data=data, n=size)) for _ in range(n + 1)]
+            for job in jobs:  # each worker of the pool, and one of them again
+                assert job.status == 'completed', (job.status, job.error)
+                r = job.result
+                assert r['got'] == {'bytes': ('bytes', size), 'bytearray': ('bytearray', size), 'small': ('bytes', 4)}
+                assert (type(r['blob']), r['blob']) == (bytes, b'b' * size) and r['again'][0] is r['blob']
+                assert (type(r['array']), r['array']) == (bytearray, bytearray(b'a' * size))
+                assert (type(r['buffer']), r['buffer']) == (bytearray, bytearray(b'w' * size))  # protocol 5's way
+                r['array'][0] = 0  # writable, as it was in the worker
+            data['bytearray'].extend(b'more')  # once its jobs have ended, an argument's bytearray is free again
+            alien = await finish(m, await m.start_job('buffers', data={}, n=size, alien=True))
+            assert alien.status == 'failed' and 'cjm_worker_only.Alien could not be imported' in alien.error, alien.error
+            assert (await finish(m, await m.start_job('echo', text='after'))).status == 'completed'
+        finally: m.shutdown()
+        assert_terminal(m)
+    run(main())
 
 # ----- 14. cancelled after the handover, before it started ------------------------------------------------------
 @POOLS

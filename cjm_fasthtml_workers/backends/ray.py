@@ -8,7 +8,6 @@ __all__ = ['log', 'ensure_ray', 'RayWorkerHost', 'Relayed', 'RemoteProcess', 'Ra
 # %% ../../nbs/backends/ray.ipynb #ff70550b
 import atexit, itertools, logging, os, pickle, re, select, signal, threading, time
 from collections import deque
-from multiprocessing.reduction import ForkingPickler
 from queue import SimpleQueue
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -17,7 +16,7 @@ from fastcore.basics import patch
 
 from .process import CorruptStream, ProcessWorker, _readable, _spawner, loads_message
 from ..core.protocol import WorkerResponse, WorkerResponseType
-from ..core.worker import _describe
+from ..core.worker import _describe, dumps_message
 
 log = logging.getLogger(__name__)
 
@@ -399,15 +398,16 @@ _sender = _Sender()
 def send(self:RayWorker, msg:dict # A request, e.g. `WorkerRequest(...).to_dict()`
         ) -> None:
     "Pickle `msg` and send it (see `send_pickled`); what cannot be pickled raises here, and nothing is sent."
-    self.send_pickled(ForkingPickler.dumps(msg))
+    self.send_pickled(dumps_message(msg))
 
 @patch
-def send_pickled(self:RayWorker, payload:bytes # A pickled request
+def send_pickled(self:RayWorker, payload # A request pickled by `core.worker.dumps_message`
                 ) -> None:
     "Submit `payload` to the actor, in order after every earlier one, and return at once."
     actor = self.actor
     if actor is None or self._ending: return log.debug("%s: not started or ended, message dropped", self.name)
-    payload, seq = bytes(payload), next(self._seq)
+    # Ray takes one bytes object: out-of-band parts are joined here (a copy, holding the GIL)
+    payload, seq = b''.join(payload) if isinstance(payload, list) else bytes(payload), next(self._seq)
     if len(payload) > _INLINE_MAX: _sender.put(actor, seq, payload)
     else: actor.send.remote(seq, payload)
 

@@ -4,15 +4,17 @@
 
 # %% auto #0
 __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD_SUBREAPER', 'report_progress', 'run_job',
-           'execute', 'reload', 'unload', 'state', 'plugin_command', 'command', 'base_worker_process', 'PipeEnd',
-           'worker_main']
+           'execute', 'reload', 'unload', 'state', 'plugin_command', 'command', 'base_worker_process', 'frame_header',
+           'dumps_message', 'oob_table', 'loads_frame', 'PipeEnd', 'worker_main']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
-import logging, os, pickle, select, signal, threading, traceback
+import functools, itertools, logging, os, pickle, select, signal, struct, threading, traceback
 from collections import deque
-from typing import Any, Callable, Dict, Optional
+from io import BytesIO
+from typing import Any, Callable, Dict, List, Optional, Union
 import multiprocessing
 from multiprocessing.queues import SimpleQueue
+from multiprocessing.reduction import ForkingPickler
 
 from .adapters import default_result_adapter, meta_name
 from .protocol import (
@@ -281,6 +283,112 @@ def _prctl(option:int, # A `PR_SET_*` option
     args = [ctypes.c_ulong(v) for v in (value, 0, 0, 0)]
     return getattr(libc, 'prctl', None) is not None and libc.prctl(ctypes.c_int(option), *args) == 0
 
+# %% ../../nbs/core/worker.ipynb #oob00002
+_SHORT_MAX = 0x7fffffff  # the longest payload a 4-byte header announces
+
+def frame_header(n:int # Length of the payload that follows
+                ) -> bytes: # The header `Connection.send_bytes` writes before it
+    "A 4-byte big-endian signed length; for 2 GiB and more, -1 then an 8-byte length."
+    return struct.pack('!i', n) if n <= _SHORT_MAX else struct.pack('!iQ', -1, n)
+
+_OOB_MAGIC = b'\xffCJB'  # starts a payload with out-of-band buffers (a pickle starts with 0x80)
+_OOB_MIN = 1 << 16  # buffers this long or longer go out of band
+_OOB_HEAD, _OOB_ENTRY = struct.Struct('!4sIQ'), struct.Struct('!cQ')  # (magic, buffers, pickle length); (kind, length)
+_OOB_MAX_BUFFERS = 1 << 16  # more in one table is garbage
+
+def _holds_big(obj, depth:int=4) -> bool:
+    "Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, lists and tuples (64 items each)."
+    if type(obj) in (bytes, bytearray): return len(obj) >= _OOB_MIN
+    if depth == 0: return False
+    if type(obj) is dict: obj = obj.values()
+    elif type(obj) not in (list, tuple): return False
+    return any(_holds_big(o, depth - 1) for o in itertools.islice(obj, 64))
+
+def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # False: out of band
+    "A `buffer_callback`: a large contiguous buffer goes out of band, its kind to `kinds`, itself to `buffers`."
+    try: raw = pb.raw()
+    except BufferError: return True  # not contiguous: in band
+    if raw.nbytes < _OOB_MIN: return True
+    kinds.append('r' if raw.readonly else 'w'); buffers.append(raw)
+    return False
+
+class _Pickler(ForkingPickler):
+    "Protocol 5, with every large protocol-5 buffer out of band: its kind goes to `kinds`, the buffer to `buffers`."
+    def __init__(self, file, kinds:list, buffers:list):
+        # a partial, not a bound method: a pickler in a cycle would hold the buffers (and pin them) until a collection
+        super().__init__(file, 5, True, functools.partial(_out_of_band, kinds, buffers))
+        self.kinds, self.buffers = kinds, buffers
+
+class _ByIdPickler(_Pickler):
+    "`_Pickler`, and large `bytes` and `bytearray` objects out of band by persistent id (a call per object: only when some are there)."
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen = {}  # id of a buffer -> its persistent id: one object sent once, and one object again
+
+    def persistent_id(self, obj):
+        if type(obj) not in (bytes, bytearray) or len(obj) < _OOB_MIN: return None
+        if id(obj) not in self.seen:
+            self.kinds.append('b' if type(obj) is bytes else 'a')
+            self.buffers.append(memoryview(obj))  # a bytearray's size is pinned until it is written
+            self.seen[id(obj)] = len(self.buffers) - 1
+        return self.seen[id(obj)]
+
+def dumps_message(msg:Any # A message: a dict of picklable values
+                 ) -> Union[bytes, List]: # The payload: one pickle, or its parts if it has large buffers
+    "`msg` pickled as one frame's payload; large buffers out of band, as parts to write one after the other."
+    kinds, buffers, f = [], [], BytesIO()
+    (_ByIdPickler if _holds_big(msg) else _Pickler)(f, kinds, buffers).dump(msg)
+    if not buffers: return f.getvalue()
+    table = b''.join(_OOB_ENTRY.pack(k.encode(), len(b)) for k, b in zip(kinds, buffers))
+    return [_OOB_HEAD.pack(_OOB_MAGIC, len(buffers), f.tell()) + table + f.getbuffer(), *buffers]
+
+# %% ../../nbs/core/worker.ipynb #oob00004
+def oob_table(buf, # A frame's payload so far (bytes, bytearray, memoryview)
+              start:int=0 # Where the payload starts in `buf`
+             ) -> Optional[tuple]: # (kinds, lengths, where the pickle starts, the pickle's length); None if incomplete
+    "The table of a payload with out-of-band buffers; `ValueError` if it is none."
+    if len(buf) - start < _OOB_HEAD.size: return None
+    magic, count, pickled = _OOB_HEAD.unpack_from(buf, start)
+    if magic != _OOB_MAGIC or count > _OOB_MAX_BUFFERS: raise ValueError(f'bad out-of-band table {bytes(magic)!r}')
+    at = start + _OOB_HEAD.size
+    if len(buf) < at + count * _OOB_ENTRY.size: return None
+    entries = [_OOB_ENTRY.unpack_from(buf, at + i * _OOB_ENTRY.size) for i in range(count)]
+    kinds = ''.join(k.decode('latin-1') for k, _ in entries)
+    if kinds.strip('bawr'): raise ValueError(f'bad out-of-band buffer kinds {kinds!r}')
+    return kinds, [n for _, n in entries], at + count * _OOB_ENTRY.size, pickled
+
+class _BufferUnpickler(pickle.Unpickler):
+    "Unpickles a pickle made by `dumps_message` with its out-of-band buffers, `objs`, whose kinds are `kinds`."
+    def __init__(self, pickled, kinds:str='', objs:tuple=()):
+        super().__init__(BytesIO(pickled), buffers=[o for k, o in zip(kinds, objs) if k in 'rw'])
+        self.objs = objs
+
+    def persistent_load(self, pid):
+        if type(pid) is int and 0 <= pid < len(self.objs): return self.objs[pid]
+        raise pickle.UnpicklingError(f'no out-of-band buffer {pid!r}')
+
+def loads_frame(payload:bytes # One frame's payload, whole
+               ) -> Any: # The message
+    "Unpickle a payload made by `dumps_message`."
+    if payload[:4] != _OOB_MAGIC: return pickle.loads(payload)
+    kinds, lengths, at, n = oob_table(payload)
+    if at + n + sum(lengths) != len(payload):
+        raise ValueError(f'payload of {len(payload)} bytes; its out-of-band table says {at + n + sum(lengths)}')
+    view, objs = memoryview(payload), []
+    pickled, at = view[at:at + n], at + n
+    for kind, n in zip(kinds, lengths):
+        objs.append((bytes if kind in 'br' else bytearray)(view[at:at + n])); at += n
+    return _BufferUnpickler(pickled, kinds, objs).load()
+
+def _views(payload) -> List[memoryview]: # Flat byte views of a payload's parts
+    return [memoryview(p).cast('B') for p in ([payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload)]
+
+def _advance(views:deque, # Memoryviews to write or fill, in order
+             n:int): # Bytes done
+    "Drop the `n` bytes done from the front of `views`."
+    while views and n >= len(views[0]): n -= len(views.popleft())
+    if n: views[0] = views[0][n:]
+
 # %% ../../nbs/core/worker.ipynb #21c8345d
 def _poller(conn) -> Callable[[float], bool]:
     "`conn.poll`, over one `select.poll` made once (`Connection.poll` builds a selector at every call)."
@@ -303,6 +411,20 @@ class PipeEnd(SimpleQueue):
         return self._reader, self._writer
 
     def __setstate__(self, state): self.__init__(*state)
+
+    def get(self):
+        "The next message; blocks until one has arrived."
+        with self._rlock: payload = self._reader.recv_bytes()
+        return loads_frame(payload)
+
+    def put(self, obj):
+        "Send `obj` (see `dumps_message`); blocks while the pipe is full."
+        payload = dumps_message(obj)
+        with self._wlock:
+            if type(payload) is bytes: return self._writer.send_bytes(payload)
+            views = deque(_views(payload))
+            views.appendleft(memoryview(frame_header(sum(map(len, views)))))
+            while views: _advance(views, os.writev(self._writer.fileno(), list(itertools.islice(views, 64))))
 
     def close(self):
         for end in (self._reader, self._writer):

@@ -6,7 +6,7 @@
 __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, pickle, queue, sys, threading, time, uuid, weakref
+import asyncio, atexit, logging, os, queue, sys, threading, time, uuid, weakref
 from collections import deque
 import multiprocessing.util
 from abc import ABC, abstractmethod
@@ -19,6 +19,7 @@ from ..backends.process import ProcessWorker
 from ..core.adapters import meta_id, meta_name
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResult, WorkerStreamChunk
+from ..core.worker import dumps_message
 from ..extensions.protocols import (
     PluginRegistryProtocol, ResourceManagerProtocol, EventBroadcasterProtocol)
 from .jobs import TERMINAL_STATUSES, JobBook, _END, call_soon, now_iso, resolve, result_envelope
@@ -454,7 +455,7 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
     return plugin_id
 
 _RESERVED = frozenset({'type', 'job_id', 'plugin_name', 'request_id'})
-_LARGE = 1 << 20  # requests whose buffers pass this are pickled on a thread
+_LARGE = 1 << 20  # requests whose strings and buffers pass this are pickled on a thread
 
 @patch
 def _execute_request(self:BaseJobManager, job, name:str) -> tuple: # (the EXECUTE dict, a rough size of it)
@@ -468,9 +469,9 @@ def _execute_request(self:BaseJobManager, job, name:str) -> tuple: # (the EXECUT
     request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
     return request, _rough_size(params)
 
-def _dumps(request:dict, job) -> bytes:
-    "Pickle an EXECUTE request once: these bytes are what the worker gets."
-    try: return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+def _dumps(request:dict, job): # What `core.worker.dumps_message` makes: bytes, or parts with large buffers uncopied
+    "Pickle an EXECUTE request once: this payload is what the worker gets."
+    try: return dumps_message(request)
     except Exception as e:
         raise TypeError(f"arguments of a {job.plugin_id!r} job cannot be sent to the worker: "
                         f"{type(e).__name__}: {e}") from e
