@@ -21,8 +21,19 @@ POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
-FAULT_PLUGINS = ['garbage', 'mark', 'daemon_hang', 'fork_hang', 'flood', 'flood_stream', 'close_result', 'size',
+FAULT_PLUGINS = ['garbage', 'cut_big', 'mark', 'daemon_hang', 'fork_hang', 'flood', 'flood_stream', 'close_result', 'size',
                  'big', 'buffers', 'gil_daemon']
+
+def _oob_frame(length:int, said:int=None) -> bytes:
+    "A frame whose payload announces one out-of-band bytes buffer of `length` (its header says `said` bytes), none of it sent."
+    pickled = pickle.dumps({'type': 'result', 'job_id': 'x', 'data': None}, 5)
+    head = worker_module._OOB_HEAD.pack(worker_module._OOB_MAGIC, 1, len(pickled)) + worker_module._OOB_ENTRY.pack(b'b', length)
+    return worker_module.frame_header(said if said is not None else len(head) + len(pickled) + length) + head + pickled
+
+GARBAGE = {'text': b'this is no frame of a pickle, just garbage on the pipe',
+           'table': _oob_frame(1000, said=40),  # a table that does not add up to its frame
+           'huge': _oob_frame(1 << 50),  # a petabyte announced
+           'cut': _oob_frame(1 << 20) + b'x' * (1 << 19)}  # half of it sent
 
 def _hang():
     while True: time.sleep(1)
@@ -46,9 +57,12 @@ class FaultPluginManager(ScenarioPluginManager):
         yield from super().execute_plugin_stream(plugin_name, **params)
 
     def execute_plugin(self, plugin_name, **params):
-        if plugin_name == 'garbage':  # unframed bytes on the result pipe, then as if nothing happened
-            os.write(_result_fd(), b'this is no frame of a pickle, just garbage on the pipe')
+        if plugin_name == 'garbage':  # bytes that are no frame of ours on the result pipe, then as if nothing happened
+            os.write(_result_fd(), GARBAGE[params.get('raw', 'text')])
             _hang()
+        if plugin_name == 'cut_big':  # a frame with a large buffer, half written, then the worker dies
+            os.write(_result_fd(), GARBAGE['cut'])
+            os._exit(3)
         if plugin_name == 'mark':  # a side effect first thing: the test knows whether it ran at all
             _write(params['path'], str(os.getpid()))
             time.sleep(params.get('seconds', 30))
@@ -177,16 +191,18 @@ def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
 
 # ----- 3. garbage on the result pipe ----------------------------------------------------------------------------
 @POOLS
-def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_processes, n):
+@pytest.mark.parametrize('raw,why', [('text', 'holds no pickle'), ('table', 'frame of 40 bytes whose out-of-band table says'),
+                                     ('huge', 'its buffers cannot be allocated')])
+def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_processes, n, raw, why):
     async def main():
         m, events = make(n, RestartPolicy.ALWAYS)
         try:
             await m.start()
             before = pids(m)
-            bad = await m.start_job('garbage')
+            bad = await m.start_job('garbage', raw=raw)
             behind = [await m.start_job('echo', text=f'b{i}') for i in range(4)]
             bad = await finish(m, bad, 20)
-            assert bad.status == 'failed' and 'unreadable stream' in bad.error, bad.error
+            assert bad.status == 'failed' and 'unreadable stream' in bad.error and why in bad.error, bad.error
             assert 'Worker died while running the job' in bad.error, bad.error
             assert pid_gone(bad.worker_pid, 5), "the worker that wrote garbage was not ended"
             done = [await finish(m, j, 20) for j in behind]
@@ -201,6 +217,24 @@ def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_p
             await asyncio.sleep(0.05)
             died = of_kind(events, 'worker_died')
             assert len(died) == 1 and died[0]['job_id'] == bad.id and 'unreadable' in died[0]['reason'], died
+        finally: m.shutdown()
+        assert_terminal(m)
+    run(main())
+
+@POOLS
+def test_worker_dying_inside_a_large_buffer_fails_only_its_job(no_leftover_processes, n):
+    "A frame cut short by the worker's death is dropped; the job fails as the death it is, the jobs behind it run."
+    async def main():
+        m, _ = make(n, RestartPolicy.ALWAYS)
+        try:
+            await m.start()
+            bad = await m.start_job('cut_big')
+            behind = [await m.start_job('echo', text=f'b{i}') for i in range(4)]
+            bad = await finish(m, bad, 20)
+            assert bad.status == 'failed' and 'Worker died while running the job' in bad.error, bad.error
+            assert 'code 3' in bad.error and 'unreadable' not in bad.error, bad.error
+            done = [await finish(m, j, 20) for j in behind]
+            assert [(j.status, j.result['text']) for j in done] == [('completed', f'b{i}') for i in range(4)]
         finally: m.shutdown()
         assert_terminal(m)
     run(main())

@@ -258,47 +258,54 @@ class _Inbox:
         return None
 
 # %% ../../nbs/backends/process.ipynb #d4501ae1
-def _span(buf:bytearray) -> Optional[tuple]: # (header length, payload length, out-of-band table or None)
-    "What the frame at the start of `buf` is, as far as it has arrived; `ValueError` if it is no frame of ours."
-    if len(buf) < 4: return None
-    head, (size,) = 4, struct.unpack_from('!i', buf)
+def _span(buf, # The bytes read (a memoryview of them)
+          start:int # Where the frame starts in them
+         ) -> Optional[tuple]: # (header length, payload length, out-of-band table or None); None if not all here
+    "What the frame at `start` is, as far as it has arrived; `ValueError` if it is no frame of ours."
+    avail = len(buf) - start
+    if avail < 4: return None
+    head, (size,) = 4, struct.unpack_from('!i', buf, start)
     if size == -1:
-        if len(buf) < 12: return None
-        head, (size,) = 12, struct.unpack_from('!Q', buf, 4)
+        if avail < 12: return None
+        head, (size,) = 12, struct.unpack_from('!Q', buf, start + 4)
     if size < 2: raise ValueError(f'bad frame length {size}')
-    if len(buf) < head + 2: return None
-    if buf[head] == _OOB_MAGIC[0]:
-        if (table := oob_table(buf, head)) is None: return None
+    if avail < head + 2: return None
+    first = buf[start + head]
+    if first == _OOB_MAGIC[0]:
+        if (table := oob_table(buf, start + head)) is None: return None
         kinds, lengths, at, n = table
-        if at - head + n + sum(lengths) != size:
-            raise ValueError(f'frame of {size} bytes whose out-of-band table says {at - head + n + sum(lengths)}')
+        if at - start - head + n + sum(lengths) != size:
+            raise ValueError(f'frame of {size} bytes whose out-of-band table says {at - start - head + n + sum(lengths)}')
         return head, size, table
-    if buf[head] != pickle.PROTO[0] or not 2 <= buf[head + 1] <= pickle.HIGHEST_PROTOCOL:
-        raise ValueError(f'frame of {size} bytes holds no pickle: {bytes(buf[:16])!r}')
+    if first != pickle.PROTO[0] or not 2 <= buf[start + head + 1] <= pickle.HIGHEST_PROTOCOL:
+        raise ValueError(f'frame of {size} bytes holds no pickle: {bytes(buf[start:start + 16])!r}')
     return head, size, None
 
 @patch
 def _cut(self:_Inbox):
     "Move every complete frame to `frames`; read a frame's large buffers into place; at end of file, drop a cut frame."
-    while self.corrupt is None:
-        if self.big is not None:
-            if not self.big.done: break
-            self.frames.append((self.big.pickled, self.big.kinds, self.big.objs)); self.big = None
-        try: span = _span(self.buf)
-        except ValueError as e: self.corrupt = str(e); break
-        if span is None: break
-        head, size, table = span
-        if table is None:  # one pickle
-            if len(self.buf) < head + size: break
-            self.frames.append((bytes(self.buf[head:head + size]), '', ()))
-            del self.buf[:head + size]
-            continue
-        kinds, lengths, at, n = table
-        if len(self.buf) < at + n: break  # its pickle is not all here yet
-        try: self.big = _Buffers(bytes(self.buf[at:at + n]), kinds, lengths)
-        except MemoryError: self.corrupt = f'frame of {size} bytes: its buffers cannot be allocated'; break
-        with memoryview(self.buf) as view, view[at + n:] as rest: used = self.big.take(rest)
-        del self.buf[:at + n + used]
+    pos = 0  # where the next frame starts in buf
+    with memoryview(self.buf) as view:
+        while self.corrupt is None:
+            if self.big is not None:
+                if not self.big.done: break
+                self.frames.append((self.big.pickled, self.big.kinds, self.big.objs)); self.big = None
+            try: span = _span(view, pos)
+            except ValueError as e: self.corrupt = str(e); break
+            if span is None: break
+            head, size, table = span
+            if table is None:  # one pickle
+                if len(view) < pos + head + size: break
+                self.frames.append((view[pos + head:pos + head + size].tobytes(), '', ()))
+                pos += head + size
+                continue
+            kinds, lengths, at, n = table
+            if len(view) < at + n: break  # its pickle is not all here yet
+            try: self.big = _Buffers(view[at:at + n].tobytes(), kinds, lengths)
+            except (MemoryError, OverflowError):
+                self.corrupt = f'frame of {size} bytes: its buffers cannot be allocated'; break
+            with view[at + n:] as rest: pos = at + n + self.big.take(rest)
+    del self.buf[:pos]
     if self.eof and (self.buf or self.big is not None):
         log.debug("pipe ended inside a message: %d bytes dropped", len(self.buf))
         self.buf.clear(); self.big = None

@@ -14,7 +14,6 @@ from io import BytesIO
 from typing import Any, Callable, Dict, List, Optional, Union
 import multiprocessing
 from multiprocessing.queues import SimpleQueue
-from multiprocessing.reduction import ForkingPickler
 
 from .adapters import default_result_adapter, meta_name
 from .protocol import (
@@ -298,11 +297,15 @@ _OOB_MAX_BUFFERS = 1 << 16  # more in one table is garbage
 
 def _holds_big(obj, depth:int=4) -> bool:
     "Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, lists and tuples (64 items each)."
-    if type(obj) in (bytes, bytearray): return len(obj) >= _OOB_MIN
-    if depth == 0: return False
-    if type(obj) is dict: obj = obj.values()
-    elif type(obj) not in (list, tuple): return False
-    return any(_holds_big(o, depth - 1) for o in itertools.islice(obj, 64))
+    t = type(obj)
+    if t is bytes or t is bytearray: return len(obj) >= _OOB_MIN
+    if t is dict: obj = obj.values()
+    elif t is not list and t is not tuple: return False
+    for o in itertools.islice(obj, 64):  # no call for what cannot hold one: a message's hot path
+        t = type(o)
+        if (t is bytes or t is bytearray) and len(o) >= _OOB_MIN: return True
+        if (t is dict or t is list or t is tuple) and depth > 1 and _holds_big(o, depth - 1): return True
+    return False
 
 def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # False: out of band
     "A `buffer_callback`: a large contiguous buffer goes out of band, its kind to `kinds`, itself to `buffers`."
@@ -312,20 +315,14 @@ def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # Fa
     kinds.append('r' if raw.readonly else 'w'); buffers.append(raw)
     return False
 
-class _Pickler(ForkingPickler):
-    "Protocol 5, with every large protocol-5 buffer out of band: its kind goes to `kinds`, the buffer to `buffers`."
+class _ByIdPickler(pickle.Pickler):
+    "Protocol 5 with large buffers out of band: protocol-5 buffers by `_out_of_band`, `bytes` and `bytearray` by persistent id."
     def __init__(self, file, kinds:list, buffers:list):
         # a partial, not a bound method: a pickler in a cycle would hold the buffers (and pin them) until a collection
-        super().__init__(file, 5, True, functools.partial(_out_of_band, kinds, buffers))
-        self.kinds, self.buffers = kinds, buffers
+        super().__init__(file, 5, buffer_callback=functools.partial(_out_of_band, kinds, buffers))
+        self.kinds, self.buffers, self.seen = kinds, buffers, {}  # seen: id -> persistent id (one object, sent once)
 
-class _ByIdPickler(_Pickler):
-    "`_Pickler`, and large `bytes` and `bytearray` objects out of band by persistent id (a call per object: only when some are there)."
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.seen = {}  # id of a buffer -> its persistent id: one object sent once, and one object again
-
-    def persistent_id(self, obj):
+    def persistent_id(self, obj):  # called for every object: this pickler is used only when a large one is there
         if type(obj) not in (bytes, bytearray) or len(obj) < _OOB_MIN: return None
         if id(obj) not in self.seen:
             self.kinds.append('b' if type(obj) is bytes else 'a')
@@ -336,11 +333,15 @@ class _ByIdPickler(_Pickler):
 def dumps_message(msg:Any # A message: a dict of picklable values
                  ) -> Union[bytes, List]: # The payload: one pickle, or its parts if it has large buffers
     "`msg` pickled as one frame's payload; large buffers out of band, as parts to write one after the other."
-    kinds, buffers, f = [], [], BytesIO()
-    (_ByIdPickler if _holds_big(msg) else _Pickler)(f, kinds, buffers).dump(msg)
-    if not buffers: return f.getvalue()
+    kinds, buffers = [], []
+    if _holds_big(msg):
+        f = BytesIO()
+        _ByIdPickler(f, kinds, buffers).dump(msg)
+        pickled = f.getbuffer()
+    else: pickled = pickle.dumps(msg, 5, buffer_callback=functools.partial(_out_of_band, kinds, buffers))
+    if not buffers: return bytes(pickled)
     table = b''.join(_OOB_ENTRY.pack(k.encode(), len(b)) for k, b in zip(kinds, buffers))
-    return [_OOB_HEAD.pack(_OOB_MAGIC, len(buffers), f.tell()) + table + f.getbuffer(), *buffers]
+    return [_OOB_HEAD.pack(_OOB_MAGIC, len(buffers), len(pickled)) + table + pickled, *buffers]
 
 # %% ../../nbs/core/worker.ipynb #oob00004
 def oob_table(buf, # A frame's payload so far (bytes, bytearray, memoryview)
