@@ -523,9 +523,14 @@ def test_waiting_jobs_fail_only_when_no_worker_can_come_back(no_leftover_process
             assert [j.status for j in done] == ['completed'] * 3 and {j.worker_pid for j in done} == {slow.worker_pid}
             dead = next(r for r in info(m) if r['pid'] != slow.worker_pid)
             assert not dead['alive'] and dead['crashes'] == 1 and dead['restart_count'] == 0, dead
-            # a submission brings the dead slot back (as a single worker starts lazily); then both die in turn
+            # start() (as would a submission) brings the dead slot back; with both workers busy, the kills and the
+            # jobs behind them all wait, then both workers die in turn (had one died first, a submission would
+            # have brought its slot back too)
+            await m.start()
+            busy = [await m.start_job('sleep', seconds=0.3) for _ in range(2)]
             kills = [await m.start_job('kill') for _ in range(2)]
             left = [await m.start_job('echo', text='late') for _ in range(2)]
+            assert [(await finish(m, j)).status for j in busy] == ['completed'] * 2
             kills = [await finish(m, j) for j in kills]
             assert [j.status for j in kills] == ['failed'] * 2 and len({j.worker_pid for j in kills}) == 2
             left = [await finish(m, j) for j in left]

@@ -445,6 +445,28 @@ def test_actor_death_reason_is_logged(nothing_left, caplog):
         finally: m.shutdown()
     run(main())
 
+def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
+    """Three workers asking a GPU each of two: the third waits for a node (60 s at most) while the other two run jobs,
+    a cancel is handled meanwhile, and shutdown ends the waiting actor."""
+    async def main():
+        m, _ = make(max_workers=3, ray_actor_options={'num_gpus': 1})
+        try:
+            jobs = [await m.start_job('echo', text=f'j{i}') for i in range(6)]
+            done = [await finish(m, j, 30) for j in jobs]  # the 60 s wait for a node held them all before
+            assert [(j.status, j.result['text']) for j in done] == [('completed', f'j{i}') for i in range(6)]
+            hang = await m.start_job('hang')
+            await until(lambda: hang.status == 'running', 20)
+            assert await m.cancel_job(hang.id)
+            assert (await finish(m, hang, 20)).status == 'cancelled'
+            assert (await finish(m, await m.start_job('echo', text='after'), 30)).status == 'completed'
+            # the cancelled worker's replacement, or the waiting one, took the freed GPU: one slot waits, whichever
+            def waiting(): return [r['worker_id'] for r in m.get_workers_info() if r['state'] in ('starting', 'restarting')]
+            await until(lambda: len(waiting()) == 1, 20)
+            assert len(live_hosts()) == 3
+        finally: m.shutdown()
+        assert_terminal(m)
+    run(main())
+
 def test_unplaceable_actor_is_a_clear_error(nothing_left):
     "More GPUs than the cluster has: start() fails after its timeout saying what was asked, and leaves no actor."
     w = RayWorker(scenario_worker_process, 'unplaceable', actor_options={'num_gpus': 3}, start_timeout=1)

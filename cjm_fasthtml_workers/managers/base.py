@@ -264,7 +264,7 @@ class BaseJobManager(ABC, Generic[JobType]):
                          ) -> None:
         "Hook called when a job completes successfully."
 
-    # ----- worker lifecycle: documented hooks, called by the supervisor thread --------------------------------
+    # ----- worker lifecycle: documented hooks, called by the supervisor's threads (starts: its starter) -------
     def _start_worker(self) -> Optional[int]: # pid of the new worker (None if the manager closed meanwhile)
         "Start the worker process and result monitor."
         slot, entry_point = self._supervisor.current, self.get_worker_entry_point()
@@ -431,14 +431,20 @@ class BaseJobManager(ABC, Generic[JobType]):
 @patch
 async def start(self:BaseJobManager) -> None:
     "Start the workers now and wait until every one is ready, so the first job does not pay for a spawn."
+    await self._wait_ready(every=True)
+
+@patch
+async def _wait_ready(self:BaseJobManager, every:bool): # every: all the pool's workers; else one (a first job's wait)
+    "Start the workers, and wait until every one (or one) is ready; `RuntimeError` if none can be."
     loop = self._bind_loop()
     await self._open_store()
     with self._lock:
         self._ensure_workers()
         sup = self._supervisor
-        if all(s.worker is not None and s.worker.ready and s.worker.kill_reason is None for s in sup.slots): return
+        ready = [s.worker is not None and s.worker.ready and s.worker.kill_reason is None for s in sup.slots]
+        if all(ready) if every else any(ready): return
         fut = loop.create_future()
-        sup.ready_waiters.append((loop, fut))
+        sup.ready_waiters.append((loop, fut, every))
     await fut
 
 # %% ../../nbs/managers/base.ipynb #611de614
@@ -449,7 +455,7 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
         meta = self.plugin_registry.get_plugin(plugin_id)
         if meta is None: raise ValueError(f"Unknown plugin {plugin_id!r} for {self.worker_type} jobs")
         return meta_name(meta) or plugin_id
-    if self._known_plugins is None: await self.start()
+    if self._known_plugins is None: await self._wait_ready(every=False)  # one worker's READY lists them
     if self._known_plugins is not None and plugin_id not in self._known_plugins:  # None: the worker did not list them
         raise ValueError(f"Unknown plugin {plugin_id!r}; the worker has {sorted(self._known_plugins)}")
     return plugin_id
@@ -686,7 +692,7 @@ def _worker_row(self:BaseJobManager, slot) -> Dict[str, Any]:
     "One slot of the pool, for a dashboard (under the lock)."
     w = slot.worker
     if self._closed: state = 'stopped'
-    elif w is None: state = 'restarting' if slot.spawn_due is not None else 'not started'
+    elif w is None: state = 'not started' if slot.spawn_due is None else 'restarting' if slot.spawn_is_restart else 'starting'
     elif not w.ready: state = 'starting'
     else: state = 'busy' if w.job_id is not None else 'idle'
     return {'worker_id': slot.id, 'pid': w.pid if w else None, 'alive': bool(w and w.transport.alive()),
@@ -750,11 +756,14 @@ def shutdown(self:BaseJobManager):
             w.commands.clear(); w.pending.clear()
         if sup is not None:
             sup.closed = True
-            for loop, fut in sup.ready_waiters: resolve(loop, fut, exc=RuntimeError(f"{self.worker_type} job manager is shut down"))
+            for loop, fut, _ in sup.ready_waiters: resolve(loop, fut, exc=RuntimeError(f"{self.worker_type} job manager is shut down"))
             sup.ready_waiters = []
             sup.wake()
     thread = self.result_monitor_thread
     if thread is not None and thread is not threading.current_thread(): thread.join(5)
+    for t in (sup.stop_starts(timeout=2.0) if sup is not None else []):
+        log.debug("%s: a worker still starting is ended (%s)", self.worker_type, t.name)
+        t.close()  # a Ray actor still waiting for a node: its start raises, and it is gone
     timeout = self.worker_config.shutdown_timeout_seconds
     for w in workers: w.transport.stop(graceful=id(w) not in busy, timeout=timeout)
     for w in workers: w.transport.close()

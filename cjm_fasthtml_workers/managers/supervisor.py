@@ -66,6 +66,7 @@ class Slot:
     cancels: int = 0  # Ends asked for: cancel, timeout
     spawn_due: Optional[float] = None  # time.monotonic() when a worker is to start in it
     spawn_is_restart: bool = False  # Whether that start is a restart
+    starting: Any = None  # Once the start due is handed to a starter thread: True, then the transport it starts
     restart_after: Optional[str] = None  # The kill reason behind the restart due (None: a crash)
     last_exit: Optional[str] = None  # How its last worker ended
 
@@ -90,21 +91,28 @@ class Supervisor:
         self.lock, self.book, self.config = manager._lock, manager._book, manager.worker_config
         self.worker_type = manager.worker_type
         self.slots = [Slot(i, gpu) for i, gpu in enumerate(gpus)]
-        self.current: Optional[Slot] = None  # the slot a documented hook called now is about
+        self._local = threading.local()  # `current`, one per thread: the round's and the starter's
         # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a held
         # job cannot go to the next free worker) or with a store (a held job counts as started if the app dies)
         p = self.config.prefetch_jobs
         self.prefetch = (1 if len(gpus) == 1 and manager.job_store is None else 0) if p is None else p
         self.ready_fds: set = set()  # what the last wait returned
-        self.ready_waiters: list = []  # (loop, future) of start()
+        self.ready_waiters: list = []  # (loop, future, every): start() waits for every worker, a first job for one
         self.fx: list = []  # calls into user code queued under the lock
         self.closed = False
         self.thread: Optional[threading.Thread] = None
+        self.starters: set = set()  # the threads starting a worker now, one per slot
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self._poll, self._registered = (select.poll() if hasattr(select, 'poll') else None), {}
 
     def workers(self) -> List[Worker]: return [s.worker for s in self.slots if s.worker is not None]
+
+    @property
+    def current(self) -> Optional[Slot]: # The slot a documented hook called now, on this thread, is about
+        return getattr(self._local, 'slot', None)
+    @current.setter
+    def current(self, slot:Optional[Slot]): self._local.slot = slot
 
     def wake(self):
         try: os.write(self.wake_w, b'x')
@@ -134,7 +142,7 @@ class Supervisor:
             want = {self.wake_r: select.POLLIN}
             for slot in self.slots:
                 if slot.worker is None:
-                    if slot.spawn_due is not None: due.append(slot.spawn_due)
+                    if slot.spawn_due is not None and not slot.starting: due.append(slot.spawn_due)
                     continue
                 w, t = slot.worker, slot.worker.transport
                 for fd in t.fds(): want[fd] = select.POLLIN  # its open pipes and its death fd
@@ -169,7 +177,7 @@ class Supervisor:
             due = self.due_slots()
         for w in kills: w.transport.kill()  # psutil scans: not under the lock
         self.run_effects()
-        for slot in due: self.start_slot(slot)
+        for slot in due: self.hand_start(slot)
 
     # ----- read ---------------------------------------------------------------------------------------------------
     def read(self) -> list:
@@ -255,12 +263,13 @@ class Supervisor:
         self.check_ready()
 
     def check_ready(self):
-        "Resolve start() once no slot still waits for its worker to be ready."
-        if any(s.worker is not None and not s.worker.ready or s.worker is None and s.spawn_due is not None
-               for s in self.slots): return
-        if not any(s.worker is not None for s in self.slots): return  # none is ready: give_up says why
-        for loop, fut in self.ready_waiters: resolve(loop, fut, True)
-        self.ready_waiters = []
+        "Resolve start() once no slot still waits for its worker to be ready, and a first job once one is."
+        if not any(s.worker is not None and s.worker.ready for s in self.slots): return  # give_up says why, if none comes
+        waiting = any(s.worker is not None and not s.worker.ready or s.worker is None and s.spawn_due is not None
+                      for s in self.slots)
+        for loop, fut, every in self.ready_waiters:
+            if not (every and waiting): resolve(loop, fut, True)
+        self.ready_waiters = [w for w in self.ready_waiters if w[2] and waiting]
 
     def answer(self, w:Worker, msg:WorkerResponse):
         "A command's answer: match it by request id, else (documented workers) the oldest of its request type."
@@ -489,7 +498,7 @@ class Supervisor:
         "If no worker runs or is coming in any slot, fail the waiting jobs and start() with `err`."
         if any(s.worker is not None or s.spawn_due is not None for s in self.slots): return self.check_ready()
         while (job_id := self.book.take()) is not None: self.book.finish(self.book.jobs[job_id], 'failed', error=err)
-        for loop, fut in self.ready_waiters: resolve(loop, fut, exc=RuntimeError(err))
+        for loop, fut, _ in self.ready_waiters: resolve(loop, fut, exc=RuntimeError(err))
         self.ready_waiters = []
 
     # ----- deadlines ----------------------------------------------------------------------------------------------
@@ -529,27 +538,58 @@ class Supervisor:
 
     # ----- starting workers ---------------------------------------------------------------------------------------
     def due_slots(self) -> List[Slot]:
+        "The slots whose start is due now, marked as handed to the starter (under the lock)."
         if self.closed: return []
         now = time.monotonic()
-        return [s for s in self.slots if s.worker is None and s.spawn_due is not None and now >= s.spawn_due]
+        due = [s for s in self.slots if s.worker is None and s.spawn_due is not None and not s.starting
+               and now >= s.spawn_due]
+        for s in due: s.starting = True
+        return due
+
+    def hand_start(self, slot:Slot):
+        "Start `slot`'s worker on a thread of its own: one waiting for a node holds up neither the round nor another."
+        t = threading.Thread(target=self.run_start, args=(slot,), name=f'{self.worker_type}-start-{slot.id}',
+                             daemon=True)
+        with self.lock: self.starters.add(t)
+        t.start()
+
+    def run_start(self, slot:Slot):
+        "A starter thread: start the worker, then wake the round to poll it."
+        try: self.start_slot(slot)
+        finally:
+            with self.lock: self.starters.discard(threading.current_thread())
+            self.wake()
+
+    def stop_starts(self, timeout:float) -> list: # Transports still starting after `timeout` (a Ray actor's wait)
+        "Wait up to `timeout` seconds for the starts in hand to finish (shutdown)."
+        deadline = time.monotonic() + timeout
+        with self.lock: starters = list(self.starters)
+        for t in starters: t.join(max(0.0, deadline - time.monotonic()))
+        with self.lock: return [s.starting for s in self.slots if s.starting not in (None, True)]
 
     def start_slot(self, slot:Slot):
         "Start the worker due in `slot` through the documented hooks: a first one or a restart."
         m = self.manager()
-        if m is None: return
+        if m is None or self.closed:
+            with self.lock: slot.starting = None
+            return
         self.current = slot
         try:
             if slot.spawn_is_restart: m._restart_worker()
             else: m._start_worker()
         except Exception as e:
-            log.exception("%s: could not start a worker (slot %s)", self.worker_type, slot.id)
+            if self.closed: log.debug("%s: start of slot %s ended by shutdown (%s)", self.worker_type, slot.id, e)
+            else: log.exception("%s: could not start a worker (slot %s)", self.worker_type, slot.id)
             with self.lock:
                 slot.spawn_due = None  # no retry loop: the next start_job tries again
-                self.give_up_if_none(f"Could not start a worker: {type(e).__name__}: {e}")
+                if not self.closed: self.give_up_if_none(f"Could not start a worker: {type(e).__name__}: {e}")
+        finally:
+            with self.lock: slot.starting = None
         self.run_effects()
 
     def start_worker(self, m, slot:Slot, transport) -> Optional[int]: # pid; None if the manager closed meanwhile
         "Spawn `transport` (outside the lock), make it `slot`'s worker and send it INIT."
+        slot.starting = transport  # shutdown ends a start still waiting (a Ray actor's placement) through it
         transport.start()
         with self.lock:
             if not self.closed:
