@@ -446,7 +446,7 @@ def test_actor_death_reason_is_logged(nothing_left, caplog):
     run(main())
 
 def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
-    """Three workers asking a GPU each of two: the third waits for a node (60 s at most) while the other two run jobs,
+    """Three workers asking a GPU each of two: the third waits for a node (30 s at most) while the other two run jobs,
     a cancel is handled meanwhile, and shutdown ends the waiting actor."""
     async def main():
         m, _ = make(max_workers=3, ray_actor_options={'num_gpus': 1})
@@ -463,6 +463,19 @@ def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
             def waiting(): return [r['worker_id'] for r in m.get_workers_info() if r['state'] in ('starting', 'restarting')]
             await until(lambda: len(waiting()) == 1, 20)
             assert len(live_hosts()) == 3
+        finally: m.shutdown()
+        assert_terminal(m)
+    run(main())
+
+def test_the_wait_for_a_node_is_bounded_by_the_start_timeout(nothing_left, caplog):
+    "`worker_start_timeout_seconds` bounds it: the waiting worker's start fails saying why; the others go on."
+    async def main():
+        m, _ = make(max_workers=3, ray_actor_options={'num_gpus': 1}, worker_start_timeout_seconds=10)
+        try:
+            done = [await finish(m, await m.start_job('echo', text=str(i)), 30) for i in range(3)]
+            assert [j.status for j in done] == ['completed'] * 3
+            await until(lambda: [r["state"] for r in m.get_workers_info()].count("not started") == 1, 30)
+            assert "did not place its actor ({'num_gpus': 1" in caplog.text and 'within 10 s' in caplog.text
         finally: m.shutdown()
         assert_terminal(m)
     run(main())

@@ -30,7 +30,7 @@ class WorkerConfig:
     restart_backoff_base_seconds: float = 1.0  # Base delay for exponential backoff
     restart_backoff_max_seconds: float = 60.0  # Max delay for backoff
     max_workers: int = 1  # Worker processes in the pool
-    worker_start_timeout_seconds: float = 30.0  # How long the worker may take to report READY
+    worker_start_timeout_seconds: float = 30.0  # How long the worker may take to report READY (Ray: and to be placed)
     reload_timeout_seconds: float = 30.0  # How long a reload may take before it is reported failed
     unload_timeout_seconds: float = 10.0  # How long an unload may take before it is reported failed
     shutdown_timeout_seconds: float = 5.0  # Grace given to a stopping worker before it is terminated

@@ -128,8 +128,8 @@ def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional
     "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
     if config.backend == 'ray':
         from cjm_fasthtml_workers.backends.ray import RayWorker
-        return RayWorker(entry_point, name, env=env, address=config.ray_address,
-                         init_options=config.ray_init_options, actor_options=config.ray_actor_options)
+        return RayWorker(entry_point, name, env=env, address=config.ray_address, init_options=config.ray_init_options,
+                         actor_options=config.ray_actor_options, start_timeout=config.worker_start_timeout_seconds)
     return ProcessWorker(entry_point, name, env=env)
 
 def _check_entry_point(fn:Callable):
