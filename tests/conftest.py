@@ -1,19 +1,27 @@
-"Shared fixtures: every process test ends by asserting that no child process is left."
-import socket, subprocess, time
+"Shared fixtures: every process test ends by asserting that no child process is left; the backends a test runs on."
+import os, socket, subprocess, time, uuid
 from pathlib import Path
 import psutil, pytest
+
+from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 
 def _is_resource_tracker(p: psutil.Process) -> bool:
     "multiprocessing's resource tracker lives as long as the test session; it is not a leak."
     try: return any('resource_tracker' in part for part in p.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess): return False
 
+def _is_ray_own(p: psutil.Process) -> bool:
+    "A process of the module's Ray instance (its daemons, idle workers, actors): not ours, which carry a worker token."
+    try: cmd, env = p.cmdline(), p.environ()
+    except psutil.Error: return False
+    return TOKEN_ENV not in env and bool(cmd) and (cmd[0].startswith('ray::') or any('/ray/' in c for c in cmd[:3]))
+
 def live_children() -> list:
-    "This process's descendants that still run, the resource tracker excepted."
+    "This process's descendants that still run, the resource tracker and a Ray instance's own processes excepted."
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p): out.append(p)
+            if p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p) and not _is_ray_own(p): out.append(p)
         except psutil.NoSuchProcess: pass
     return out
 
@@ -81,3 +89,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+# ----- the backends: local processes, and a local Ray instance (one per test module) ---------------------------
+RAY_MARK_ENV = 'CJM_TEST_RAY_INSTANCE'  # in the environment of every process of the module's Ray instance
+
+@pytest.fixture(scope='module')
+def ray_instance():
+    "A local Ray instance for the module: two CPUs, two logical GPUs, loopback, no dashboard; its mark."
+    ray = pytest.importorskip('ray', reason="the Ray backend needs ray: pip install -e '.[ray]'")
+    os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+    mark = uuid.uuid4().hex
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address='127.0.0.1',
+             runtime_env={'env_vars': {RAY_MARK_ENV: mark}})
+    yield mark
+    ray.shutdown()
+
+def token_carriers(mark: str) -> list:
+    "Our workers on the Ray instance marked `mark`, and whatever they started: processes with a worker's token."
+    out = []  # other programs on this machine (another test run) have workers with tokens too: not ours
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if TOKEN_ENV in env and env.get(RAY_MARK_ENV) == mark: out.append(p)
+        except (psutil.Error, OSError): pass
+    return out
+
+def live_hosts() -> list:
+    "Host actors Ray does not count as dead (the state API without a dashboard: the GCS's actor table)."
+    import ray
+    return [a for a in ray._private.state.actors().values()
+            if a['ActorClassName'] == 'RayWorkerHost' and a['State'] != 'DEAD']
+
+def assert_nothing_left_on_ray(mark: str):
+    "No host actor, no worker process (nor anything a worker started), every GPU free; what is left is ended."
+    import ray
+    def left(): return token_carriers(mark), live_hosts(), ray.available_resources().get('GPU')
+    deadline = time.monotonic() + 10
+    while left() != ([], [], 2.0) and time.monotonic() < deadline: time.sleep(0.05)
+    procs, hosts, gpus = left()
+    for p in procs:  # ours, by the mark: ended so that the next test starts clean
+        try: p.kill()
+        except psutil.Error: pass
+    assert not procs and not hosts and gpus == 2.0, \
+        f"left behind: processes {[p.pid for p in procs]}, {len(hosts)} actors, {2.0 - (gpus or 0)} GPUs held"
+
+@pytest.fixture(params=['process', 'ray'])
+def backend(request):
+    "Run the test on each backend: worker subprocesses of the app, and workers on a local Ray instance."
+    if request.param == 'ray':
+        mark = request.getfixturevalue('ray_instance')
+        request.addfinalizer(lambda: assert_nothing_left_on_ray(mark))
+    return request.param

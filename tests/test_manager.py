@@ -35,10 +35,10 @@ class RecordingResourceManager:
     def unregister_worker(self, pid): self.calls.append(('unregister', pid))
     def update_worker_state(self, pid, **kw): self.calls.append(('update', pid, kw))
 
-def make(policy=RestartPolicy.ON_CANCELLATION, **cfg):
+def make(policy=RestartPolicy.ON_CANCELLATION, backend='process', **cfg):
     events = Recorder()
     m = TextJobManager('text', 'test', supports_streaming=True, event_broadcaster=events,
-                       worker_config=WorkerConfig(restart_policy=policy, **cfg))
+                       worker_config=WorkerConfig(restart_policy=policy, backend=backend, **cfg))
     return m, events
 
 def run(coro): return asyncio.run(asyncio.wait_for(coro, 120))
@@ -57,9 +57,9 @@ def assert_terminal(m):
         if j.status == 'completed': assert j.result is not None
 
 # ----- happy path -------------------------------------------------------------------------------------------
-def test_many_jobs_in_order(no_leftover_processes):
+def test_many_jobs_in_order(no_leftover_processes, backend):
     async def main():
-        m, events = make()
+        m, events = make(backend=backend)
         try:
             jobs = [await m.start_job('echo', text=f'job {i}') for i in range(60)]
             done = [await finish(m, j) for j in jobs]
@@ -74,9 +74,9 @@ def test_many_jobs_in_order(no_leftover_processes):
         assert_terminal(m)
     run(main())
 
-def test_pending_until_started_then_running(no_leftover_processes):
+def test_pending_until_started_then_running(no_leftover_processes, backend):
     async def main():
-        m, _ = make()
+        m, _ = make(backend=backend)
         try:
             await m.start()
             slow = await m.start_job('sleep', seconds=0.6)
@@ -90,9 +90,9 @@ def test_pending_until_started_then_running(no_leftover_processes):
     run(main())
 
 # ----- cancellation -----------------------------------------------------------------------------------------
-def test_cancel_pending_leaves_worker(no_leftover_processes):
+def test_cancel_pending_leaves_worker(no_leftover_processes, backend):
     async def main():
-        m, events = make()
+        m, events = make(backend=backend)
         try:
             await m.start()
             pid = m.worker_process.pid
@@ -109,9 +109,9 @@ def test_cancel_pending_leaves_worker(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes):
+def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes, backend):
     async def main():
-        m, events = make()
+        m, events = make(backend=backend)
         try:
             await m.start()
             pid = m.worker_process.pid
@@ -130,9 +130,9 @@ def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes):
         assert_terminal(m)
     run(main())
 
-def test_cancel_kills_grandchildren(no_leftover_processes, tmp_path):
+def test_cancel_kills_grandchildren(no_leftover_processes, tmp_path, backend):
     async def main():
-        m, _ = make()
+        m, _ = make(backend=backend)
         try:
             pid_file = tmp_path / 'child.pid'
             job = await m.start_job('spawn', pid_file=str(pid_file))
@@ -150,9 +150,9 @@ CRASHES = {'kill': ({}, 'SIGKILL'), 'segv': ({}, 'SIGSEGV'), 'exit': ({'code': 3
 
 @pytest.mark.parametrize('policy', list(RestartPolicy))
 @pytest.mark.parametrize('crash', list(CRASHES))
-def test_crash_matrix(no_leftover_processes, crash, policy):
+def test_crash_matrix(no_leftover_processes, crash, policy, backend):
     async def main():
-        m, events = make(policy, restart_backoff_base_seconds=0.1)
+        m, events = make(policy, restart_backoff_base_seconds=0.1, backend=backend)
         try:
             await m.start()
             pid = m.worker_process.pid
@@ -214,9 +214,9 @@ def test_backoff_waits_on_a_timer(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-def test_job_timeout(no_leftover_processes, tmp_path):
+def test_job_timeout(no_leftover_processes, tmp_path, backend):
     async def main():
-        m, _ = make(job_timeout_seconds=0.5)
+        m, _ = make(job_timeout_seconds=0.5, backend=backend)
         try:
             pid_file = tmp_path / 'child.pid'
             hung = await m.start_job('spawn', pid_file=str(pid_file))
@@ -275,9 +275,9 @@ def test_registry_and_resource_manager_integration(no_leftover_processes):
     run(main())
 
 # ----- plugin commands -------------------------------------------------------------------------------------
-def test_reload_and_unload(no_leftover_processes):
+def test_reload_and_unload(no_leftover_processes, backend):
     async def main():
-        m, _ = make(reload_timeout_seconds=0.3)
+        m, _ = make(reload_timeout_seconds=0.3, backend=backend)
         try:
             assert await m.reload_plugin('echo', {'prefix': 'A:'})
             assert (await finish(m, await m.start_job('echo', text='1'))).result['text'] == 'A:1'
@@ -299,9 +299,9 @@ def test_reload_and_unload(no_leftover_processes):
     run(main())
 
 # ----- streaming, progress, events -----------------------------------------------------------------------------
-def test_streaming_arrives_while_running(no_leftover_processes):
+def test_streaming_arrives_while_running(no_leftover_processes, backend):
     async def main():
-        m, events = make()
+        m, events = make(backend=backend)
         try:
             job = await m.start_job('stream', text='a b c d e', delay=0.1, stream=True)
             seen = []
@@ -320,9 +320,9 @@ def test_streaming_arrives_while_running(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-def test_progress(no_leftover_processes):
+def test_progress(no_leftover_processes, backend):
     async def main():
-        m, events = make()
+        m, events = make(backend=backend)
         try:
             job = await m.start_job('sleep', seconds=0.4, steps=4)
             await until(lambda: job.progress is not None)
@@ -336,10 +336,10 @@ def test_progress(no_leftover_processes):
     run(main())
 
 # ----- shutdown --------------------------------------------------------------------------------------------
-def test_shutdown_with_work_in_flight(no_leftover_processes, tmp_path):
+def test_shutdown_with_work_in_flight(no_leftover_processes, tmp_path, backend):
     async def main():
         rm = RecordingResourceManager()
-        m, events = make()
+        m, events = make(backend=backend)
         m.resource_manager = rm
         pid_file = tmp_path / 'child.pid'
         running = await m.start_job('spawn', pid_file=str(pid_file))
@@ -358,9 +358,9 @@ def test_shutdown_with_work_in_flight(no_leftover_processes, tmp_path):
         assert events.of(running.id)[-1] == 'cancelled'
     run(main())
 
-def test_shutdown_idle_is_graceful(no_leftover_processes):
+def test_shutdown_idle_is_graceful(no_leftover_processes, backend):
     async def main():
-        m, _ = make()
+        m, _ = make(backend=backend)
         await m.start()
         proc = m.worker_process
         m.shutdown()
@@ -387,10 +387,10 @@ def test_interpreter_exit_shuts_down(no_leftover_processes, tmp_path):
     assert pid_gone(int(proc.stdout.split()[0]))
 
 # ----- soak and event loop ---------------------------------------------------------------------------------
-def test_soak_random_kills(no_leftover_processes):
+def test_soak_random_kills(no_leftover_processes, backend):
     "Hundreds of jobs while the worker is killed at random: every job ends exactly once, results are right."
     async def main():
-        m, events = make(RestartPolicy.ALWAYS, max_restart_attempts=1000)
+        m, events = make(RestartPolicy.ALWAYS, max_restart_attempts=1000, backend=backend)
         rng = random.Random(1234)
         try:
             jobs = [await m.start_job(rng.choice(['echo', 'echo', 'sleep']), text=f't{i}', seconds=0.002) for i in range(400)]
@@ -415,10 +415,10 @@ def test_soak_random_kills(no_leftover_processes):
         assert_terminal(m)
     run(main())
 
-def test_event_loop_never_stalls(no_leftover_processes):
+def test_event_loop_never_stalls(no_leftover_processes, backend):
     "A 1 ms ticker keeps ticking through submissions, a cancel, a reload and an unload."
     async def main():
-        m, _ = make()
+        m, _ = make(backend=backend)
         stalls, stop = [], False
         async def ticker():
             last = time.perf_counter()
