@@ -41,13 +41,9 @@ async def sequential(m, n:int) -> float: # ms per job
 
 async def pipelined(m, n:int) -> tuple: # (ms per job, longest event-loop stall in ms)
     "`n` jobs submitted back to back, each in its own turn of the loop, then the last awaited; a 1 ms ticker runs."
-    from library import Ticker, submit_all, _check
-    async with Ticker() as ticker:
-        t0 = time.perf_counter()
-        jobs = await submit_all(m, n)
-        seconds = time.perf_counter() - t0
-    for j in jobs: _check(j)
-    return seconds / n * 1e3, ticker.stall * 1e3
+    from library import throughput
+    rate, stall = await throughput(m, n)  # it clears the jobs after the ticker stops, as settle() would
+    return 1e3 / rate, stall * 1e3
 
 def settle(m):
     "Clear the finished jobs (from the store too) and wait until the store has done so: the next sample starts even."
