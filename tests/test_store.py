@@ -1,5 +1,5 @@
 "The durable job store: round trips, order, batching, recovery, retention, the lock, corrupt and locked files."
-import asyncio, logging, os, pickle, sqlite3, subprocess, sys, threading, time
+import asyncio, logging, os, pickle, sqlite3, stat, subprocess, sys, tempfile, threading, time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,3 +363,163 @@ def test_what_is_queued_is_written_at_interpreter_exit(tmp_path, no_leftover_pro
                            capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, child.stderr
     assert len(rows(tmp_path/'j.db')) == 1000
+
+
+# ----- private files, records that run no code (issue 18) ---------------------------------------------------------------
+def mode(path) -> int: return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_000():
+    "The most permissive umask: what the store makes must be private all the same."
+    old = os.umask(0o000)
+    yield
+    os.umask(old)
+
+
+def test_the_files_and_directories_it_makes_are_private_whatever_the_umask(tmp_path, stores, umask_000):
+    path = tmp_path/'data'/'app'/'jobs.sqlite'  # neither directory is there yet
+    s, _ = reopen(stores, path)
+    s.write([job(1)], lambda: None)
+    assert s.flush()
+    made = {p: mode(p) for p in (tmp_path/'data', tmp_path/'data'/'app', path, f'{path}-wal', f'{path}-shm',
+                                 f'{path}.lock')}
+    assert made == {**{p: 0o700 for p in list(made)[:2]}, **{p: 0o600 for p in list(made)[2:]}}, made
+    s.close()
+    _, back = reopen(stores, path)  # what it made it accepts
+    assert [j.id for j in back] == ['j00001']
+
+
+@pytest.mark.parametrize('dir_mode, error', [(0o755, None), (0o700, None),
+                                             (0o777, 'writable by its group and others (mode 777)'),
+                                             (0o757, 'writable by others (mode 757)'),
+                                             (0o1777, 'is a shared directory (mode 1777)')],
+                         ids=['0755', '0700', '0777', '0757', '1777'])
+def test_a_directory_others_may_write_to_is_refused(tmp_path, stores, dir_mode, error):
+    folder = tmp_path/'d'
+    folder.mkdir()
+    folder.chmod(dir_mode)
+    if error is None:  # a directory made with the default umask 022, or one of the user's own
+        reopen(stores, folder/'jobs.db')
+        return
+    with pytest.raises(JobStoreError) as e: reopen(stores, folder/'jobs.db')
+    assert error in str(e.value) and str(folder) in str(e.value), e.value
+    assert ('mkdir -m 700' if dir_mode & stat.S_ISVTX else 'chmod go-w') in str(e.value)
+    assert os.listdir(folder) == []  # refused before anything was made in it
+
+
+def test_the_shared_temp_directory_itself_is_refused(stores):
+    tmp = tempfile.gettempdir()
+    if not os.stat(tmp).st_mode & 0o002: pytest.skip(f"{tmp} is not writable by others here")
+    with pytest.raises(JobStoreError, match='shared directory|writable by'):
+        reopen(stores, os.path.join(tmp, f'cjm-store-test-{os.getpid()}.db'))
+    assert not os.path.exists(os.path.join(tmp, f'cjm-store-test-{os.getpid()}.db'))
+
+
+@pytest.mark.parametrize('suffix', ['', '-wal', '-shm', '.lock'])
+def test_a_file_others_may_write_to_is_refused(tmp_path, stores, suffix):
+    path = tmp_path/'jobs.db'
+    s, _ = reopen(stores, path)
+    s.write([job(1)], lambda: None)
+    s.flush()
+    os.chmod(f'{path}{suffix}', 0o666)  # the -wal and -shm stay while the store is open
+    s.close()
+    Path(f'{path}{suffix}').touch()  # sqlite removes the -wal and -shm at its last close: here they are again
+    os.chmod(f'{path}{suffix}', 0o666)
+    with pytest.raises(JobStoreError) as e: reopen(stores, path)
+    assert f'{path}{suffix} is writable by its group and others (mode 666)' in str(e.value), e.value
+    assert f'chmod go-w {path}{suffix}' in str(e.value)
+
+
+def test_a_group_writable_directory_is_fine_only_for_the_users_private_group(tmp_path, stores):
+    folder = tmp_path/'d'
+    folder.mkdir()
+    folder.chmod(0o775)  # what umask 002 makes, on systems that give each user a group of their own
+    private = store_module.private_group(os.stat(folder).st_gid, os.geteuid())
+    if private: reopen(stores, folder/'jobs.db')
+    else:
+        with pytest.raises(JobStoreError, match='writable by its group'): reopen(stores, folder/'jobs.db')
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user (os.chown) needs root")
+
+
+@needs_root
+@pytest.mark.parametrize('what', ['directory', 'database', 'lock'])
+def test_files_of_another_user_are_refused(tmp_path, stores, what):
+    folder = tmp_path/'d'
+    folder.mkdir()
+    path = folder/'jobs.db'
+    if what != 'directory':
+        reopen(stores, path)[0].close()
+    planted = {'directory': folder, 'database': path, 'lock': f'{path}.lock'}[what]
+    os.chown(planted, 65534, 65534)  # nobody: as if another user had made it first
+    with pytest.raises(JobStoreError) as e: reopen(stores, path)
+    assert f'{planted} is owned by uid 65534, not by this user (uid 0)' in str(e.value), e.value
+
+
+def test_a_database_others_may_read_is_used_with_a_warning(tmp_path, stores, caplog):
+    path = tmp_path/'jobs.db'
+    reopen(stores, path)[0].close()
+    path.chmod(0o644)  # as an older version made it
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__): reopen(stores, path)
+    assert 'readable by other users (mode 644)' in caplog.text and f'chmod 600 {path}' in caplog.text
+
+
+class Planted:
+    "A record someone could plant: unpickling it runs a shell command."
+    def __init__(self, command): self.command = command
+    def __reduce__(self): return (os.system, (self.command,))
+
+
+@dataclass
+class Segment:
+    "A type of the app's own that its jobs hold: read back once the app allows it."
+    text: str = ''
+
+
+def plant(path, job_id, blob, status='pending', namespace='t'):
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO worker_jobs (namespace, id, status, blob) VALUES (?, ?, ?, ?)",
+                   (namespace, job_id, status, blob))
+
+
+def test_a_planted_record_runs_nothing_and_the_store_still_opens(tmp_path, stores, caplog):
+    path, ran = tmp_path/'jobs.db', tmp_path/'ran'
+    s, _ = reopen(stores, path)
+    s.write([job(1), job(2, metadata={'segment': Segment('hi')})], lambda: None)
+    s.close()
+    plant(path, 'reduce', pickle.dumps(Planted(f'touch {ran}-reduce'), 5), status='running')
+    plant(path, 'global', f"cos\nsystem\n(S'touch {ran}-global'\ntR.".encode())  # protocol 0, by hand
+    plant(path, 'eval', pickle.dumps(Planted(f'touch {ran}-eval'), 0).replace(b'posix', b'builtins')
+          .replace(b'system', b'eval'))
+    with caplog.at_level(logging.ERROR, logger=store_module.__name__):
+        s, back = reopen(stores, path, recovery='requeue')
+    assert list(tmp_path.glob('ran*')) == []  # nothing ran
+    assert [j.id for j in back] == ['j00001']  # j00002 holds a Segment, which is not allowed yet
+    assert set(s.unreadable) == {'j00002', 'reduce', 'global', 'eval'}
+    assert 'it names posix.system, which the job store does not load' in s.unreadable['reduce']
+    assert 'it names os.system' in s.unreadable['global'] and 'builtins.eval' in s.unreadable['eval']
+    assert 'Segment' in s.unreadable['j00002'] and 'allowed_classes=' in s.unreadable['j00002']
+    assert 'job reduce cannot be read back (UnreadableRecord: it names posix.system' in caplog.text
+    s.write([job(3)], lambda: None)  # the store works on
+    s.close()
+    assert [r[:2] for r in rows(path)] == [('j00001', 'pending'), ('j00002', 'pending'), ('reduce', 'running'),
+                                           ('global', 'pending'), ('eval', 'pending'), ('j00003', 'pending')]
+    s, back = reopen(stores, path, allowed_classes=[Segment])  # nothing was lost: allowed, it reads back
+    assert [j.id for j in back] == ['j00001', 'j00002', 'j00003']
+    assert back[1].metadata == {'segment': Segment('hi')} and list(tmp_path.glob('ran*')) == []
+
+
+def test_what_a_job_holds_of_the_safe_types_reads_back(tmp_path, stores):
+    import datetime, decimal, uuid
+    from collections import OrderedDict, deque
+    held = {'when': datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc), 'day': datetime.date(2026, 1, 2),
+            'took': datetime.timedelta(seconds=3), 'price': decimal.Decimal('1.10'), 'id': uuid.UUID(int=7),
+            'path': Path('/a/b.wav'), 'set': {1, 2}, 'frozen': frozenset({3}), 'bytes': b'x', 'raw': bytearray(b'y'),
+            'complex': 1 + 2j, 'tuple': (1, (2, None)), 'ordered': OrderedDict(a=1), 'deque': deque([1, 2])}
+    s, _ = reopen(stores, tmp_path/'j.db')
+    s.write([TranscriptionJob('t1', 'whisper', metadata=held)], lambda: None)
+    s.close()
+    _, back = reopen(stores, tmp_path/'j.db')
+    assert back[0].metadata == held and type(back[0]) is TranscriptionJob

@@ -453,6 +453,36 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
     run(second())
 
 
+# ----- 4b. a record the app did not write (issue 18) ------------------------------------------------------------------
+class Planted:
+    "A record someone could plant: unpickling it runs a shell command."
+    def __init__(self, command): self.command = command
+    def __reduce__(self): return (os.system, (self.command,))
+
+def test_a_planted_record_runs_nothing_and_the_manager_works_on(tmp_path, no_leftover_processes):
+    db, ran = tmp_path / 'jobs.db', tmp_path / 'ran'
+    async def first():
+        m = manager(db)
+        try: return await m.wait_for_job((await m.start_job('echo', text='kept')).id, timeout=30)
+        finally: m.shutdown()
+    kept = run(first())
+    with closing(sqlite3.connect(db)) as c, c:  # what another user could write, had they the file
+        c.execute("INSERT INTO worker_jobs (namespace, id, status, blob) VALUES ('text', 'planted', 'pending', ?)",
+                  (pickle.dumps(Planted(f'touch {ran}'), 5),))
+    async def second():
+        m = manager(db)
+        try:
+            assert [j.id for j in m.get_all_jobs()] == [kept.id] and m.get_job('planted') is None
+            assert 'it names posix.system' in m.job_store.unreadable['planted']
+            done = await m.wait_for_job((await m.start_job('echo', text='new')).id, timeout=30)
+            assert done.status == 'completed'
+        finally: m.shutdown()
+    run(second())
+    assert not ran.exists()
+    with closing(sqlite3.connect(db)) as c:  # the row is kept as it was, unread
+        assert c.execute("SELECT status FROM worker_jobs WHERE id = 'planted'").fetchall() == [('pending',)]
+
+
 # ----- 5. a job that cannot be stored -----------------------------------------------------------------------------------
 class CallbackManager(RunLogManager):
     "Keeps a callback in the job record that is never sent to the worker: the request pickles, the record does not."
