@@ -6,8 +6,7 @@
 __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, queue, sys, threading, time, uuid, weakref
-from collections import deque
+import asyncio, atexit, logging, os, queue, sys, threading, time, weakref
 import multiprocessing.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, Wo
 from ..core.worker import dumps_message
 from ..extensions.protocols import (
     PluginRegistryProtocol, ResourceManagerProtocol, EventBroadcasterProtocol)
-from .jobs import TERMINAL_STATUSES, JobBook, _END, call_soon, now_iso, resolve, result_envelope
-from .supervisor import Supervisor
+from .events import EventPump
+from .jobs import TERMINAL_STATUSES, JobBook, _END, now_iso, result_envelope
+from .supervisor import Slot, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -70,41 +70,62 @@ class _Effects:
         self.calls.put(None)
         if self.thread is not threading.current_thread(): self.thread.join(timeout)
 
+# %% ../../nbs/managers/base.ipynb #hk000002
+class _Hooks:
+    "A manager as its supervisor sees it (`SupervisorHooks`), held weakly."
+    def __init__(self, manager): self.ref, self.local = weakref.ref(manager), threading.local()
+
+    @property
+    def slot(self) -> Optional[Slot]: return getattr(self.local, 'slot', None) # The slot of the hook running here
+
+    def _call(self, slot:Optional[Slot], fn:Callable):
+        "Run `fn(manager)` with `slot` as the slot its hooks are about (nothing once the manager is gone)."
+        m = self.ref()
+        if m is None: return None
+        before, self.local.slot = self.slot, slot
+        try: return fn(m)
+        finally: self.local.slot = before
+
+    def alive(self) -> bool: return self.ref() is not None
+    def round(self): self._call(None, lambda m: m._monitor_results())
+    def start(self, slot, restart): self._call(slot, lambda m: m._restart_worker() if restart else m._start_worker())
+    def init(self, slot): self._call(slot, lambda m: m._init_worker())
+    def death(self, slot): self._call(slot, lambda m: m._handle_worker_error())
+    def result(self, slot, raw, job): self._call(slot, lambda m: m._settle_job_result(raw, job))
+    def chunk(self, slot, raw): self._call(slot, lambda m: m._guarded(m._handle_stream_chunk, raw))
+    def emit(self, suffix, data): self._call(None, lambda m: m._emit(suffix, data))
+    def config_for(self, plugin): return self._call(None, lambda m: m._config_for(plugin)) or {}
+    def plugins_seen(self, names): self._call(None, lambda m: setattr(m, '_known_plugins', names))
+    def effects(self, calls): self._call(None, lambda m: m._effects.run(calls))
+
+# %% ../../nbs/managers/base.ipynb #hk000003
+@patch
+def resource(self:_Hooks, method:str, *args, **kwargs) -> List[Callable]:
+    "A call into the resource manager, for the effects thread ([] without one)."
+    m = self.ref()
+    rm = None if m is None else m.resource_manager
+    return [] if rm is None else [lambda: getattr(rm, method)(*args, **kwargs)]
+
+@patch
+def job_started(self:_Hooks, job, plugin:str, config:dict, pid:int) -> List[Callable]:
+    "The manager's record of the last start, and the resource manager's update, for a job that started."
+    m = self.ref()
+    if m is None: return []
+    m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, plugin, config
+    if m.resource_manager is None: return []
+    return self.resource('update_worker_state', pid, status='running', job_id=job.id, plugin_name=plugin,
+                         plugin_id=job.plugin_id, config=config,
+                         loaded_plugin_resource=m._extract_plugin_resource_identifier(config))
+
 # %% ../../nbs/managers/base.ipynb #ev000002
-_DROPPABLE = frozenset({'progress', 'chunk'})  # event suffixes a broadcaster that lags may lose, oldest first
-
-class _EventPump:
-    "Delivers events to a broadcaster in order, one at a time, through a bounded buffer (on the event loop)."
-    def __init__(self, broadcast:Callable, size:int, timeout:float, name:str):
-        self.broadcast, self.size, self.timeout, self.name = broadcast, size, timeout, name
-        self.buffer, self.droppables = deque(), deque()  # entries [event, data, waiting]; the droppable ones
-        self.waiting, self.dropped, self.task = 0, 0, None
-
-    def put(self, event:str, data:dict, droppable:bool):
-        "Queue an event (called on the loop); past `size`, the oldest droppable one still waiting is let go."
-        entry = [event, data, True]
-        self.buffer.append(entry)
-        self.waiting += 1
-        if droppable: self.droppables.append(entry)
-        while self.waiting > self.size and self.droppables:  # O(1) amortized: each entry leaves this deque once
-            old = self.droppables.popleft()
-            if not old[2]: continue  # delivered already
-            old[2], self.waiting, self.dropped = False, self.waiting - 1, self.dropped + 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("%s: the event broadcaster lags; %d progress/chunk events dropped", self.name, self.dropped)
-        loop = asyncio.get_running_loop()
-        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
-            self.task = loop.create_task(self._run())
-
-    async def _run(self):
-        while self.buffer:
-            entry = self.buffer.popleft()
-            if not entry[2]: continue  # dropped
-            entry[2], self.waiting = False, self.waiting - 1
-            try: await asyncio.wait_for(self.broadcast(entry[0], entry[1]), self.timeout)
-            except asyncio.TimeoutError:
-                log.warning("%s: broadcasting %s took over %s s and was given up", self.name, entry[0], self.timeout)
-            except Exception: log.exception("%s: broadcasting %s failed", self.name, entry[0])
+def _weakly(obj, name:str, gone:Optional[Callable]=None) -> Callable:
+    "`getattr(obj, name)` as a function that holds `obj` weakly; once `obj` is collected it returns `gone()`."
+    ref = weakref.ref(obj)
+    def call(*args, **kwargs):
+        o = ref()
+        if o is not None: return getattr(o, name)(*args, **kwargs)
+        return gone() if gone is not None else None
+    return call
 
 # %% ../../nbs/managers/base.ipynb #20a7be07
 _live_managers = weakref.WeakSet()
@@ -119,10 +140,16 @@ def _shutdown_all(managers=_live_managers, log=log):
         try: m.shutdown()
         except Exception: log.exception("shutdown at exit failed")
 
-# multiprocessing's exit hook joins every child process, a busy worker too, forever; its finalizers with an exit
-# priority run first, so ours stops the workers before that join. The plain atexit hook covers the rest.
-multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
-atexit.register(_shutdown_all)
+_exit_hooks_lock, _exit_hooks = threading.Lock(), []
+
+def _register_exit_hooks():
+    "At the first start of any manager (importing changes nothing): shut every live manager down at exit."
+    with _exit_hooks_lock:
+        if _exit_hooks: return
+        # multiprocessing's exit hook joins every child process, a busy worker too, forever; its finalizers with an
+        # exit priority run first, so ours stops the workers before that join. The atexit hook covers the rest.
+        _exit_hooks.append(multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100))
+        atexit.register(_shutdown_all)
 
 def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional[dict]):
     "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
@@ -178,8 +205,9 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     Jobs run in long-lived worker subprocesses (one, or a pool of `max_workers`) that keep plugins loaded between
     jobs. Cancelling a running job ends its worker (and its process tree) and restarts it by policy; a crash fails
-    only the running job; waiting jobs are kept by the manager and never lost."""
-    event_buffer_size = 1000  # events held for a broadcaster that lags; then the oldest progress/chunk go
+    only the running job; waiting jobs are kept by the manager and never lost. `async with manager:` starts the
+    workers and shuts them down."""
+    event_buffer_size = 1000  # events waiting from which a broadcaster lags: its chunks are joined, progress coalesced
     event_timeout_seconds = 10.0  # a broadcast that takes longer is given up (logged)
     def __init__(self,
                  worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
@@ -198,7 +226,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self.event_broadcaster = event_broadcaster
         self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, and what follows
         self.job_store = job_store
-        self._book = JobBook(self._emit_now, self._lock, job_store)
+        self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store)  # weakly: see _Hooks
         self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
         self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
         self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
@@ -207,6 +235,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self.result_monitor_thread: Optional[threading.Thread] = None  # the supervisor thread
         self.monitor_running = False  # True from the first start until shutdown()
         self._supervisor: Optional[Supervisor] = None  # made at the first start (GPU placement asks NVML then)
+        self._hooks = _Hooks(self)  # the supervisor's way into this manager
         self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
         self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
         self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
@@ -214,7 +243,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._store_lock = threading.Lock()  # one opening of the job store
         self._store_open = job_store is None  # the store is opened (and its jobs recovered) at the first await
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
-        self._events = _EventPump(self.broadcast_event, self.event_buffer_size, self.event_timeout_seconds, worker_type)
+        self._events = EventPump(_weakly(self, 'broadcast_event', gone=lambda: asyncio.sleep(0)),
+                                 self.event_buffer_size, self.event_timeout_seconds, worker_type)
         self._effects = _Effects(f'{worker_type}-effects')
         _live_managers.add(self)
 
@@ -267,31 +297,31 @@ class BaseJobManager(ABC, Generic[JobType]):
     # ----- worker lifecycle: documented hooks, called by the supervisor's threads (starts: its starter) -------
     def _start_worker(self) -> Optional[int]: # pid of the new worker (None if the manager closed meanwhile)
         "Start the worker process and result monitor."
-        slot, entry_point = self._supervisor.current, self.get_worker_entry_point()
+        slot, entry_point = self._hooks.slot, self.get_worker_entry_point()
         _check_entry_point(entry_point)
         env = {'CUDA_VISIBLE_DEVICES': slot.gpu, 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'} if slot.gpu else None
         transport = _transport(self.worker_config, entry_point, f'{self.worker_type}-worker-{slot.id}', env)
-        return self._supervisor.start_worker(self, slot, transport)
+        return self._supervisor.start_worker(slot, transport)
 
     def _init_worker(self):
         "Send initialization message to worker with plugin configurations."
-        worker = self._supervisor.current.worker
         self._configs = self._plugin_configs()
-        worker.configs = dict(self._configs)
-        worker.transport.send(WorkerRequest(WorkerRequestType.INIT, {'plugin_configs': self._configs}).to_dict())
+        self._supervisor.init_worker(self._hooks.slot, self._configs)
 
     def _restart_worker(self):
         "Restart the worker process after an error or cancellation."
-        slot = self._supervisor.current
-        self.restart_count += 1
-        slot.restarts += 1
-        self.last_restart_time = time.time()
+        slot = self._hooks.slot
+        with self._lock: self.restart_count, self.last_restart_time = self.restart_count + 1, time.time()
         pid = self._start_worker()
         if pid is None: return
+        with self._lock:
+            if slot.worker is None: return  # it died at once: its death is settled already
+            event = self._supervisor.about(slot.worker, pid=pid, restart_count=self.restart_count)
+            after, restarts = slot.restart_after, slot.restarts
         # a restart after a cancel (or a recycle) was asked for, not a fault
-        log.log(logging.DEBUG if slot.restart_after in ('cancel', 'recycle') else logging.WARNING,
-                "%s worker %s restarted (pid %s, restart %s)", self.worker_type, slot.id, pid, slot.restarts)
-        self._emit('worker_restarted', self._supervisor.about(slot.worker, pid=pid, restart_count=self.restart_count))
+        log.log(logging.DEBUG if after in ('cancel', 'recycle') else logging.WARNING,
+                "%s worker %s restarted (pid %s, restart %s)", self.worker_type, slot.id, pid, restarts)
+        self._emit('worker_restarted', event)
 
     def _monitor_results(self):
         "Monitor the result queue in a background thread: one supervisor round."
@@ -312,10 +342,9 @@ class BaseJobManager(ABC, Generic[JobType]):
             log.exception("%s: extract_job_result failed for job %s", self.worker_type, job.id)
             job.error_type = type(e).__name__
             return self._book.finish(job, 'failed', error=f"extract_job_result failed: {type(e).__name__}: {e}")
-        self._supervisor.current.crash_count = 0  # a worker that completes jobs earns its restart budget back
         self._book.finish(job, 'completed')
         if type(self)._on_job_completed is not BaseJobManager._on_job_completed:  # only a hook that does something
-            self._supervisor.fx.append(lambda: self._on_job_completed(job.id))
+            self._effects.run([lambda: self._on_job_completed(job.id)])
 
     def _handle_stream_chunk(self,
                              chunk_data:Dict[str, Any] # Chunk data from worker, as it came off the result queue
@@ -328,7 +357,7 @@ class BaseJobManager(ABC, Generic[JobType]):
 
     def _handle_worker_error(self):
         "Handle worker fatal error based on restart policy."
-        self._supervisor.settle_death(self, self._supervisor.current)
+        self._supervisor.settle_death(self._hooks.slot)
 
     # ----- internals --------------------------------------------------------------------------------------------
     def _settle_job_result(self, raw:dict, job):
@@ -378,7 +407,7 @@ class BaseJobManager(ABC, Generic[JobType]):
                 except Exception as e:  # its subclass or plugin changed since: it cannot run any more
                     self.jobs[job.id] = job
                     self._book.finish(job, 'failed', error=f"could not be queued again after a restart: {e}")
-            if self._book.head() is not None: self._ensure_workers()  # jobs to run again
+            if len(self._book.waiting): self._ensure_workers()  # jobs to run again
         log.debug("%s: recovered %d jobs from the store", self.worker_type, len(jobs))
 
     def _config_for(self, plugin_name:str) -> Dict[str, Any]:
@@ -391,19 +420,17 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Have a worker running or coming in every slot (under the lock, from the event loop)."
         if self._closed: raise RuntimeError(f"{self.worker_type} job manager is shut down")
         if self._supervisor is None:
-            self._supervisor = Supervisor(self, place_gpus(self.worker_config, lambda: _list_gpus(self.resource_manager)))
+            _register_exit_hooks()
+            cfg, p = self.worker_config, self.worker_config.prefetch_jobs
+            # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a held
+            # job cannot go to the next free worker) or with a store (a held job counts as started if the app dies)
+            prefetch = (1 if cfg.max_workers == 1 and self.job_store is None else 0) if p is None else p
+            gpus = place_gpus(cfg, lambda: _list_gpus(self.resource_manager))
+            self._supervisor = Supervisor(cfg, self._book, self._lock, self._hooks, gpus, prefetch, self.worker_type)
             # closing the pipe wakes the supervisor when the manager is collected without shutdown()
             weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)
-        sup, woke = self._supervisor, False
-        for slot in sup.slots:
-            if slot.worker is None and slot.spawn_due is None:
-                slot.crash_count, slot.spawn_due, slot.spawn_is_restart, woke = 0, 0.0, False, True
-        if self.result_monitor_thread is None:
-            self.monitor_running = True
-            self.result_monitor_thread = threading.Thread(target=sup.run, name=f'{self.worker_type}-supervisor',
-                                                          daemon=True)
-            self.result_monitor_thread.start()
-        if woke: sup.wake()
+        self._supervisor.ensure()
+        self.result_monitor_thread, self.monitor_running = self._supervisor.thread, True
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         "Events go to the loop the manager was started on (a new one only once that loop has closed)."
@@ -425,7 +452,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
         loop = self._loop
         if self.event_broadcaster is None or loop is None: return
-        call_soon(loop, self._events.put, f"{self.worker_type}:{suffix}", data, suffix in _DROPPABLE)
+        self._events.post(loop, f"{self.worker_type}:{suffix}", data, suffix if suffix in ('chunk', 'progress') else None)
 
 # %% ../../nbs/managers/base.ipynb #1648c0b4
 @patch
@@ -440,12 +467,19 @@ async def _wait_ready(self:BaseJobManager, every:bool): # every: all the pool's 
     await self._open_store()
     with self._lock:
         self._ensure_workers()
-        sup = self._supervisor
-        ready = [s.worker is not None and s.worker.ready and s.worker.kill_reason is None for s in sup.slots]
-        if all(ready) if every else any(ready): return
-        fut = loop.create_future()
-        sup.ready_waiters.append((loop, fut, every))
-    await fut
+        fut = self._supervisor.ready_future(loop, every)
+    if fut is not None: await fut
+
+@patch
+async def __aenter__(self:BaseJobManager):
+    "`async with manager:` starts the workers (and waits until they are ready)."
+    await self.start()
+    return self
+
+@patch
+async def __aexit__(self:BaseJobManager, *exc_info):
+    "... and shuts the manager down at the end of the block, off the event loop."
+    await asyncio.to_thread(self.shutdown)
 
 # %% ../../nbs/managers/base.ipynb #611de614
 @patch
@@ -568,13 +602,9 @@ async def cancel_job(self:BaseJobManager,
     await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
-        if job is None or job.status in TERMINAL_STATUSES: return False
+        if job is None: return False
         sup = self._supervisor
-        holder = sup.holder(job_id) if sup is not None else None
-        if holder is not None and job.status == 'running': sup.end(holder, 'cancel')
-        elif holder is not None: sup.withdraw(holder, job_id)  # handed over, not started: the worker drops it
-        self._book.finish(job, 'cancelled')
-        if holder is not None: sup.dispatch()
+        if not (sup.cancel(job) if sup is not None else self._book.finish(job, 'cancelled')): return False
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 
@@ -594,18 +624,8 @@ async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict,
     "Send a command to every worker holding `data['plugin_name']`, each once it is free, and await the answers."
     try: await self.start()
     except RuntimeError: return [None]
-    loop, name = self._bind_loop(), data.get('plugin_name')
-    with self._lock:
-        sup = self._supervisor
-        workers = [w for w in sup.workers() if w.kill_reason is None]
-        targets = [w for w in workers if w.loaded == name]
-        if not targets and not holders_only and workers:  # nobody holds it: one worker loads it, an empty one first
-            targets = [min(workers, key=lambda w: (not w.free, w.loaded is not None))]
-        futures = []
-        for w in targets:
-            futures.append(loop.create_future())
-            w.pending.append((WorkerRequest(req_type, data, uuid.uuid4().hex), (loop, futures[-1])))
-        sup.dispatch()
+    loop = self._bind_loop()
+    with self._lock: futures = self._supervisor.command(loop, req_type, data, holders_only)
     return list(await asyncio.gather(*futures))
 
 def _succeeded(resp:Optional[WorkerResponse]) -> bool:
@@ -624,7 +644,7 @@ async def reload_plugin(self:BaseJobManager,
     with self._lock:
         self._config_overrides[plugin_name] = config  # later workers, and holders-to-be, get it too
         self.current_plugin_name, self.current_config = plugin_name, config
-        pids = [w.pid for w in self._supervisor.workers() if w.loaded == plugin_name]
+        pids = self._supervisor.loaded_pids(plugin_name)
     if self.resource_manager is not None:
         resource = self._extract_plugin_resource_identifier(config)
         self._effects.run([lambda pid=pid: self.resource_manager.update_worker_state(
@@ -636,14 +656,12 @@ async def unload_plugin(self:BaseJobManager,
                         plugin_name:str # Name of the plugin to unload
                        ) -> bool: # True if successful, False otherwise
     "Unload a plugin from the worker to free resources."
-    with self._lock:
-        held = self._supervisor is not None and any(w.loaded == plugin_name for w in self._supervisor.workers())
+    with self._lock: pids = self._supervisor.loaded_pids(plugin_name) if self._supervisor is not None else []
     answers = await self._command(WorkerRequestType.UNLOAD, {'plugin_name': plugin_name}, True)
     if not answers: log.info("%s: unload of %s: no worker has it loaded", self.worker_type, plugin_name)
     if not all(map(_succeeded, answers)): return False
     with self._lock:
         if self.current_plugin_name == plugin_name: self.current_plugin_name = self.current_config = None
-        pids = [w.pid for w in self._supervisor.workers()] if held else []
     if self.resource_manager is not None:
         self._effects.run([lambda pid=pid: self.resource_manager.update_worker_state(
             pid, plugin_name=None, loaded_plugin_resource=None) for pid in pids])
@@ -683,24 +701,9 @@ def get_job_chunks(self:BaseJobManager,
 def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     with self._lock:
-        held = {j for w in self._supervisor.workers() for j in (w.job_id, *w.queued)} if self._supervisor else set()
-        return self._book.clear(keep=held)
+        return self._book.clear(keep=self._supervisor.holding() if self._supervisor else set())
 
 # %% ../../nbs/managers/base.ipynb #0c35ad29
-@patch
-def _worker_row(self:BaseJobManager, slot) -> Dict[str, Any]:
-    "One slot of the pool, for a dashboard (under the lock)."
-    w = slot.worker
-    if self._closed: state = 'stopped'
-    elif w is None: state = 'not started' if slot.spawn_due is None else 'restarting' if slot.spawn_is_restart else 'starting'
-    elif not w.ready: state = 'starting'
-    else: state = 'busy' if w.job_id is not None else 'idle'
-    return {'worker_id': slot.id, 'pid': w.pid if w else None, 'alive': bool(w and w.transport.alive()),
-            'state': state, 'gpu': slot.gpu, 'loaded_plugin': w.loaded if w else None,
-            'current_job_id': w.job_id if w else None, 'restart_count': slot.restarts, 'crashes': slot.crashes,
-            'cancels': slot.cancels, 'jobs_done': w.jobs_done if w else 0, 'last_exit': slot.last_exit,
-            **(w.transport.placement() if w and hasattr(w.transport, 'placement') else {})}
-
 @patch
 def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per worker of the pool
     "Describe every worker of the pool: state, pid, GPU, loaded plugin, job, restarts (crashes, cancels)."
@@ -709,16 +712,16 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
             return [{'worker_id': i, 'pid': None, 'alive': False, 'state': 'stopped' if self._closed else 'not started',
                      'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0, 'crashes': 0,
                      'cancels': 0, 'jobs_done': 0, 'last_exit': None} for i in range(self.worker_config.max_workers)]
-        return [self._worker_row(s) for s in self._supervisor.slots]
+        return [self._supervisor.row(s) for s in self._supervisor.slots]
 
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # The first worker's row, with pending_jobs
     "Describe the worker process and its work (with a pool, the first worker; `get_workers_info` has them all)."
     info = self.get_workers_info()[0]
     with self._lock:
-        held = [j for w in (self._supervisor.workers() if self._supervisor else []) for j in (w.job_id, *w.queued) if j]
+        held = self._supervisor.holding() if self._supervisor else set()
         unstarted = sum(self.jobs[j].status == 'pending' for j in held if j in self.jobs)
-        info.update(restart_count=self.restart_count, pending_jobs=len(self._book.queued) + unstarted)
+        info.update(restart_count=self.restart_count, pending_jobs=len(self._book.waiting) + unstarted)
     return info
 
 @patch
@@ -745,30 +748,11 @@ def shutdown(self:BaseJobManager):
     with self._lock:
         if self._closed: return
         self._closed, self.monitor_running = True, False
-        sup = self._supervisor
-        workers = sup.workers() if sup else []
-        busy = {id(w) for w in workers if w.job_id is not None}
         # ended ones are left as they are; with a store, the stored ones stay pending or running, for recovery
         for job in list(self.jobs.values()): self._book.finish(job, 'cancelled', save=self.job_store is None)
-        for w in workers:
-            for waiter in [c[0] for c in w.commands.values()] + [p[1] for p in w.pending]:
-                if waiter is not None: resolve(*waiter, None)
-            w.commands.clear(); w.pending.clear()
-        if sup is not None:
-            sup.closed = True
-            for loop, fut, _ in sup.ready_waiters: resolve(loop, fut, exc=RuntimeError(f"{self.worker_type} job manager is shut down"))
-            sup.ready_waiters = []
-            sup.wake()
-    thread = self.result_monitor_thread
-    if thread is not None and thread is not threading.current_thread(): thread.join(5)
-    for t in (sup.stop_starts(timeout=2.0) if sup is not None else []):
-        log.debug("%s: a worker still starting is ended (%s)", self.worker_type, t.name)
-        t.close()  # a Ray actor still waiting for a node: its start raises, and it is gone
-    timeout = self.worker_config.shutdown_timeout_seconds
-    for w in workers: w.transport.stop(graceful=id(w) not in busy, timeout=timeout)
-    for w in workers: w.transport.close()
+    pids = self._supervisor.close(self.worker_config.shutdown_timeout_seconds) if self._supervisor else []
     if self.resource_manager is not None:
-        self._effects.run([lambda pid=w.pid: self.resource_manager.unregister_worker(pid) for w in workers])
+        self._effects.run([lambda pid=pid: self.resource_manager.unregister_worker(pid) for pid in pids])
     self._effects.close()
     if self.job_store is not None: self.job_store.close()  # what is queued is written first
     _live_managers.discard(self)

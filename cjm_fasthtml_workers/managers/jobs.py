@@ -7,11 +7,12 @@ __all__ = ['log', 'TERMINAL_STATUSES', 'now_iso', 'call_soon', 'resolve', 'resul
 
 # %% ../../nbs/managers/jobs.ipynb #jb000003
 import asyncio, logging, threading
-from collections import Counter, deque
 from datetime import datetime
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from fastcore.basics import patch
+
+from .scheduler import WaitingJobs
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,7 @@ class JobBook:
         self.unsaved: set = set()  # ended jobs whose end the store has not committed yet
         self.jobs: Dict[str, Any] = {}  # every job not yet cleared, by id, in submission order
         self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job
-        # ids in submission order; an id whose job ended while it waited stays until it reaches the head, so that a
-        # cancel is O(1) whichever end of a long queue it hits
-        self.waiting: Deque[str] = deque()
-        self.queued: set = set()  # the ids in `waiting` that still wait
-        self.wanted: Counter = Counter()  # plugin name -> how many waiting jobs need it (for affinity)
+        self.waiting = WaitingJobs()  # the jobs that wait, in the order they will start
         self.requests: Dict[str, Tuple[str, bytes]] = {}  # job id -> (plugin name, pickled EXECUTE) until it ends
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
@@ -78,26 +75,9 @@ class JobBook:
 
     def queue(self, job_id:str, front:bool=False):
         "Put a job (back) in the waiting queue; `front` for one that a dead worker never started."
-        (self.waiting.appendleft if front else self.waiting.append)(job_id)
-        self.queued.add(job_id)
-        self.wanted[self.requests[job_id][0]] += 1
-
-    def _unqueue(self, job_id:str):
-        self.queued.discard(job_id)
-        self.wanted[self.requests[job_id][0]] -= 1
-
-    def head(self) -> Optional[str]:
-        "The id of the job that waits longest (None if none waits)."
-        while self.waiting and self.waiting[0] not in self.queued: self.waiting.popleft()
-        return self.waiting[0] if self.waiting else None
-
-    def take(self) -> Optional[str]:
-        "The head of the waiting queue, removed."
-        job_id = self.head()
-        if job_id is not None:
-            self.waiting.popleft()
-            self._unqueue(job_id)
-        return job_id
+        job = self.jobs[job_id]
+        self.waiting.push(job_id, self.requests[job_id][0], getattr(job, 'owner', None), getattr(job, 'priority', 0),
+                          front)
 
 # %% ../../nbs/managers/jobs.ipynb #jb000011
 @patch
@@ -108,11 +88,12 @@ def finish(self:JobBook, job, # The job to end
           ) -> bool: # False if it had ended already
     "End `job` in a terminal status: error, times, envelope, waiters, streams, then the event."
     if job.status in TERMINAL_STATUSES: return False
-    if job.id in self.queued: self._unqueue(job.id)
+    self.waiting.remove(job.id)
     if error is not None: job.error = error
     job.completed_at, job.status = now_iso(), status
     self.results[job.id] = result_envelope(job)
     self.requests.pop(job.id, None)
+    if not self.requests: self.requests.clear()  # gives back the table a burst left
     data = {'job_id': job.id}
     if status == 'completed': data['result'] = job.result
     if status == 'failed': data['error'] = job.error
@@ -141,9 +122,11 @@ def add_chunk(self:JobBook, job, chunk:str):
 def clear(self:JobBook, keep=()) -> int: # How many jobs were dropped
     "Drop the finished jobs (except those in `keep`), their chunks and envelopes; from the store too."
     done = [i for i, j in self.jobs.items() if j.status in TERMINAL_STATUSES and i not in keep and i not in self.unsaved]
-    for i in done:
-        del self.jobs[i]
-        self.chunks.pop(i, None)
-        self.results.pop(i, None)
+    gone = set(done)
+    for table in (self.jobs, self.chunks, self.results):
+        kept = {i: v for i, v in table.items() if i not in gone} if gone else table
+        if kept is not table:  # rebuilt in place: a dict never shrinks its table as entries are deleted
+            table.clear()
+            table.update(kept)
     if done and self.store is not None: self.store.delete(done)
     return len(done)

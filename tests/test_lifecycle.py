@@ -1,0 +1,193 @@
+"""Issue 18: a manager's lifecycle under the faults code written for the documented system still hit: a dropped
+manager, a shutdown racing a busy round, a death with commands waiting, memory after clearing, events that a
+broadcaster keeps up with or lags behind. Each test ran red before its fix (the numbers are in the issue's note)."""
+import asyncio, gc, logging, os, signal, threading, time, tracemalloc, uuid, weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import psutil, pytest
+
+from cjm_fasthtml_workers.core.config import WorkerConfig
+from cjm_fasthtml_workers.core.worker import base_worker_process
+from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
+from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager
+from conftest import pid_gone
+
+pytestmark = pytest.mark.timeout(90)
+POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
+
+# ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
+class SlowToRead:
+    "An object that takes `seconds` to unpickle in the app: it holds the supervisor's read that long."
+    def __init__(self, seconds): self.seconds = seconds
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.environ.get('CJM_TEST_SLOW_READ') == str(os.getpid()): time.sleep(self.seconds)  # the app only
+
+class LifecyclePlugins(ScenarioPluginManager):
+    def discover_plugins(self): return [{'name': n} for n in PLUGIN_NAMES + ['slow_to_read', 'many_chunks']]
+    def check_streaming_support(self, plugin_name): return plugin_name in ('stream', 'many_chunks')
+    def execute_plugin_stream(self, plugin_name, **params):
+        if plugin_name == 'many_chunks':
+            for i in range(params['n']): yield f'{i} '
+            return
+        yield from super().execute_plugin_stream(plugin_name, **params)
+    def execute_plugin(self, plugin_name, **params):
+        if plugin_name == 'slow_to_read': return {'slow': SlowToRead(params['seconds']), 'more': 'x' * 1000}
+        return super().execute_plugin(plugin_name, **params)
+
+def lifecycle_worker_process(request_queue, result_queue, response_queue):
+    base_worker_process(request_queue, result_queue, response_queue, LifecyclePlugins, supports_streaming=True)
+
+@dataclass
+class Job(BaseJob):
+    params: Dict[str, Any] = field(default_factory=dict)
+
+class Manager(BaseJobManager[Job]):
+    def create_job(self, plugin_id, **kwargs): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+    def get_worker_entry_point(self): return lifecycle_worker_process
+    def prepare_execute_request(self, job): return job.params
+    def extract_job_result(self, job, result_data): return result_data
+
+class Counting:
+    "A broadcaster that keeps up: it counts, and (unless `keep` is False) joins chunks and lists the other kinds."
+    def __init__(self, keep=True): self.n, self.texts, self.kinds, self.keep = 0, {}, [], keep
+    async def broadcast(self, event, data):
+        self.n += 1
+        if not self.keep: return
+        kind = event.split(':', 1)[1]
+        if kind == 'chunk': self.texts[data['job_id']] = self.texts.get(data['job_id'], '') + data['chunk']
+        else: self.kinds.append(kind)
+
+def make(n=1, events=None, **cfg):
+    return Manager('life', 'test', supports_streaming=True, event_broadcaster=events,
+                   worker_config=WorkerConfig(max_workers=n, **cfg))
+
+def run(coro, timeout=80): return asyncio.run(asyncio.wait_for(coro, timeout))
+
+async def until(what:str, pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"
+        await asyncio.sleep(0.005)
+
+# ----- a dropped manager --------------------------------------------------------------------------------------
+@POOLS
+def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_leftover_processes, n):
+    async def main():
+        m = make(n, events=Counting())
+        await m.start()
+        job = await m.start_job('sleep', seconds=30)
+        await until("the job runs", lambda: job.status == 'running')
+        pids = [r['pid'] for r in m.get_workers_info()]
+        ref = weakref.ref(m)
+        del m
+        for _ in range(3): gc.collect(); await asyncio.sleep(0.05)
+        assert ref() is None, f"the manager is still referred to by {[type(r).__name__ for r in gc.get_referrers(ref())]}"
+        t0 = time.monotonic()
+        assert all(pid_gone(pid, 2.0) for pid in pids), "its workers outlived it by 2 s"
+        print(f"workers gone {time.monotonic() - t0:.3f} s after the collection")
+    run(main())
+
+# ----- shutdown racing a busy round ------------------------------------------------------------------------------
+def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftover_processes, caplog, monkeypatch):
+    "The supervisor's read is held 6 s (an object slow to unpickle); shutdown's 5 s wait for the thread runs out."
+    monkeypatch.setenv('CJM_TEST_SLOW_READ', str(os.getpid()))
+    async def main():
+        m = make(1)
+        await m.start()
+        await m.start_job('slow_to_read', seconds=6)
+        await asyncio.sleep(0.5)  # the supervisor is reading the result now
+        pid = m.get_workers_info()[0]['pid']
+        await asyncio.to_thread(m.shutdown)
+        assert pid_gone(pid, 10), "the worker outlived the shutdown"
+        await asyncio.sleep(1.5)  # the round ends its read, sees the shutdown, leaves
+        assert not m.result_monitor_thread.is_alive()
+    with caplog.at_level(logging.DEBUG, logger='cjm_fasthtml_workers'): run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or 'Bad file descriptor' in r.getMessage()
+              or (r.exc_info and isinstance(r.exc_info[1], OSError))]
+    assert not errors, [(r.getMessage(), r.exc_info) for r in errors]
+
+# ----- a death with commands waiting ------------------------------------------------------------------------------
+@pytest.mark.parametrize('n', [1, 2], ids=['pool1', 'pool2'])
+def test_a_worker_killed_while_reloads_wait_for_it_ends_its_job_at_once(no_leftover_processes, n):
+    async def main():
+        m = make(n, reload_timeout_seconds=3)
+        try:
+            await m.start()
+            job = await m.start_job('sleep', seconds=5)
+            await until("the job runs", lambda: job.status == 'running')
+            reloads = [asyncio.ensure_future(m.reload_plugin('sleep', {'v': i})) for i in range(2)]
+            await asyncio.sleep(1)
+            os.kill(job.worker_pid, signal.SIGKILL)
+            await until("the job ends after its worker's death", lambda: job.status != 'running', 5.5)
+            assert job.status == 'failed' and 'SIGKILL' in job.error, (job.status, job.error)
+            await asyncio.wait_for(asyncio.gather(*reloads), 10)  # answered (False or True), never left waiting
+        finally: m.shutdown()
+        assert all(j.status in ('completed', 'failed', 'cancelled') for j in m.get_all_jobs())
+    run(main())
+
+# ----- memory after clearing ------------------------------------------------------------------------------------
+def test_nothing_of_a_cleared_job_remains(no_leftover_processes):
+    "From 10,000 to 20,000 jobs run and cleared, with a broadcaster: less than 100 KB of growth."
+    async def batch(m, n):
+        jobs = [await m.start_job('echo', text='x') for _ in range(n)]
+        for j in jobs: await m.wait_for_job(j.id)
+        await until("every event delivered", lambda: m._events.waiting == 0)
+        await asyncio.sleep(0.1)
+        assert m.clear_completed_jobs() == n
+    async def main():
+        m = make(1, events=Counting(keep=False))
+        try:
+            await m.start()
+            await batch(m, 10000)
+            gc.collect(); tracemalloc.start(5); before = tracemalloc.get_traced_memory()[0]
+            await batch(m, 10000)
+            gc.collect(); growth = tracemalloc.get_traced_memory()[0] - before
+            top = tracemalloc.take_snapshot().statistics('lineno')[:5]
+            tracemalloc.stop()
+        finally: m.shutdown()
+        print(f"growth from 10,000 to 20,000 cleared jobs: {growth / 1024:.1f} KB")
+        assert growth < 100 * 1024, f"{growth} bytes kept after clearing; the largest: {top}"
+    run(main(), timeout=85)
+
+# ----- events -----------------------------------------------------------------------------------------------------
+def test_a_broadcaster_that_keeps_up_gets_every_chunk_of_100000(no_leftover_processes):
+    async def main():
+        events = Counting()
+        m = make(1, events=events)
+        try:
+            await m.start()
+            job = await m.start_job('many_chunks', n=100_000, stream=True)
+            await m.wait_for_job(job.id, timeout=60)
+            await until("every event delivered", lambda: m._events.waiting == 0, 30)
+        finally: m.shutdown()
+        want = ''.join(f'{i} ' for i in range(100_000))
+        assert events.texts[job.id] == want, "the streamed text has a hole"
+        assert events.kinds == ['submitted', 'started', 'completed']
+        print(f"chunks delivered: {events.n - 3}, coalesced: {m._events.coalesced}")
+    run(main())
+
+class Lagging(Counting):
+    "A broadcaster that takes 1 ms per event: it cannot keep up with a stream."
+    async def broadcast(self, event, data):
+        await asyncio.sleep(0.001)
+        await super().broadcast(event, data)
+
+def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never_a_hole(no_leftover_processes):
+    async def main():
+        events = Lagging()
+        m = make(1, events=events)
+        m._events.size = 50
+        try:
+            await m.start()
+            job = await m.start_job('many_chunks', n=20_000, stream=True)
+            slow = await m.start_job('progress', seconds=0.5, steps=500)
+            await m.wait_for_job(slow.id, timeout=60)
+            await until("every event delivered", lambda: m._events.waiting == 0, 60)
+        finally: m.shutdown()
+        assert events.texts[job.id] == ''.join(f'{i} ' for i in range(20_000)), "the streamed text has a hole"
+        assert m._events.coalesced > 0, "nothing was coalesced: the broadcaster did not lag"
+        assert events.kinds.count('completed') == 2 and events.kinds[-1] == 'completed'
+        assert events.kinds.count('progress') < 500  # coalesced, the latest kept
+    run(main())
