@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD_SUBREAPER', 'report_progress', 'run_job',
            'execute', 'reload', 'unload', 'state', 'plugin_command', 'command', 'base_worker_process', 'frame_header',
-           'dumps_message', 'oob_table', 'loads_frame', 'PipeEnd', 'worker_main']
+           'dumps_message', 'oob_table', 'loads_frame', 'PipeEnd', 'get', 'get_nowait', 'qsize', 'empty', 'full', 'put',
+           'put_nowait', 'close', 'join_thread', 'cancel_join_thread', 'worker_main']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
-import functools, itertools, logging, os, pickle, select, signal, struct, threading, traceback
+import array, functools, itertools, logging, os, pickle, queue, select, signal, struct, threading, time, traceback
 from collections import deque
 from io import BytesIO
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -397,15 +398,35 @@ def _poller(conn) -> Callable[[float], bool]:
     p.register(conn.fileno(), select.POLLIN)
     return lambda timeout=0.0: bool(p.poll(timeout * 1000))
 
+def _in_pipe(conn) -> Optional[int]: # Bytes the pipe holds now; None where the system does not say
+    "FIONREAD of either end of a pipe."
+    import fcntl, termios
+    n = array.array('i', [0])
+    try: fcntl.ioctl(conn.fileno(), termios.FIONREAD, n)
+    except OSError: return None
+    return n[0]
+
+def _read_exact(conn, n:int) -> bytes:
+    "Read `n` bytes from `conn`, waiting for them; `EOFError` if the pipe ends first."
+    parts = []
+    while n:
+        if not (data := os.read(conn.fileno(), n)): raise EOFError
+        parts.append(data); n -= len(data)
+    return b''.join(parts)
+
+# %% ../../nbs/core/worker.ipynb #pe000001
 class PipeEnd(SimpleQueue):
-    "A `SimpleQueue` over one end of a pipe: the reader (`get`) or the writer (`put`)."
+    "One end of a pipe with the calls of a `multiprocessing.Queue`: the reader (`get`) or the writer (`put`)."
     def __init__(self,
                  reader:Optional[multiprocessing.connection.Connection]=None, # The read end, for `get`
                  writer:Optional[multiprocessing.connection.Connection]=None): # The write end, for `put`
         # no SimpleQueue.__init__: it would make a pipe and two process-shared locks
-        self._reader, self._writer = reader, writer
+        self._reader, self._writer, self._closed = reader, writer, False
         self._rlock, self._wlock = threading.Lock(), threading.Lock()
         self._poll = _poller(reader) if reader is not None else (lambda timeout=0.0: False)
+        self._ahead = deque()  # payloads `qsize` read off the pipe before `get` asked for them
+        self._head: Optional[int] = None  # the length of the payload whose header `qsize` read, if it did
+        self._sizes = deque(maxlen=4096)  # lengths of the last frames put: how many are still in the pipe
 
     def __getstate__(self):
         multiprocessing.context.assert_spawning(self)
@@ -413,23 +434,107 @@ class PipeEnd(SimpleQueue):
 
     def __setstate__(self, state): self.__init__(*state)
 
-    def get(self):
-        "The next message; blocks until one has arrived."
-        with self._rlock: payload = self._reader.recv_bytes()
+    def _check_closed(self):
+        if self._closed: raise ValueError(f"Queue {self!r} is closed")
+
+# %% ../../nbs/core/worker.ipynb #pe000003
+@_patch
+def get(self:PipeEnd,
+        block:bool=True, # Wait for a message (else: `queue.Empty` at once if there is none)
+        timeout:Optional[float]=None # Seconds to wait at most (None: for ever)
+       ) -> Any: # The next message
+    "The next message, as `multiprocessing.Queue.get`."
+    self._check_closed()
+    if block and timeout is None:  # the worker loop's call: as fast as SimpleQueue's
+        with self._rlock: payload = self._ahead.popleft() if self._ahead else self._next_payload()
         return loads_frame(payload)
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    if not (self._rlock.acquire(True, max(timeout, 0.0)) if block else self._rlock.acquire(False)): raise queue.Empty
+    try:
+        if not self._ahead and self._head is None:
+            if not self._poll(max(0.0, deadline - time.monotonic()) if block else 0.0): raise queue.Empty
+        payload = self._ahead.popleft() if self._ahead else self._next_payload()
+    finally: self._rlock.release()
+    return loads_frame(payload)
 
-    def put(self, obj):
-        "Send `obj` (see `dumps_message`); blocks while the pipe is full."
-        payload = dumps_message(obj)
-        with self._wlock:
-            if type(payload) is bytes: return self._writer.send_bytes(payload)
-            views = deque(_views(payload))
-            views.appendleft(memoryview(frame_header(sum(map(len, views)))))
-            while views: _advance(views, os.writev(self._writer.fileno(), list(itertools.islice(views, 64))))
+@_patch
+def _next_payload(self:PipeEnd) -> bytes:
+    "The next frame's payload off the pipe, waiting for it (under the read lock)."
+    if self._head is None: return self._reader.recv_bytes()
+    n, self._head = self._head, None
+    return _read_exact(self._reader, n)
 
-    def close(self):
-        for end in (self._reader, self._writer):
-            if end is not None: end.close()
+@_patch
+def get_nowait(self:PipeEnd) -> Any: return self.get(False)
+
+# %% ../../nbs/core/worker.ipynb #pe000005
+@_patch
+def qsize(self:PipeEnd) -> int: # Messages in the pipe now
+    "The number of messages in the pipe, as far as this end can tell."
+    self._check_closed()
+    if self._writer is not None: return self._frames_in_pipe()
+    with self._rlock:
+        while (n := _in_pipe(self._reader)) is not None:
+            if self._head is None:
+                if n < 4: break
+                (size,) = struct.unpack('!i', _read_exact(self._reader, 4))
+                self._head = struct.unpack('!Q', _read_exact(self._reader, 8))[0] if size == -1 else size
+            elif n >= self._head: self._ahead.append(self._next_payload())
+            else: break
+        waiting = len(self._ahead) + (self._head is not None)
+    return waiting if n is not None else waiting + (not waiting and self._poll())
+
+@_patch
+def _frames_in_pipe(self:PipeEnd) -> int:
+    "How many of the frames put last the bytes still in the pipe cover (the writer)."
+    left, count = _in_pipe(self._writer), 0
+    if left is None: return 0
+    for size in reversed(self._sizes):
+        if left <= 0: break
+        left -= size; count += 1
+    return count
+
+@_patch
+def empty(self:PipeEnd) -> bool:
+    "Whether no message waits in the pipe."
+    if self._writer is not None: return self.qsize() == 0
+    return not (self._ahead or self._head is not None or self._poll())
+@_patch
+def full(self:PipeEnd) -> bool: return False
+
+# %% ../../nbs/core/worker.ipynb #pe000007
+@_patch
+def put(self:PipeEnd,
+        obj:Any, # A message (see `dumps_message`)
+        block:bool=True, # Accepted for `multiprocessing.Queue`'s signature: a put always writes at once
+        timeout:Optional[float]=None # The same
+       ) -> None:
+    "Send `obj`; waits only while the pipe is full."
+    self._check_closed()
+    payload = dumps_message(obj)
+    with self._wlock:
+        if type(payload) is bytes:
+            self._sizes.append(len(payload) + 4)
+            return self._writer.send_bytes(payload)
+        views = deque(_views(payload))
+        views.appendleft(memoryview(frame_header(sum(map(len, views)))))
+        self._sizes.append(sum(map(len, views)))
+        while views: _advance(views, os.writev(self._writer.fileno(), list(itertools.islice(views, 64))))
+
+@_patch
+def put_nowait(self:PipeEnd, obj:Any) -> None: self.put(obj, False)
+
+@_patch
+def close(self:PipeEnd) -> None:
+    "Close this end; idempotent."
+    self._closed = True
+    for end in (self._reader, self._writer):
+        if end is not None: end.close()
+
+@_patch
+def join_thread(self:PipeEnd) -> None: "Nothing to join: every `put` has written its message."
+@_patch
+def cancel_join_thread(self:PipeEnd) -> None: "Nothing to cancel: see `join_thread`."
 
 # %% ../../nbs/core/worker.ipynb #76101b93
 _WATCHDOG = r'''
