@@ -28,10 +28,15 @@ except ImportError: resource_tracker = None  # Windows
 log = logging.getLogger(__name__)
 
 # %% ../../nbs/backends/process.ipynb #fa71ee22
-def describe_exit(exitcode:Optional[int] # A process's exit code; negative: the signal that killed it
+def describe_exit(exitcode:Optional[int], # A process's exit code; negative: the signal that killed it; None: none
+                  ended:bool=False # Whether the process is known to have ended (then None: its status was lost)
                  ) -> str: # How the worker ended
     "Say how a worker process ended, from its `exitcode`."
-    if exitcode is None: return "worker did not exit"
+    if exitcode is None:
+        if not ended: return "worker did not exit"
+        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+            return "worker ended; its exit status is unknown because the app ignores SIGCHLD"
+        return "worker ended; its exit status is unknown (something else in the app collected it, e.g. os.wait())"
     if exitcode < 0:
         try: name = signal.Signals(-exitcode).name
         except ValueError: name = f"signal {-exitcode}"
@@ -505,11 +510,12 @@ def _ended(self:ProcessWorker, timeout:float) -> bool:
     if self.exitcode is not None: return True
     if self._pidfd: return _readable(self.death_fd, timeout)
     self.process.join(timeout)
-    return self.process.exitcode is not None
+    # the sentinel fires as the process exits, whether or not its status can be collected (SIGCHLD ignored)
+    return self.process.exitcode is not None or _readable(self.death_fd)
 
 @patch
 def reap(self:ProcessWorker, timeout:float=1.0 # Seconds to wait for the process to end
-        ) -> Optional[int]: # Its exit code; None if it still runs
+        ) -> Optional[int]: # Its exit code; None if it still runs, or if its status was lost (`alive()` False)
     "Collect the ended worker's exit code and end what is left of its tree: its group, orphans, daemons."
     if self.process is None or self.exitcode is not None: return self.exitcode
     if not self._ended(timeout): return None
@@ -519,7 +525,7 @@ def reap(self:ProcessWorker, timeout:float=1.0 # Seconds to wait for the process
     if self._pidfd and self.death_fd in self._open_fds:
         self._open_fds.remove(self.death_fd); os.close(self.death_fd)
     self.death_fd = None
-    log.debug("%s (pid %s): %s", self.name, self.pid, describe_exit(self.exitcode))
+    log.debug("%s (pid %s): %s", self.name, self.pid, describe_exit(self.exitcode, ended=True))
     return self.exitcode
 
 # %% ../../nbs/backends/process.ipynb #4a16a8ac

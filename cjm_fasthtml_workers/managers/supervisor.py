@@ -441,7 +441,7 @@ class Supervisor:
         "Its job fails (or, never started, goes back to the head of the queue); its slot restarts by policy."
         w = slot.worker
         exitcode, reason = w.transport.reap(), w.kill_reason
-        what = describe_exit(exitcode)
+        what = describe_exit(exitcode, ended=not w.transport.alive())
         if getattr(w.transport, 'exit_reason', None): what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
         if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
         elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
