@@ -6,7 +6,8 @@ import pytest
 
 from conftest import pid_gone, seconds_until_gone
 from cjm_fasthtml_workers.backends.process import (
-    CorruptStream, ProcessWorker, Unreadable, describe_exit, frame_header, kill_token, _readable)
+    CorruptStream, ProcessWorker, Unreadable, describe_exit, kill_token, _readable)
+from cjm_fasthtml_workers.core.wire import frame_header
 from cjm_fasthtml_workers.core.protocol import WorkerRequest
 from cjm_fasthtml_workers.core.protocol import WorkerRequestType as Req, WorkerResponseType as Resp
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV, WATCHDOG_ENV

@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import ray, ray.exceptions
 from fastcore.basics import patch
 
-from .process import CorruptStream, ProcessWorker, _readable, _spawner, loads_message
+from .process import ProcessWorker, _readable, _spawner
 from ..core.protocol import WorkerResponse, WorkerResponseType
-from ..core.worker import _describe, dumps_message
+from ..core.wire import CorruptStream, describe_error, dumps_message, loads_message
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _relayable(msg:dict) -> bytes: # `msg` pickled; if it does not pickle, what 
     try: return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         keep = {k: msg[k] for k in ('type', 'job_id', 'request_id') if k in msg}
-        why = f"it could not be relayed from its Ray actor ({_describe(e)})"
+        why = f"it could not be relayed from its Ray actor ({describe_error(e)})"
         return pickle.dumps({**keep, '_unreadable': why})
 
 # %% ../../nbs/backends/ray.ipynb #e0848d08
@@ -247,7 +247,7 @@ def _start_error(w:'RayWorker', options:dict, e:BaseException) -> Exception: # W
         return TimeoutError(f"{w.name}: Ray did not place its actor ({options}) and start the worker within "
                             f"{w.start_timeout} s; the cluster has {ray.available_resources()} free")
     cause = getattr(e, 'cause', None) or e  # a RayTaskError carries what the actor's method raised
-    return RuntimeError(f"{w.name}: its Ray actor did not start the worker: {_describe(cause)}")
+    return RuntimeError(f"{w.name}: its Ray actor did not start the worker: {describe_error(cause)}")
 
 # %% ../../nbs/backends/ray.ipynb #0397ad87
 @patch
@@ -279,7 +279,7 @@ def _end_actor(self:RayWorker):
     actor, self.actor = self.actor, None
     if actor is not None:
         try: ray.kill(actor)
-        except Exception as e: log.debug("%s: ray.kill: %s", self.name, _describe(e))
+        except Exception as e: log.debug("%s: ray.kill: %s", self.name, describe_error(e))
 
 # %% ../../nbs/backends/ray.ipynb #a173e7c3
 _READ_WAIT = 0.5  # seconds one read of the host's relay waits before it waits again
@@ -351,7 +351,7 @@ _ANSI = re.compile(r'\x1b\[[0-9;]*m')  # Ray colours the names in its errors
 def _death_reason(e:BaseException) -> str:
     "Say in a line why an actor is gone: Ray's first line and its last (the cause), or what its method raised."
     if isinstance(e, ray.exceptions.RayTaskError):  # alive, but relay raised: it is ended, and the worker too
-        return f"the worker's Ray actor failed: {_describe(getattr(e, 'cause', None) or e)}"
+        return f"the worker's Ray actor failed: {describe_error(getattr(e, 'cause', None) or e)}"
     lines = [l.strip() for l in _ANSI.sub('', str(e)).splitlines() if l.strip()]
     said = lines[0] if lines else type(e).__name__
     if len(lines) > 1 and lines[-1] != said: said += f" {lines[-1]}"
@@ -461,7 +461,7 @@ def stop(self:RayWorker,
     if not self._ended.is_set() and (actor := self.actor) is not None:
         try: exitcode = ray.get(actor.stop.remote(graceful, timeout), timeout=timeout + _STOP_SLACK)
         except Exception as e:
-            log.debug("%s: stop on its node failed (%s); ending its actor", self.name, _describe(e))
+            log.debug("%s: stop on its node failed (%s); ending its actor", self.name, describe_error(e))
             exitcode = None
         with self._lock:  # without an answer, the actor's end takes the worker with it
             self._settle(-signal.SIGKILL if exitcode is None else exitcode)

@@ -4,24 +4,25 @@
 
 # %% auto #0
 __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD_SUBREAPER', 'report_progress', 'run_job',
-           'execute', 'reload', 'unload', 'state', 'plugin_command', 'command', 'base_worker_process', 'frame_header',
-           'dumps_message', 'oob_table', 'loads_frame', 'PipeEnd', 'get', 'get_nowait', 'qsize', 'empty', 'full', 'put',
-           'put_nowait', 'close', 'join_thread', 'cancel_join_thread', 'worker_main']
+           'execute', 'reload', 'unload', 'state', 'plugin_command', 'command', 'base_worker_process', 'worker_main',
+           'PipeEnd', 'dumps_message', 'frame_header', 'loads_frame', 'oob_table']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
-import array, functools, itertools, logging, os, pickle, queue, select, signal, struct, threading, time, traceback
+import logging, os, pickle, signal, threading, traceback
 from collections import deque
-from io import BytesIO
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Optional
 import multiprocessing
 from multiprocessing.queues import SimpleQueue
 
+from .wire import (  # re-exported: importable from here as before
+    PipeEnd, describe_error, dumps_message, error_text, frame_header, loads_frame, oob_table)
 from .adapters import default_result_adapter, meta_name
 from .protocol import (
     PluginManagerAdapter, WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType,
     WorkerResult, WorkerStreamChunk, WorkerJobStarted, WorkerProgress)
 
 log = logging.getLogger(__name__)
+_all_ = ['PipeEnd', 'dumps_message', 'frame_header', 'loads_frame', 'oob_table']
 
 def _patch(f):
     "Add `f` to the class its `self` is annotated with: fastcore's `patch`, which a worker does not import (15 ms)."
@@ -42,19 +43,6 @@ def report_progress(
     result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
 
 # %% ../../nbs/core/worker.ipynb #618d3a5f
-def _error_text(e:BaseException # The exception that failed a job or a command
-               ) -> str: # Its message, never empty
-    "`str(e)`; the class name if that is empty, a placeholder if `str` itself fails."
-    try: text = str(e)
-    except Exception: return f"<unprintable {type(e).__name__}>"
-    return text or type(e).__name__
-
-def _describe(e:BaseException # The exception to log or report
-             ) -> str: # Class name and message
-    "Class name and message, for logs and ERROR messages."
-    name, text = type(e).__name__, _error_text(e)
-    return name if text == name else f"{name}: {text}"
-
 _ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream', 'reload_plugin',
                     'unload_plugin', 'check_streaming_support')  # what `PluginManagerAdapter` asks of a plugin manager
 
@@ -86,7 +74,7 @@ class _Worker:
             if not isinstance(q, SimpleQueue): pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
             q.put(msg)
         except OSError: raise
-        except Exception as e: raise TypeError(f"cannot be pickled: {_describe(e)}") from e
+        except Exception as e: raise TypeError(f"cannot be pickled: {describe_error(e)}") from e
 
     def loaded_plugins(self) -> list: return [] if self.loaded is None else [self.loaded]
 
@@ -153,7 +141,7 @@ def execute(self:_Worker,
     # BaseException too: a plugin's SystemExit or KeyboardInterrupt fails its job, not the worker
     except BaseException as e:
         log.debug("job %s failed in plugin %s", job_id, name, exc_info=True)
-        msg = WorkerResult(job_id, 'error', error=_error_text(e), traceback=_format_traceback(e),
+        msg = WorkerResult(job_id, 'error', error=error_text(e), traceback=_format_traceback(e),
                            error_type=type(e).__name__)
     finally: _current_job = None
     try: self.send(self.result_queue, msg.to_dict())
@@ -213,8 +201,8 @@ def plugin_command(self:_Worker,
         else: answer['was_loaded'] = self.unload(name, via_reload=req.type == WorkerRequestType.RELOAD)
         return {**answer, 'status': 'success', 'success': True}
     except BaseException as e:
-        log.warning("%s of plugin %s failed: %s", req.type.value, name, _describe(e))
-        return {**answer, 'status': 'error', 'success': False, 'error': _error_text(e)}
+        log.warning("%s of plugin %s failed: %s", req.type.value, name, describe_error(e))
+        return {**answer, 'status': 'error', 'success': False, 'error': error_text(e)}
 
 @_patch
 def command(self:_Worker,
@@ -259,7 +247,7 @@ def base_worker_process(
             handlers.get(req.type, worker.command)(req)
         except Exception as e:
             log.exception("worker %s could not handle request %r", os.getpid(), raw)
-            worker.send(result_queue, WorkerResponse(WorkerResponseType.ERROR, {'error': _describe(e),
+            worker.send(result_queue, WorkerResponse(WorkerResponseType.ERROR, {'error': describe_error(e),
                         'traceback': _format_traceback(e), 'request': str(raw)[:200]}).to_dict())
             if isinstance(raw, dict) and raw.get('type') == WorkerRequestType.INIT.value: raise
     log.debug("worker %s stopping", os.getpid())
@@ -282,259 +270,6 @@ def _prctl(option:int, # A `PR_SET_*` option
     except OSError: return False
     args = [ctypes.c_ulong(v) for v in (value, 0, 0, 0)]
     return getattr(libc, 'prctl', None) is not None and libc.prctl(ctypes.c_int(option), *args) == 0
-
-# %% ../../nbs/core/worker.ipynb #oob00002
-_SHORT_MAX = 0x7fffffff  # the longest payload a 4-byte header announces
-
-def frame_header(n:int # Length of the payload that follows
-                ) -> bytes: # The header `Connection.send_bytes` writes before it
-    "A 4-byte big-endian signed length; for 2 GiB and more, -1 then an 8-byte length."
-    return struct.pack('!i', n) if n <= _SHORT_MAX else struct.pack('!iQ', -1, n)
-
-_OOB_MAGIC = b'\xffCJB'  # starts a payload with out-of-band buffers (a pickle starts with 0x80)
-_OOB_MIN = 1 << 16  # buffers this long or longer go out of band
-_OOB_HEAD, _OOB_ENTRY = struct.Struct('!4sIQ'), struct.Struct('!cQ')  # (magic, buffers, pickle length); (kind, length)
-_OOB_MAX_BUFFERS = 1 << 16  # more in one table is garbage
-
-def _holds_big(obj, depth:int=4) -> bool:
-    "Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, lists and tuples (64 items each)."
-    t = type(obj)
-    if t is bytes or t is bytearray: return len(obj) >= _OOB_MIN
-    if t is dict: obj = obj.values()
-    elif t is not list and t is not tuple: return False
-    for o in itertools.islice(obj, 64):  # no call for what cannot hold one: a message's hot path
-        t = type(o)
-        if (t is bytes or t is bytearray) and len(o) >= _OOB_MIN: return True
-        if (t is dict or t is list or t is tuple) and depth > 1 and _holds_big(o, depth - 1): return True
-    return False
-
-def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # False: out of band
-    "A `buffer_callback`: a large contiguous buffer goes out of band, its kind to `kinds`, itself to `buffers`."
-    try: raw = pb.raw()
-    except BufferError: return True  # not contiguous: in band
-    if raw.nbytes < _OOB_MIN: return True
-    kinds.append('r' if raw.readonly else 'w'); buffers.append(raw)
-    return False
-
-class _ByIdPickler(pickle.Pickler):
-    "Protocol 5 with large buffers out of band: protocol-5 buffers by `_out_of_band`, `bytes` and `bytearray` by persistent id."
-    def __init__(self, file, kinds:list, buffers:list):
-        # a partial, not a bound method: a pickler in a cycle would hold the buffers (and pin them) until a collection
-        super().__init__(file, 5, buffer_callback=functools.partial(_out_of_band, kinds, buffers))
-        self.kinds, self.buffers, self.seen = kinds, buffers, {}  # seen: id -> persistent id (one object, sent once)
-
-    def persistent_id(self, obj):  # called for every object: this pickler is used only when a large one is there
-        if type(obj) not in (bytes, bytearray) or len(obj) < _OOB_MIN: return None
-        if id(obj) not in self.seen:
-            self.kinds.append('b' if type(obj) is bytes else 'a')
-            self.buffers.append(memoryview(obj))  # a bytearray's size is pinned until it is written
-            self.seen[id(obj)] = len(self.buffers) - 1
-        return self.seen[id(obj)]
-
-def dumps_message(msg:Any # A message: a dict of picklable values
-                 ) -> Union[bytes, List]: # The payload: one pickle, or its parts if it has large buffers
-    "`msg` pickled as one frame's payload; large buffers out of band, as parts to write one after the other."
-    kinds, buffers = [], []
-    if _holds_big(msg):
-        f = BytesIO()
-        _ByIdPickler(f, kinds, buffers).dump(msg)
-        pickled = f.getbuffer()
-    else: pickled = pickle.dumps(msg, 5, buffer_callback=functools.partial(_out_of_band, kinds, buffers))
-    if not buffers: return bytes(pickled)
-    table = b''.join(_OOB_ENTRY.pack(k.encode(), len(b)) for k, b in zip(kinds, buffers))
-    return [_OOB_HEAD.pack(_OOB_MAGIC, len(buffers), len(pickled)) + table + pickled, *buffers]
-
-# %% ../../nbs/core/worker.ipynb #oob00004
-def oob_table(buf, # A frame's payload so far (bytes, bytearray, memoryview)
-              start:int=0 # Where the payload starts in `buf`
-             ) -> Optional[tuple]: # (kinds, lengths, where the pickle starts, the pickle's length); None if incomplete
-    "The table of a payload with out-of-band buffers; `ValueError` if it is none."
-    if len(buf) - start < _OOB_HEAD.size: return None
-    magic, count, pickled = _OOB_HEAD.unpack_from(buf, start)
-    if magic != _OOB_MAGIC or count > _OOB_MAX_BUFFERS: raise ValueError(f'bad out-of-band table {bytes(magic)!r}')
-    at = start + _OOB_HEAD.size
-    if len(buf) < at + count * _OOB_ENTRY.size: return None
-    entries = [_OOB_ENTRY.unpack_from(buf, at + i * _OOB_ENTRY.size) for i in range(count)]
-    kinds = ''.join(k.decode('latin-1') for k, _ in entries)
-    if kinds.strip('bawr'): raise ValueError(f'bad out-of-band buffer kinds {kinds!r}')
-    return kinds, [n for _, n in entries], at + count * _OOB_ENTRY.size, pickled
-
-class _BufferUnpickler(pickle.Unpickler):
-    "Unpickles a pickle made by `dumps_message` with its out-of-band buffers, `objs`, whose kinds are `kinds`."
-    def __init__(self, pickled, kinds:str='', objs:tuple=()):
-        super().__init__(BytesIO(pickled), buffers=[o for k, o in zip(kinds, objs) if k in 'rw'])
-        self.objs = objs
-
-    def persistent_load(self, pid):
-        if type(pid) is int and 0 <= pid < len(self.objs): return self.objs[pid]
-        raise pickle.UnpicklingError(f'no out-of-band buffer {pid!r}')
-
-def loads_frame(payload:bytes # One frame's payload, whole
-               ) -> Any: # The message
-    "Unpickle a payload made by `dumps_message`."
-    if payload[:4] != _OOB_MAGIC: return pickle.loads(payload)
-    kinds, lengths, at, n = oob_table(payload)
-    if at + n + sum(lengths) != len(payload):
-        raise ValueError(f'payload of {len(payload)} bytes; its out-of-band table says {at + n + sum(lengths)}')
-    view, objs = memoryview(payload), []
-    pickled, at = view[at:at + n], at + n
-    for kind, n in zip(kinds, lengths):
-        objs.append((bytes if kind in 'br' else bytearray)(view[at:at + n])); at += n
-    return _BufferUnpickler(pickled, kinds, objs).load()
-
-def _views(payload) -> List[memoryview]: # Flat byte views of a payload's parts
-    return [memoryview(p).cast('B') for p in ([payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload)]
-
-def _advance(views:deque, # Memoryviews to write or fill, in order
-             n:int): # Bytes done
-    "Drop the `n` bytes done from the front of `views`."
-    while views and n >= len(views[0]): n -= len(views.popleft())
-    if n: views[0] = views[0][n:]
-
-# %% ../../nbs/core/worker.ipynb #21c8345d
-def _poller(conn) -> Callable[[float], bool]:
-    "`conn.poll`, over one `select.poll` made once (`Connection.poll` builds a selector at every call)."
-    p = select.poll()
-    p.register(conn.fileno(), select.POLLIN)
-    return lambda timeout=0.0: bool(p.poll(timeout * 1000))
-
-def _in_pipe(conn) -> Optional[int]: # Bytes the pipe holds now; None where the system does not say
-    "FIONREAD of either end of a pipe."
-    import fcntl, termios
-    n = array.array('i', [0])
-    try: fcntl.ioctl(conn.fileno(), termios.FIONREAD, n)
-    except OSError: return None
-    return n[0]
-
-def _read_exact(conn, n:int) -> bytes:
-    "Read `n` bytes from `conn`, waiting for them; `EOFError` if the pipe ends first."
-    parts = []
-    while n:
-        if not (data := os.read(conn.fileno(), n)): raise EOFError
-        parts.append(data); n -= len(data)
-    return b''.join(parts)
-
-# %% ../../nbs/core/worker.ipynb #pe000001
-class PipeEnd(SimpleQueue):
-    "One end of a pipe with the calls of a `multiprocessing.Queue`: the reader (`get`) or the writer (`put`)."
-    def __init__(self,
-                 reader:Optional[multiprocessing.connection.Connection]=None, # The read end, for `get`
-                 writer:Optional[multiprocessing.connection.Connection]=None): # The write end, for `put`
-        # no SimpleQueue.__init__: it would make a pipe and two process-shared locks
-        self._reader, self._writer, self._closed = reader, writer, False
-        self._rlock, self._wlock = threading.Lock(), threading.Lock()
-        self._poll = _poller(reader) if reader is not None else (lambda timeout=0.0: False)
-        self._ahead = deque()  # payloads `qsize` read off the pipe before `get` asked for them
-        self._head: Optional[int] = None  # the length of the payload whose header `qsize` read, if it did
-        self._sizes = deque(maxlen=4096)  # lengths of the last frames put: how many are still in the pipe
-
-    def __getstate__(self):
-        multiprocessing.context.assert_spawning(self)
-        return self._reader, self._writer
-
-    def __setstate__(self, state): self.__init__(*state)
-
-    def _check_closed(self):
-        if self._closed: raise ValueError(f"Queue {self!r} is closed")
-
-# %% ../../nbs/core/worker.ipynb #pe000003
-@_patch
-def get(self:PipeEnd,
-        block:bool=True, # Wait for a message (else: `queue.Empty` at once if there is none)
-        timeout:Optional[float]=None # Seconds to wait at most (None: for ever)
-       ) -> Any: # The next message
-    "The next message, as `multiprocessing.Queue.get`."
-    self._check_closed()
-    if block and timeout is None:  # the worker loop's call: as fast as SimpleQueue's
-        with self._rlock: payload = self._ahead.popleft() if self._ahead else self._next_payload()
-        return loads_frame(payload)
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-    if not (self._rlock.acquire(True, max(timeout, 0.0)) if block else self._rlock.acquire(False)): raise queue.Empty
-    try:
-        if not self._ahead and self._head is None:
-            if not self._poll(max(0.0, deadline - time.monotonic()) if block else 0.0): raise queue.Empty
-        payload = self._ahead.popleft() if self._ahead else self._next_payload()
-    finally: self._rlock.release()
-    return loads_frame(payload)
-
-@_patch
-def _next_payload(self:PipeEnd) -> bytes:
-    "The next frame's payload off the pipe, waiting for it (under the read lock)."
-    if self._head is None: return self._reader.recv_bytes()
-    n, self._head = self._head, None
-    return _read_exact(self._reader, n)
-
-@_patch
-def get_nowait(self:PipeEnd) -> Any: return self.get(False)
-
-# %% ../../nbs/core/worker.ipynb #pe000005
-@_patch
-def qsize(self:PipeEnd) -> int: # Messages in the pipe now
-    "The number of messages in the pipe, as far as this end can tell."
-    self._check_closed()
-    if self._writer is not None: return self._frames_in_pipe()
-    with self._rlock:
-        while (n := _in_pipe(self._reader)) is not None:
-            if self._head is None:
-                if n < 4: break
-                (size,) = struct.unpack('!i', _read_exact(self._reader, 4))
-                self._head = struct.unpack('!Q', _read_exact(self._reader, 8))[0] if size == -1 else size
-            elif n >= self._head: self._ahead.append(self._next_payload())
-            else: break
-        waiting = len(self._ahead) + (self._head is not None)
-    return waiting if n is not None else waiting + (not waiting and self._poll())
-
-@_patch
-def _frames_in_pipe(self:PipeEnd) -> int:
-    "How many of the frames put last the bytes still in the pipe cover (the writer)."
-    left, count = _in_pipe(self._writer), 0
-    if left is None: return 0
-    for size in reversed(self._sizes):
-        if left <= 0: break
-        left -= size; count += 1
-    return count
-
-@_patch
-def empty(self:PipeEnd) -> bool:
-    "Whether no message waits in the pipe."
-    if self._writer is not None: return self.qsize() == 0
-    return not (self._ahead or self._head is not None or self._poll())
-@_patch
-def full(self:PipeEnd) -> bool: return False
-
-# %% ../../nbs/core/worker.ipynb #pe000007
-@_patch
-def put(self:PipeEnd,
-        obj:Any, # A message (see `dumps_message`)
-        block:bool=True, # Accepted for `multiprocessing.Queue`'s signature: a put always writes at once
-        timeout:Optional[float]=None # The same
-       ) -> None:
-    "Send `obj`; waits only while the pipe is full."
-    self._check_closed()
-    payload = dumps_message(obj)
-    with self._wlock:
-        if type(payload) is bytes:
-            self._sizes.append(len(payload) + 4)
-            return self._writer.send_bytes(payload)
-        views = deque(_views(payload))
-        views.appendleft(memoryview(frame_header(sum(map(len, views)))))
-        self._sizes.append(sum(map(len, views)))
-        while views: _advance(views, os.writev(self._writer.fileno(), list(itertools.islice(views, 64))))
-
-@_patch
-def put_nowait(self:PipeEnd, obj:Any) -> None: self.put(obj, False)
-
-@_patch
-def close(self:PipeEnd) -> None:
-    "Close this end; idempotent."
-    self._closed = True
-    for end in (self._reader, self._writer):
-        if end is not None: end.close()
-
-@_patch
-def join_thread(self:PipeEnd) -> None: "Nothing to join: every `put` has written its message."
-@_patch
-def cancel_join_thread(self:PipeEnd) -> None: "Nothing to cancel: see `join_thread`."
 
 # %% ../../nbs/core/worker.ipynb #76101b93
 _WATCHDOG = r'''
