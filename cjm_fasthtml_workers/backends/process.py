@@ -8,14 +8,13 @@ __all__ = ['log', 'describe_exit', 'kill_tree', 'kill_token', 'ProcessWorker', '
 # %% ../../nbs/backends/process.ipynb #e9d77e15
 import logging, os, select, signal, threading, time, uuid, weakref
 import multiprocessing, multiprocessing.connection, multiprocessing.process
-from concurrent.futures import Future
 from contextlib import contextmanager
-from queue import SimpleQueue
 from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 from fastcore.basics import patch
 
+from .transport import readable, spawner
 from ..core.protocol import WorkerRequest, WorkerRequestType
 from ..core.wire import (  # CorruptStream, Unreadable, loads_message: importable from here as before
     CorruptStream, Inbox, Outbox, PipeEnd, Unreadable, dumps_message, loads_message)
@@ -72,32 +71,6 @@ def kill_token(token:str, # A worker's `CJM_WORKER_TOKEN`
         except (psutil.Error, OSError): pass  # gone, a zombie, or another user's
     return signalled
 
-# %% ../../nbs/backends/process.ipynb #d7845677
-class _Spawner:
-    "The one thread that starts every worker process, and so outlives them all."
-    def __init__(self): self.lock, self.jobs, self.pid = threading.Lock(), None, None
-
-    def run(self, fn:Callable[[], Any] # What to run on the spawner thread
-           ) -> Any: # What `fn` returns; what it raises is raised here
-        "Run `fn` on the spawner thread and wait for it."
-        with self.lock:
-            if self.pid != os.getpid():  # first use, or a forked copy of the app: no spawner thread yet
-                self.jobs, self.pid = SimpleQueue(), os.getpid()
-                threading.Thread(target=self._serve, args=(self.jobs,), name='cjm-worker-spawner',
-                                 daemon=True).start()
-            done = Future()
-            self.jobs.put((fn, done))
-        return done.result()
-
-    @staticmethod
-    def _serve(jobs:SimpleQueue):
-        while True:
-            fn, done = jobs.get()
-            try: done.set_result(fn())
-            except BaseException as e: done.set_exception(e)
-
-_spawner = _Spawner()
-
 # %% ../../nbs/backends/process.ipynb #e90a4d19
 @contextmanager
 def _environ(env:Dict[str, str]): # Variables to set
@@ -128,15 +101,9 @@ def _close_fds(fds:list): # fds still open; emptied
         try: os.close(fds.pop())
         except OSError: pass
 
-def _readable(fd:int, timeout:float=0.0) -> bool:
-    "Whether `fd` is readable within `timeout` seconds."
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
 # %% ../../nbs/backends/process.ipynb #bcf108dc
 class ProcessWorker:
-    "One spawned worker process and its pipes."
+    "One spawned worker process and its pipes: a `backends.transport.Transport`."
     def __init__(self,
                  entry_point:Callable, # `entry_point(request_queue, result_queue, response_queue)`, importable
                  name:str, # The process's name, for logs
@@ -146,6 +113,7 @@ class ProcessWorker:
         self.process: Optional[multiprocessing.process.BaseProcess] = None  # the multiprocessing Process
         self.pid: Optional[int] = None
         self.exitcode: Optional[int] = None  # set by reap()
+        self.exit_reason: Optional[str] = None  # always None: the exit code says how it ended (see `describe_exit`)
         self.death_fd: Optional[int] = None  # readable once the process has exited; None once reaped
         self.write_fd: Optional[int] = None  # the request pipe's write end, non-blocking
         self._pidfd = False  # death_fd is a pidfd (ours to close), not the process sentinel
@@ -169,10 +137,11 @@ class ProcessWorker:
         "Whether either pipe from the worker has reached end of file, every message read: it can no longer report."
         return any(ib.eof and not ib.frames for ib in self._inboxes)
 
+    def placement(self) -> Dict[str, Any]: return {}  # it runs here: nothing to say where
     def alive(self) -> bool:
         "Whether the process runs: started, and its death fd has not fired."
         if self.death_fd is None: return False
-        if _readable(self.death_fd): return False  # a sentinel fires as the process exits, before it is reapable
+        if readable(self.death_fd): return False  # a sentinel fires as the process exits, before it is reapable
         return self._pidfd or self.process.is_alive()  # a grandchild holding the sentinel hides a death from it
 
     def close(self) -> None:
@@ -199,7 +168,7 @@ def start(self:ProcessWorker) -> int: # The worker's pid
     proc = multiprocessing.get_context('spawn').Process(
         target=worker_main, args=(self.entry_point, *ends), kwargs={'harden': True}, name=self.name)
     env = {**self.env, TOKEN_ENV: self.token}
-    try: pidfd = _spawner.run(lambda: _start_process(proc, env))
+    try: pidfd = spawner.run(lambda: _start_process(proc, env))
     except BaseException: _close_fds(mine); raise
     finally:
         for end in ends: end.close()  # the worker has its copies; ours would hide its end of file
@@ -265,10 +234,10 @@ def kill(self:ProcessWorker, sig:int=signal.SIGKILL # The signal for every proce
 def _ended(self:ProcessWorker, timeout:float) -> bool:
     "Wait up to `timeout` seconds for the process to end."
     if self.exitcode is not None: return True
-    if self._pidfd: return _readable(self.death_fd, timeout)
+    if self._pidfd: return readable(self.death_fd, timeout)
     self.process.join(timeout)
     # the sentinel fires as the process exits, whether or not its status can be collected (SIGCHLD ignored)
-    return self.process.exitcode is not None or _readable(self.death_fd)
+    return self.process.exitcode is not None or readable(self.death_fd)
 
 @patch
 def reap(self:ProcessWorker, timeout:float=1.0 # Seconds to wait for the process to end

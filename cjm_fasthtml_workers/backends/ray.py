@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import ray, ray.exceptions
 from fastcore.basics import patch
 
-from .process import ProcessWorker, _readable, _spawner
+from .process import ProcessWorker
+from .transport import readable, run_before_exit, spawner
 from ..core.protocol import WorkerResponse, WorkerResponseType
 from ..core.wire import CorruptStream, describe_error, dumps_message, loads_message
 
@@ -23,11 +24,6 @@ log = logging.getLogger(__name__)
 # %% ../../nbs/backends/ray.ipynb #7426c5bb
 _init_lock = threading.Lock()
 _ray_seen = False  # Ray was initialised in this process at some point (by us or by the app)
-
-def _shutdown_managers():
-    "At exit, before Ray's own exit hook: stop the managers, so their workers stop while Ray still answers."
-    from cjm_fasthtml_workers.managers.base import _shutdown_all
-    _shutdown_all()
 
 def ensure_ray(address:Optional[str]=None, # The cluster to join (None: `ray.init()`'s default)
                init_options:Optional[Dict[str, Any]]=None # More `ray.init` options
@@ -40,10 +36,11 @@ def ensure_ray(address:Optional[str]=None, # The cluster to join (None: `ray.ini
         else:
             os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')  # a library does not opt an app into telemetry
             # a local instance's processes die with the thread that started them (PDEATHSIG): the spawner's lasts
-            _spawner.run(lambda: ray.init(address=address, **(init_options or {})))
+            spawner.run(lambda: ray.init(address=address, **(init_options or {})))
             log.debug("ray initialised (address %s)", address)
             initialised = True
-        if not _ray_seen: atexit.register(_shutdown_managers)  # after Ray's hook, so it runs before it
+        # after Ray's hook, so it runs before it: the managers stop their workers while Ray still answers
+        if not _ray_seen: atexit.register(run_before_exit)
         _ray_seen = True
         return initialised
 
@@ -122,7 +119,7 @@ def _collect(self:RayWorkerHost) -> Optional[Relayed]: # None: nothing new
     w.flush()
     try: messages = w.read(_READ_MAX)
     except CorruptStream as e: messages, self.corrupt = e.messages, str(e)
-    if w.pipe_closed() and w.alive() and not self.reported_closed: _readable(w.death_fd, _CLOSE_GRACE)
+    if w.pipe_closed() and w.alive() and not self.reported_closed: readable(w.death_fd, _CLOSE_GRACE)
     ended = not w.alive() and not w.buffered()
     closed = w.pipe_closed() and not ended
     news_of_corrupt = self.corrupt is not None and not self.reported_corrupt
@@ -185,7 +182,7 @@ class RemoteProcess:
 
 # %% ../../nbs/backends/ray.ipynb #5da3ec23
 class RayWorker:
-    "One worker process on a Ray node, run by a `RayWorkerHost` actor, with the interface of `ProcessWorker`."
+    "One worker process on a Ray node, run by a `RayWorkerHost` actor: a `backends.transport.Transport`."
     def __init__(self,
                  entry_point:Callable, # `entry_point(request_queue, result_queue, response_queue)`, importable
                  name:str, # The worker's name, for logs
@@ -222,8 +219,8 @@ class RayWorker:
         if self._closed or self._wake_r is None: return []
         return ([] if self.at_eof() else [self._wake_r]) + ([] if self.death_fd is None else [self.death_fd])
 
-    def wants_write(self) -> bool: return False
-    def flush(self) -> None: pass
+    def wants_write(self) -> bool: return False  # nothing is kept: every send went to the actor at once
+    def flush(self) -> None: "Nothing to write: every send went to the actor at once."
     def buffered(self) -> bool: return bool(self._inbox)
     def at_eof(self) -> bool: return self._at_eof and not self._inbox
     def pipe_closed(self) -> bool:

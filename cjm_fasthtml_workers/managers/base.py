@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Generic, List, Optional, 
 from fastcore.basics import patch
 
 from ..backends.process import ProcessWorker
+from ..backends.transport import register_before_exit
 from ..core.adapters import meta_id, meta_name
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResult, WorkerStreamChunk
@@ -123,6 +124,7 @@ def _shutdown_all(managers=_live_managers, log=log):
 # priority run first, so ours stops the workers before that join. The plain atexit hook covers the rest.
 multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 atexit.register(_shutdown_all)
+register_before_exit(_shutdown_all)  # a backend that needs the workers stopped before its own exit hook (Ray)
 
 def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional[dict]):
     "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
@@ -699,7 +701,7 @@ def _worker_row(self:BaseJobManager, slot) -> Dict[str, Any]:
             'state': state, 'gpu': slot.gpu, 'loaded_plugin': w.loaded if w else None,
             'current_job_id': w.job_id if w else None, 'restart_count': slot.restarts, 'crashes': slot.crashes,
             'cancels': slot.cancels, 'jobs_done': w.jobs_done if w else 0, 'last_exit': slot.last_exit,
-            **(w.transport.placement() if w and hasattr(w.transport, 'placement') else {})}
+            **(w.transport.placement() if w else {})}
 
 @patch
 def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per worker of the pool

@@ -16,6 +16,7 @@ from cjm_fasthtml_workers.core.protocol import (
     WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType, WorkerStreamChunk, WorkerProgress,
     decode_message)
 from ..backends.process import CorruptStream, describe_exit
+from ..backends.transport import Transport
 from .jobs import TERMINAL_STATUSES, now_iso, resolve
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class Worker:
     "One worker process of a slot, as the supervisor sees it; a replacement is a new `Worker`."
     slot: 'Slot'  # The place in the pool it fills
-    transport: Any  # Its process and pipes (`backends.process.ProcessWorker`)
+    transport: Transport  # Its process and pipes (`backends.process.ProcessWorker`, `backends.ray.RayWorker`)
     start_deadline: float  # time.monotonic() by which it must be READY
     ready: bool = False  # It answered INIT
     stopped: bool = False  # It said STOPPED: a clean exit follows
@@ -357,7 +358,7 @@ class Supervisor:
         "Event data that says which worker: `worker_id`, and `gpu` when it is pinned."
         data['worker_id'] = w.slot.id
         if w.slot.gpu is not None: data['gpu'] = w.slot.gpu
-        if hasattr(w.transport, 'placement'): data.update(w.transport.placement())  # e.g. a Ray node and its GPUs
+        data.update(w.transport.placement())  # e.g. a Ray node and its GPUs
         return data
 
     # ----- dispatch -----------------------------------------------------------------------------------------------
@@ -442,7 +443,7 @@ class Supervisor:
         w = slot.worker
         exitcode, reason = w.transport.reap(), w.kill_reason
         what = describe_exit(exitcode, ended=not w.transport.alive())
-        if getattr(w.transport, 'exit_reason', None): what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
+        if w.transport.exit_reason: what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
         if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
         elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
         job = self.book.jobs.get(w.job_id) if w.job_id else None
