@@ -10,12 +10,12 @@ __all__ = ['PLUGIN_NAMES', 'IMPORT_ENV', 'PROCESS_PLUGINS', 'UnprintableError', 
 # %% ../nbs/testing.ipynb #eaece20f
 import builtins, faulthandler, os, queue, signal, subprocess, sys, threading, time, types
 from typing import Any, Dict, Iterator, Optional
-from .core.worker import base_worker_process, report_progress
+from .core.worker import JobCancelled, base_worker_process, check_cancelled, report_progress
 
 # %% ../nbs/testing.ipynb #1c283efb
 PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv',
                 'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil', 'alien',
-                'badreduce']
+                'badreduce', 'cancellable']
 
 class UnprintableError(RuntimeError):
     "An exception whose `str` raises, as a badly written plugin's can."
@@ -48,9 +48,13 @@ class ScenarioPluginManager:
 
     def execute_plugin_stream(self, plugin_name:str, text:str='', delay:float=0.0, **params) -> Iterator[str]:
         words = text.split(' ')
-        for i, w in enumerate(words):
-            if delay and i: time.sleep(delay)
-            yield w if i == len(words) - 1 else w + ' '
+        try:
+            for i, w in enumerate(words):
+                if delay and i: time.sleep(delay)
+                yield w if i == len(words) - 1 else w + ' '
+        except GeneratorExit:  # closed before its end: a cancelled job
+            self.events.append(f'{plugin_name} closed')
+            raise
 
     def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0, message:str='failed',
                  code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError', **params) -> Any:
@@ -64,6 +68,11 @@ class ScenarioPluginManager:
             if not steps: time.sleep(seconds)
             return {'text': text or 'done'}
         if plugin_name == 'stream': return {'text': ''.join(self.execute_plugin_stream('stream', text, delay))}
+        if plugin_name == 'cancellable':  # stops at check_cancelled() once its job is cancelled
+            try:
+                for _ in range(steps): time.sleep(seconds / max(steps, 1)); check_cancelled()
+            except JobCancelled: self.events.append('cancellable stopped'); raise
+            return {'text': 'done'}
         if plugin_name == 'history': return {'events': list(self.events), 'configs': dict(self.configs)}
         if plugin_name == 'fail': raise getattr(builtins, exception)(message)
         if plugin_name == 'sysexit': raise SystemExit(5)
