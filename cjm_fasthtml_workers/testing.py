@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['PLUGIN_NAMES', 'IMPORT_ENV', 'PROCESS_PLUGINS', 'UnprintableError', 'ScenarioPluginManager', 'TwoArgError',
            'scenario_worker_process', 'BrokenPluginManagerError', 'broken_plugin_manager',
-           'failing_init_worker_process', 'raw_writer_process', 'closing_worker_process']
+           'failing_init_worker_process', 'handwritten_worker_process', 'raw_writer_process', 'closing_worker_process']
 
 # %% ../nbs/testing.ipynb #eaece20f
-import builtins, faulthandler, os, signal, subprocess, sys, threading, time, types
+import builtins, faulthandler, os, queue, signal, subprocess, sys, threading, time, types
 from typing import Any, Dict, Iterator, Optional
-from .core.worker import base_worker_process, report_progress
+from .core.worker import JobCancelled, base_worker_process, check_cancelled, report_progress
 
 # %% ../nbs/testing.ipynb #1c283efb
 PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv',
                 'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil', 'alien',
-                'badreduce']
+                'badreduce', 'cancellable']
 
 class UnprintableError(RuntimeError):
     "An exception whose `str` raises, as a badly written plugin's can."
@@ -48,9 +48,13 @@ class ScenarioPluginManager:
 
     def execute_plugin_stream(self, plugin_name:str, text:str='', delay:float=0.0, **params) -> Iterator[str]:
         words = text.split(' ')
-        for i, w in enumerate(words):
-            if delay and i: time.sleep(delay)
-            yield w if i == len(words) - 1 else w + ' '
+        try:
+            for i, w in enumerate(words):
+                if delay and i: time.sleep(delay)
+                yield w if i == len(words) - 1 else w + ' '
+        except GeneratorExit:  # closed before its end: a cancelled job
+            self.events.append(f'{plugin_name} closed')
+            raise
 
     def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0, message:str='failed',
                  code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError', **params) -> Any:
@@ -64,6 +68,11 @@ class ScenarioPluginManager:
             if not steps: time.sleep(seconds)
             return {'text': text or 'done'}
         if plugin_name == 'stream': return {'text': ''.join(self.execute_plugin_stream('stream', text, delay))}
+        if plugin_name == 'cancellable':  # stops at check_cancelled() once its job is cancelled
+            try:
+                for _ in range(steps): time.sleep(seconds / max(steps, 1)); check_cancelled()
+            except JobCancelled: self.events.append('cancellable stopped'); raise
+            return {'text': 'done'}
         if plugin_name == 'history': return {'events': list(self.events), 'configs': dict(self.configs)}
         if plugin_name == 'fail': raise getattr(builtins, exception)(message)
         if plugin_name == 'sysexit': raise SystemExit(5)
@@ -142,6 +151,53 @@ def broken_plugin_manager() -> ScenarioPluginManager: # Never returns
 def failing_init_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point whose INIT fails."
     base_worker_process(request_queue, result_queue, response_queue, broken_plugin_manager)
+
+# %% ../nbs/testing.ipynb #hw000002
+def _handwritten_answer(pm, request:dict, configs:dict, loaded:list) -> dict: # The RESPONSE of a RELOAD or UNLOAD
+    "Carry out a RELOAD or an UNLOAD the way a hand-written worker does; `loaded` holds the loaded plugin's name."
+    kind, name = request['type'], request['plugin_name']
+    try:
+        if kind == 'reload':
+            pm.reload_plugin(name, request.get('config'))
+            configs[name], loaded[0] = request.get('config'), name
+        elif loaded[0] == name: pm.unload_plugin(name); loaded[0] = None
+        return {'type': 'response', 'request_type': kind, 'status': 'success'}
+    except Exception as e: return {'type': 'response', 'request_type': kind, 'status': 'error', 'error': str(e)}
+
+def _handwritten_result(pm, request:dict, configs:dict, loaded:list) -> dict: # The RESULT of an EXECUTE
+    "Run a flat EXECUTE's plugin, loading it first if another (or none) is loaded."
+    job_id, name = request['job_id'], request['plugin_name']
+    params = {k: v for k, v in request.items() if k not in ('type', 'job_id', 'plugin_name', 'stream')}
+    try:
+        if loaded[0] != name: pm.load_plugin({'name': name}, configs.get(name) or {}); loaded[0] = name
+        return {'type': 'result', 'job_id': job_id, 'status': 'success', 'data': pm.execute_plugin(name, **params)}
+    except Exception as e: return {'type': 'result', 'job_id': job_id, 'status': 'error', 'error': str(e)}
+
+# %% ../nbs/testing.ipynb #hw000003
+def handwritten_worker_process(request_queue, result_queue, response_queue):
+    "A worker written by hand to the documented protocol, calling what user code calls on a `multiprocessing.Queue`."
+    pm, configs, loaded, ahead = None, {}, [None], []
+    while True:
+        if ahead: request = ahead.pop(0)
+        else:
+            try: request = request_queue.get(timeout=1.0)
+            except queue.Empty: continue  # where a real worker checks its health
+        kind = request.get('type')
+        if kind == 'init':
+            pm, configs = ScenarioPluginManager(), dict(request.get('plugin_configs') or {})
+            result_queue.put({'type': 'ready'}, timeout=5.0)
+        elif kind == 'execute':
+            result_queue.put(_handwritten_result(pm, request, configs, loaded), block=True, timeout=None)
+            while not request_queue.empty():  # what arrived meanwhile, read without waiting
+                try: ahead.append(request_queue.get_nowait())
+                except queue.Empty: break
+        elif kind in ('reload', 'unload'): response_queue.put_nowait(_handwritten_answer(pm, request, configs, loaded))
+        elif kind == 'get_state':
+            response_queue.put({'type': 'state', 'current_plugin': loaded[0], 'current_config': configs.get(loaded[0]),
+                                'loaded_plugins': [n for n in loaded if n], 'waiting': request_queue.qsize() + len(ahead)})
+        elif kind == 'stop': break
+    for q in (result_queue, response_queue): q.close(); q.join_thread()
+    request_queue.cancel_join_thread(); request_queue.close()
 
 # %% ../nbs/testing.ipynb #fd705e1b
 def raw_writer_process(request_queue, result_queue, response_queue,

@@ -9,7 +9,7 @@ import asyncio, json, os, pickle, signal, subprocess, sys, textwrap, threading, 
 import psutil
 import pytest
 
-from cjm_fasthtml_workers.core import worker as worker_module
+from cjm_fasthtml_workers.core import wire, worker as worker_module
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.core.worker import WATCHDOG_ENV, base_worker_process, report_progress
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager, _alien, _daemon, _fork
@@ -27,8 +27,8 @@ FAULT_PLUGINS = ['garbage', 'cut_big', 'mark', 'daemon_hang', 'fork_hang', 'floo
 def _oob_frame(length:int, said:int=None) -> bytes:
     "A frame whose payload announces one out-of-band bytes buffer of `length` (its header says `said` bytes), none of it sent."
     pickled = pickle.dumps({'type': 'result', 'job_id': 'x', 'data': None}, 5)
-    head = worker_module._OOB_HEAD.pack(worker_module._OOB_MAGIC, 1, len(pickled)) + worker_module._OOB_ENTRY.pack(b'b', length)
-    return worker_module.frame_header(said if said is not None else len(head) + len(pickled) + length) + head + pickled
+    head = wire.OOB_HEAD.pack(wire.OOB_MAGIC, 1, len(pickled)) + wire.OOB_ENTRY.pack(b'b', length)
+    return wire.frame_header(said if said is not None else len(head) + len(pickled) + length) + head + pickled
 
 GARBAGE = {'text': b'this is no frame of a pickle, just garbage on the pipe',
            'table': _oob_frame(1000, said=40),  # a table that does not add up to its frame

@@ -6,7 +6,9 @@ import pytest
 
 from conftest import pid_gone, seconds_until_gone
 from cjm_fasthtml_workers.backends.process import (
-    CorruptStream, ProcessWorker, Unreadable, describe_exit, frame_header, kill_token, _readable)
+    CorruptStream, ProcessWorker, Unreadable, describe_exit, kill_token)
+from cjm_fasthtml_workers.backends.transport import readable
+from cjm_fasthtml_workers.core.wire import frame_header
 from cjm_fasthtml_workers.core.protocol import WorkerRequest
 from cjm_fasthtml_workers.core.protocol import WorkerRequestType as Req, WorkerResponseType as Resp
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV, WATCHDOG_ENV
@@ -140,7 +142,7 @@ def test_read_limit_and_buffered(make_worker):
     init(w)
     for i in range(100): w.send(execute_request(f'e{i}', 'echo', text=str(i)))
     w.send(WorkerRequest(Req.STOP).to_dict())
-    assert _readable(w.death_fd, TIMEOUT)  # it wrote everything (about 30 KB: it fits in the pipe) and exited
+    assert readable(w.death_fd, TIMEOUT)  # it wrote everything (about 30 KB: it fits in the pipe) and exited
     got = w.read(limit=5)
     assert len(got) == 5 and w.buffered()
     while w.buffered(): got += w.read(limit=5)  # no poll needed while buffered() says so
@@ -246,12 +248,12 @@ def test_death_fd_fires_at_once_even_when_a_grandchild_holds_all_the_pipes(make_
         result_fd = w.fds()[0]
         os.kill(w.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        assert _readable(w.death_fd, 1.0)
+        assert readable(w.death_fd, 1.0)
         took = time.monotonic() - t0
         log.info("death fd fired %.2f ms after SIGKILL, a grandchild holding the pipes", took * 1000)
         assert took < 0.05
         # what a worker's death used to be seen by: still open, held by the grandchild
-        assert not _readable(result_fd, 0.1) and not _readable(w.process.sentinel, 0)
+        assert not readable(result_fd, 0.1) and not readable(w.process.sentinel, 0)
         assert not w.alive() and w.reap() == -signal.SIGKILL
         assert pid_gone(child, 2)
     finally: end(child)
@@ -263,7 +265,7 @@ def test_death_is_seen_on_the_sentinel_where_there_are_no_pidfds(make_worker, mo
     assert w.death_fd == w.process.sentinel
     init(w)
     w.send(execute_request('k', 'kill'))
-    assert _readable(w.death_fd, TIMEOUT) and not w.alive()
+    assert readable(w.death_fd, TIMEOUT) and not w.alive()
     assert w.reap() == -signal.SIGKILL and w.fds()[-1:] != [w.process.sentinel]
 
 
@@ -312,7 +314,7 @@ def test_reap_after_a_crash_ends_a_daemon_that_went_to_init(make_worker):
     daemon = execute(w, 'd', 'daemon')['data']['pid']
     try:
         w.send(execute_request('k', 'kill'))
-        assert _readable(w.death_fd, TIMEOUT)
+        assert readable(w.death_fd, TIMEOUT)
         # orphaned: nobody's descendant here, in no group of the worker's; only its token names it
         assert psutil.Process(daemon).is_running() and psutil.Process(daemon).ppid() != w.pid
         assert daemon not in [p.pid for p in psutil.Process().children(recursive=True)]

@@ -343,3 +343,66 @@ def test_failing_init_reports_error_and_exits_nonzero(no_leftover_processes):
         w.process.join(TIMEOUT)
         assert w.process.exitcode == 1  # the INIT exception ends the process, as any uncaught exception in it would
     finally: w.close()
+
+
+# ----- cancel that keeps the model (issue 22, the worker's side) ---------------------------------------------------
+def _until(w:WorkerUnderTest, kind:str) -> list:
+    "Raw result messages up to the first of type `kind`."
+    got = [w.raw_result()]
+    while got[-1]['type'] != kind: got.append(w.raw_result())
+    return got
+
+def _start(w:WorkerUnderTest, plugin_name:str, job_id:str, first:str, stream:bool=False, **params) -> list:
+    "Send a job; wait for its first message of type `first` after it started."
+    w.send(Req.EXECUTE, job_id=job_id, plugin_name=plugin_name, stream=stream, **params)
+    return _until(w, first)
+
+def _history(w:WorkerUnderTest) -> list: return w.execute('history')[-1].data['events']
+
+@pytest.mark.parametrize('plugin, params, first, how', [
+    ('stream', {'stream': True, 'text': ' '.join(['w'] * 200), 'delay': 0.02}, 'stream_chunk', 'stream closed'),
+    ('progress', {'seconds': 10, 'steps': 500}, 'progress', None),
+    ('cancellable', {'seconds': 10, 'steps': 500}, 'job_started', 'cancellable stopped')],
+    ids=['stream', 'report_progress', 'check_cancelled'])
+def test_running_job_stops_at_its_cancel_and_the_plugin_stays_loaded(worker, plugin, params, first, how):
+    worker.init()
+    t0 = time.monotonic()
+    before = _start(worker, plugin, 'j1', first, **params)
+    worker.send(Req.CANCEL, job_id='j1')
+    after = _until(worker, 'job_cancelled')
+    assert time.monotonic() - t0 < 5, "the job ran on after its cancel"
+    assert after[-1] == {'type': 'job_cancelled', 'job_id': 'j1'}
+    kinds = {m['type'] for m in before + after[:-1]}
+    assert 'result' not in kinds and kinds <= {'job_started', 'stream_chunk', 'progress'}, kinds
+    # the next job of the same plugin runs in the same process, the plugin not loaded again
+    again = worker.execute(plugin, **{**params, 'text': 'a b', 'delay': 0, 'seconds': 0, 'steps': 1})
+    assert isinstance(again[-1], WorkerResult) and again[-1].status == 'success', again[-1]
+    assert again[0].pid == worker.process.pid
+    events = _history(worker)
+    assert events.count(f'load {plugin}') == 1, events
+    if how: assert how in events, events
+    worker.stop()
+
+def test_cancel_of_another_job_is_never_acted_on(worker):
+    worker.init()
+    _start(worker, 'cancellable', 'run', 'job_started', seconds=0.5, steps=50)
+    worker.send(Req.EXECUTE, job_id='next', plugin_name='echo', text='never')  # handed behind it, then cancelled
+    worker.send(Req.CANCEL, job_id='next')
+    worker.send(Req.CANCEL, job_id='gone')  # a job that is not here at all
+    done = _until(worker, 'result')
+    assert done[-1]['job_id'] == 'run' and done[-1]['status'] == 'success', done[-1]
+    assert 'job_cancelled' not in {m['type'] for m in done}
+    later = worker.execute('echo', text='after')  # 'next' was dropped unrun: the next message is this job's
+    assert later[-1].data['text'] == 'after'
+    assert 'cancellable stopped' not in _history(worker)
+    worker.stop()
+
+def test_cancel_outside_a_checkpoint_lets_the_job_finish(worker):
+    "A plugin that never reports progress nor checks: the cancel waits; the job ends with its result."
+    worker.init()
+    _start(worker, 'sleep', 'quiet', 'job_started', seconds=0.3)
+    worker.send(Req.CANCEL, job_id='quiet')
+    done = _until(worker, 'result')
+    assert done[-1]['job_id'] == 'quiet' and done[-1]['status'] == 'success'
+    assert worker.execute('echo', text='next')[-1].status == 'success'  # the stale CANCEL is dropped
+    worker.stop()

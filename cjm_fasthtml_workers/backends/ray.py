@@ -14,20 +14,16 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import ray, ray.exceptions
 from fastcore.basics import patch
 
-from .process import CorruptStream, ProcessWorker, _readable, _spawner, loads_message
+from .process import ProcessWorker
+from .transport import readable, run_before_exit, spawner
 from ..core.protocol import WorkerResponse, WorkerResponseType
-from ..core.worker import _describe, dumps_message
+from ..core.wire import CorruptStream, describe_error, dumps_message, loads_message
 
 log = logging.getLogger(__name__)
 
 # %% ../../nbs/backends/ray.ipynb #7426c5bb
 _init_lock = threading.Lock()
 _ray_seen = False  # Ray was initialised in this process at some point (by us or by the app)
-
-def _shutdown_managers():
-    "At exit, before Ray's own exit hook: stop the managers, so their workers stop while Ray still answers."
-    from cjm_fasthtml_workers.managers.base import _shutdown_all
-    _shutdown_all()
 
 def ensure_ray(address:Optional[str]=None, # The cluster to join (None: `ray.init()`'s default)
                init_options:Optional[Dict[str, Any]]=None # More `ray.init` options
@@ -40,10 +36,11 @@ def ensure_ray(address:Optional[str]=None, # The cluster to join (None: `ray.ini
         else:
             os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')  # a library does not opt an app into telemetry
             # a local instance's processes die with the thread that started them (PDEATHSIG): the spawner's lasts
-            _spawner.run(lambda: ray.init(address=address, **(init_options or {})))
+            spawner.run(lambda: ray.init(address=address, **(init_options or {})))
             log.debug("ray initialised (address %s)", address)
             initialised = True
-        if not _ray_seen: atexit.register(_shutdown_managers)  # after Ray's hook, so it runs before it
+        # after Ray's hook, so it runs before it: the managers stop their workers while Ray still answers
+        if not _ray_seen: atexit.register(run_before_exit)
         _ray_seen = True
         return initialised
 
@@ -108,7 +105,7 @@ def _relayable(msg:dict) -> bytes: # `msg` pickled; if it does not pickle, what 
     try: return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         keep = {k: msg[k] for k in ('type', 'job_id', 'request_id') if k in msg}
-        why = f"it could not be relayed from its Ray actor ({_describe(e)})"
+        why = f"it could not be relayed from its Ray actor ({describe_error(e)})"
         return pickle.dumps({**keep, '_unreadable': why})
 
 # %% ../../nbs/backends/ray.ipynb #e0848d08
@@ -122,7 +119,7 @@ def _collect(self:RayWorkerHost) -> Optional[Relayed]: # None: nothing new
     w.flush()
     try: messages = w.read(_READ_MAX)
     except CorruptStream as e: messages, self.corrupt = e.messages, str(e)
-    if w.pipe_closed() and w.alive() and not self.reported_closed: _readable(w.death_fd, _CLOSE_GRACE)
+    if w.pipe_closed() and w.alive() and not self.reported_closed: readable(w.death_fd, _CLOSE_GRACE)
     ended = not w.alive() and not w.buffered()
     closed = w.pipe_closed() and not ended
     news_of_corrupt = self.corrupt is not None and not self.reported_corrupt
@@ -185,7 +182,7 @@ class RemoteProcess:
 
 # %% ../../nbs/backends/ray.ipynb #5da3ec23
 class RayWorker:
-    "One worker process on a Ray node, run by a `RayWorkerHost` actor, with the interface of `ProcessWorker`."
+    "One worker process on a Ray node, run by a `RayWorkerHost` actor: a `backends.transport.Transport`."
     def __init__(self,
                  entry_point:Callable, # `entry_point(request_queue, result_queue, response_queue)`, importable
                  name:str, # The worker's name, for logs
@@ -222,8 +219,8 @@ class RayWorker:
         if self._closed or self._wake_r is None: return []
         return ([] if self.at_eof() else [self._wake_r]) + ([] if self.death_fd is None else [self.death_fd])
 
-    def wants_write(self) -> bool: return False
-    def flush(self) -> None: pass
+    def wants_write(self) -> bool: return False  # nothing is kept: every send went to the actor at once
+    def flush(self) -> None: "Nothing to write: every send went to the actor at once."
     def buffered(self) -> bool: return bool(self._inbox)
     def at_eof(self) -> bool: return self._at_eof and not self._inbox
     def pipe_closed(self) -> bool:
@@ -247,7 +244,7 @@ def _start_error(w:'RayWorker', options:dict, e:BaseException) -> Exception: # W
         return TimeoutError(f"{w.name}: Ray did not place its actor ({options}) and start the worker within "
                             f"{w.start_timeout} s; the cluster has {ray.available_resources()} free")
     cause = getattr(e, 'cause', None) or e  # a RayTaskError carries what the actor's method raised
-    return RuntimeError(f"{w.name}: its Ray actor did not start the worker: {_describe(cause)}")
+    return RuntimeError(f"{w.name}: its Ray actor did not start the worker: {describe_error(cause)}")
 
 # %% ../../nbs/backends/ray.ipynb #0397ad87
 @patch
@@ -279,7 +276,7 @@ def _end_actor(self:RayWorker):
     actor, self.actor = self.actor, None
     if actor is not None:
         try: ray.kill(actor)
-        except Exception as e: log.debug("%s: ray.kill: %s", self.name, _describe(e))
+        except Exception as e: log.debug("%s: ray.kill: %s", self.name, describe_error(e))
 
 # %% ../../nbs/backends/ray.ipynb #a173e7c3
 _READ_WAIT = 0.5  # seconds one read of the host's relay waits before it waits again
@@ -351,7 +348,7 @@ _ANSI = re.compile(r'\x1b\[[0-9;]*m')  # Ray colours the names in its errors
 def _death_reason(e:BaseException) -> str:
     "Say in a line why an actor is gone: Ray's first line and its last (the cause), or what its method raised."
     if isinstance(e, ray.exceptions.RayTaskError):  # alive, but relay raised: it is ended, and the worker too
-        return f"the worker's Ray actor failed: {_describe(getattr(e, 'cause', None) or e)}"
+        return f"the worker's Ray actor failed: {describe_error(getattr(e, 'cause', None) or e)}"
     lines = [l.strip() for l in _ANSI.sub('', str(e)).splitlines() if l.strip()]
     said = lines[0] if lines else type(e).__name__
     if len(lines) > 1 and lines[-1] != said: said += f" {lines[-1]}"
@@ -461,7 +458,7 @@ def stop(self:RayWorker,
     if not self._ended.is_set() and (actor := self.actor) is not None:
         try: exitcode = ray.get(actor.stop.remote(graceful, timeout), timeout=timeout + _STOP_SLACK)
         except Exception as e:
-            log.debug("%s: stop on its node failed (%s); ending its actor", self.name, _describe(e))
+            log.debug("%s: stop on its node failed (%s); ending its actor", self.name, describe_error(e))
             exitcode = None
         with self._lock:  # without an answer, the actor's end takes the worker with it
             self._settle(-signal.SIGKILL if exitcode is None else exitcode)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['WorkerRequestType', 'WorkerResponseType', 'WorkerRequest', 'WorkerResponse', 'WorkerStreamChunk', 'WorkerResult',
-           'WorkerJobStarted', 'WorkerProgress', 'decode_message', 'PluginManagerAdapter']
+           'WorkerJobStarted', 'WorkerJobCancelled', 'WorkerProgress', 'decode_message', 'PluginManagerAdapter']
 
 # %% ../../nbs/core/protocol.ipynb #07d23693
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ class WorkerRequestType(Enum):
     UNLOAD = "unload"
     GET_STATE = "get_state"
     STOP = "stop"
-    CANCEL = "cancel"  # Drop a job handed over but not started yet (ours; a documented worker never gets one)
+    CANCEL = "cancel"  # Drop a handed job unstarted, or stop it running (ours; a documented worker never gets one)
 
 class WorkerResponseType(Enum):
     "Types of responses from worker process."
@@ -33,6 +33,7 @@ class WorkerResponseType(Enum):
     JOB_STARTED = "job_started"  # A job began executing in the worker
     PROGRESS = "progress"  # Progress report from plugin code
     STOPPED = "stopped"  # The worker is exiting cleanly after STOP
+    JOB_CANCELLED = "job_cancelled"  # A running job stopped at its CANCEL; the worker keeps its plugin loaded
 
 # %% ../../nbs/core/protocol.ipynb #1eab4b73
 def _split(d:dict, enum_cls):
@@ -134,6 +135,20 @@ class WorkerJobStarted:
     def from_dict(cls, d: Dict[str, Any]) -> 'WorkerJobStarted':
         "Create from dictionary received from queue."
         return cls(d['job_id'], d.get('pid'))
+
+@dataclass
+class WorkerJobCancelled:
+    "The running job stopped at its CANCEL; no RESULT follows."
+    job_id: str  # Job that stopped
+
+    def to_dict(self) -> Dict[str, Any]:
+        "Convert to dictionary for queue serialization."
+        return {'type': WorkerResponseType.JOB_CANCELLED.value, 'job_id': self.job_id}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'WorkerJobCancelled':
+        "Create from dictionary received from queue."
+        return cls(d['job_id'])
 
 @dataclass
 class WorkerProgress:

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Generic, List, Optional, 
 from fastcore.basics import patch
 
 from ..backends.process import ProcessWorker
+from ..backends.transport import register_before_exit
 from ..core.adapters import meta_id, meta_name
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResult, WorkerStreamChunk
@@ -22,7 +23,7 @@ from ..core.worker import dumps_message
 from ..extensions.protocols import (
     PluginRegistryProtocol, ResourceManagerProtocol, EventBroadcasterProtocol)
 from .events import EventPump
-from .jobs import TERMINAL_STATUSES, JobBook, _END, now_iso, result_envelope
+from .jobs import TERMINAL_STATUSES, JobBook, STREAM_END, now_iso, result_envelope
 from .supervisor import Slot, Supervisor
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def _register_exit_hooks():
         # exit priority run first, so ours stops the workers before that join. The atexit hook covers the rest.
         _exit_hooks.append(multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100))
         atexit.register(_shutdown_all)
+        register_before_exit(_shutdown_all)  # before a backend's own exit hook (Ray's)
 
 def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional[dict]):
     "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
@@ -586,7 +588,7 @@ async def stream_job(self:BaseJobManager,
             self._book.listeners.setdefault(job_id, []).append((loop, q))
     try:
         for chunk in buffered: yield chunk
-        while q is not None and (chunk := await q.get()) is not _END: yield chunk
+        while q is not None and (chunk := await q.get()) is not STREAM_END: yield chunk
     finally:
         with self._lock:
             listeners = self._book.listeners.get(job_id, [])

@@ -18,6 +18,7 @@ from cjm_fasthtml_workers.core.protocol import (
     WorkerRequest, WorkerRequestType, WorkerResponse, WorkerResponseType, WorkerStreamChunk, WorkerProgress,
     decode_message)
 from ..backends.process import CorruptStream, describe_exit
+from ..backends.transport import Transport
 from .jobs import TERMINAL_STATUSES, JobBook, now_iso, resolve
 from .scheduler import WorkerView, assign
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class Worker:
     "One worker process of a slot, as the supervisor sees it; a replacement is a new `Worker`."
     slot: 'Slot'  # The place in the pool it fills
-    transport: Any  # Its process and pipes (`backends.process.ProcessWorker` or `backends.ray.RayWorker`)
+    transport: Transport  # Its process and pipes (`backends.process.ProcessWorker` or `backends.ray.RayWorker`)
     start_deadline: float  # time.monotonic() by which it must be READY
     ready: bool = False  # It answered INIT
     stopped: bool = False  # It said STOPPED: a clean exit follows
@@ -92,7 +93,7 @@ class SupervisorHooks(Protocol):
     def resource(self, method:str, *args, **kw) -> List[Callable]: ... # A resource-manager call, as an effect
     def effects(self, calls:List[Callable]) -> None: ... # Run these on the manager's effects thread, in order
 
-# %% ../../nbs/managers/supervisor.ipynb #8c10ae6a
+# %% ../../nbs/managers/supervisor.ipynb #1f22af4e
 class Supervisor:
     "Owns one manager's pool: its slots, workers, thread and starter threads."
     def __init__(self,
@@ -487,7 +488,7 @@ def mark_started(self:Supervisor, w:Worker, job):
 
 @patch
 def placement(self:Supervisor, w:Worker) -> Dict[str, Any]: # Where its transport runs (a Ray node, its GPUs)
-    return w.transport.placement() if hasattr(w.transport, 'placement') else {}
+    return w.transport.placement()
 
 @patch
 def about(self:Supervisor, w:Worker, **data) -> Dict[str, Any]:
@@ -591,8 +592,8 @@ def settle_death(self:Supervisor, slot:Slot):
     w = slot.worker
     if w is None: return  # settled already (an override called it twice)
     exitcode, reason = w.transport.reap(), w.kill_reason
-    what = describe_exit(exitcode)
-    if getattr(w.transport, 'exit_reason', None): what += f" ({w.transport.exit_reason})"  # its Ray actor died
+    what = describe_exit(exitcode, ended=not w.transport.alive())
+    if w.transport.exit_reason: what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
     if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
     elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
     job = self.book.jobs.get(w.job_id) if w.job_id else None
