@@ -13,6 +13,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from fastcore.basics import patch
 
+from .stats import JobStats
+
 log = logging.getLogger(__name__)
 
 # %% ../../nbs/managers/jobs.ipynb #jb000006
@@ -61,6 +63,7 @@ class JobBook:
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
         self.listeners: Dict[str, list] = {}  # job id -> [(loop, asyncio.Queue)] of stream_job
+        self.stats = JobStats()  # what outlives the jobs: ends by plugin and status, wait and run times, loads
 
     def add(self, job, plugin_name:str, request:bytes):
         "Keep a new job and queue it."
@@ -112,6 +115,7 @@ def finish(self:JobBook, job, # The job to end
     if error is not None: job.error = error
     job.completed_at, job.status = now_iso(), status
     self.results[job.id] = result_envelope(job)
+    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)  # its plugin's name, counted past clear()
     self.requests.pop(job.id, None)
     data = {'job_id': job.id}
     if status == 'completed': data['result'] = job.result

@@ -280,12 +280,13 @@ class Supervisor:
             rid = next((r for r, c in w.commands.items() if c[1] == kind), None)
         if rid not in w.commands:
             return log.debug("%s: dropped a late or unknown %s (request %s)", self.worker_type, msg.type.value, rid)
-        waiter, kind, _, data = w.commands.pop(rid)
+        waiter, kind, deadline, data = w.commands.pop(rid)
         ok = msg.data.get('status') == 'success' or msg.data.get('success') is True
         name = data.get('plugin_name')
         reload = kind == WorkerRequestType.RELOAD.value
         if reload and ok and data.get('config') is not None:
             w.loaded, w.loaded_config, w.configs[name] = name, data['config'], data['config']
+            self.book.stats.plugin_loaded(name, self.config.reload_timeout_seconds - (deadline - time.monotonic()))
         elif w.loaded == name and (reload or ok):  # unloaded; a reload to None, or one that failed, unloads too
             w.loaded = w.loaded_config = None
         if waiter is not None: resolve(*waiter, msg)
@@ -343,6 +344,7 @@ class Supervisor:
         # a worker that says when it starts a job is believed; for one that does not, it is the handover
         started = now_iso() if w.announces_starts or not w.dispatched_at else w.dispatched_at
         job.status, job.started_at, job.worker_pid = 'running', started, w.pid
+        self.book.stats.job_started(name, job, loads=w.loaded != name)  # its wait; a load if w lacked the plugin
         w.loaded, w.loaded_config = name, config
         m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, name, config
         w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
