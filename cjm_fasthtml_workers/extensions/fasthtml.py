@@ -294,7 +294,7 @@ def worker_cells(self:WorkersBoard, r:dict, job, used:Optional[Dict[str, int]]) 
         'gpu': Span(gpu or '–', title=r['gpu'] or ''),
         'plugin': Span(plugin or '–',
                        Small(f" idle {_duration(idle)}") if plugin and idle is not None else ''),
-        'job': Span(Code(job.id), Small(f" {job.status} {_duration(_ago(job.started_at or job.created_at))}"),
+        'job': Span(Code(job.id), Small(f" {job.status} {_duration(_ago(job.started_at or job.created_at))} "),
                     _post(self, f"jobs/{job.id}/cancel", 'Cancel', cls='small danger')) if job else Span('–'),
         'progress': Span(Progress(value=progress, max=100),
                          Small(f" {progress} % {job.progress_message or ''}"))
