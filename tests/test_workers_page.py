@@ -96,6 +96,13 @@ def test_workers_page_in_browser(tmp_path, no_leftover_processes):
             expect(cell(page, worker, 'pid')).not_to_have_text(before)
             expect(cell(page, worker, 'state')).to_have_text('idle')
             page.screenshot(path=str(ARTIFACTS/'workers-page-after.png'), full_page=True)
+
+            # both busy, one more waiting: the picture in the README (docs/workers-page.png)
+            for _ in range(3): submit(base, 'progress', seconds=6, steps=60)
+            expect(page.locator('#wp-queue')).to_contain_text('progress')
+            page.wait_for_function("() => ['#wp-w0-progress', '#wp-w1-progress'].every(s => document.querySelector("
+                                   "`${s} progress`)?.getAttribute('value') >= 20)")
+            page.locator('main').screenshot(path=str(ARTIFACTS/'workers-page-busy.png'))
             browser.close()
         assert all(u.startswith(base) or u.startswith('data:') for u in requests), "a request left the app"
         metrics = httpx.get(f'{base}/metrics').text

@@ -394,7 +394,7 @@ def page(self:WorkersBoard) -> str: # a whole HTML document
                 Section(H2('Recent failures'), parts['wp-failures']),
                 Div(hx_ext='sse', sse_connect=f'{self.path}/events', sse_swap='message', hx_swap='none'),
                 hx_target='#wp-notice', hx_swap='outerHTML')
-    return '<!doctype html>\n' + to_xml(Html(head, Body(body), lang='en'))
+    return to_xml(Html(head, Body(body), lang='en'))  # with its doctype
 
 def _notice(message:str, ok:bool=True) -> HTMLResponse:
     notice = Div(message, id='wp-notice', role='status', cls='notice' + (' ok' if ok else ''))
