@@ -19,7 +19,7 @@ from fasthtml.common import *
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.demo import DemoJob, DemoPluginRegistry, demo_worker_process
 from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcaster, run_workers, serve_static,
-                                                      sse_response)
+                                                      sse_response, workers_page)
 from cjm_fasthtml_workers.extensions.resources import ResourceManager
 from cjm_fasthtml_workers.managers.base import BaseJobManager
 from cjm_fasthtml_workers.managers.store import SQLiteJobStore
@@ -55,6 +55,7 @@ manager: DemoJobManager = None  # open_manager()'s, from the lifespan on
 async def lifespan(app):
     global manager
     manager = open_manager()
+    workers_page(app, manager)  # the operator's live page at /workers (open here: give it a guard in a real app)
     async with run_workers(manager, broadcaster=streams):  # the workers start now, and stop with the app
         ticker = asyncio.create_task(send_resources())
         try: yield
@@ -226,7 +227,7 @@ async def index():
     reading = await asyncio.to_thread(read_resources)
     return Titled('cjm-fasthtml-workers demo',
         P('Jobs run in a pool of two supervised worker processes; everything below updates live over '
-          'Server-Sent Events.', cls='lead'),
+          'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.', cls='lead'),
         Div('The connection to the server is lost; reconnecting…', id='offline', role='status', hidden=True),
         # every button's answer goes to the notice: nothing, or the error
         Div(Div(SubmitForm(), Notice(), JobList({})),

@@ -743,6 +743,35 @@ async def broadcast_event(self:BaseJobManager,
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is not None: await self.event_broadcaster.broadcast(event_type, data)
 
+# %% ../../nbs/managers/base.ipynb #wr000002
+@patch(as_prop=True)
+def stats(self:BaseJobManager): # `managers.stats.JobStats`; read it through `.snapshot()`
+    "Counted since the manager was made: jobs ended by plugin and status, wait, run and load times."
+    return self._book.stats
+
+@patch(as_prop=True)
+def events_coalesced(self:BaseJobManager) -> int: # Chunk and progress events joined into others so far
+    "How many events a lagging broadcaster got joined into one (chunks) or replaced by a later one (progress)."
+    return self._events.coalesced
+
+@patch
+def get_plugin_config(self:BaseJobManager,
+                      plugin_name:str # Name of the plugin, as the worker knows it
+                     ) -> Dict[str, Any]: # A copy of the configuration its next job runs with
+    "The configuration a plugin runs with now: the registry's, or the last one `reload_plugin` gave it."
+    with self._lock: return dict(self._config_for(plugin_name))
+
+# %% ../../nbs/managers/base.ipynb #wr000006
+@patch
+def recycle_worker(self:BaseJobManager,
+                   worker_id:int # The slot of the pool: `worker_id` of `get_workers_info`
+                  ) -> bool: # False if that slot has no ready worker, or its worker is being ended already
+    "Replace a worker with a fresh process once its job (if any) is done: what a model leaked is given back."
+    with self._lock: pid = self._supervisor.recycle(worker_id) if self._supervisor is not None else None
+    if pid is None: return False
+    log.debug("%s worker %s (pid %s) to be recycled", self.worker_type, worker_id, pid)
+    return True
+
 # %% ../../nbs/managers/base.ipynb #bd8d7ba0
 @patch
 def shutdown(self:BaseJobManager):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from fastcore.basics import patch
 
 from .scheduler import WaitingJobs
+from .stats import JobStats
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class JobBook:
         self.jobs: Dict[str, Any] = {}  # every job not yet cleared, by id, in submission order
         self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job
         self.waiting = WaitingJobs()  # the jobs that wait, in the order they will start
+        self.stats = JobStats()  # what outlives the jobs: ends by plugin and status, wait and run times, loads
         self.requests: Dict[str, Tuple[str, bytes]] = {}  # job id -> (plugin name, pickled EXECUTE) until it ends
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
@@ -92,6 +94,7 @@ def finish(self:JobBook, job, # The job to end
     if error is not None: job.error = error
     job.completed_at, job.status = now_iso(), status
     self.results[job.id] = result_envelope(job)
+    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)  # its plugin's name, counted past clear()
     self.requests.pop(job.id, None)
     if not self.requests: self.requests.clear()  # gives back the table a burst left
     data = {'job_id': job.id}

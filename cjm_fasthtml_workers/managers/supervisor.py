@@ -93,7 +93,7 @@ class SupervisorHooks(Protocol):
     def resource(self, method:str, *args, **kw) -> List[Callable]: ... # A resource-manager call, as an effect
     def effects(self, calls:List[Callable]) -> None: ... # Run these on the manager's effects thread, in order
 
-# %% ../../nbs/managers/supervisor.ipynb #1f22af4e
+# %% ../../nbs/managers/supervisor.ipynb #23d1c5b9
 class Supervisor:
     "Owns one manager's pool: its slots, workers, thread and starter threads."
     def __init__(self,
@@ -181,6 +181,14 @@ def cancel(self:Supervisor, job) -> bool: # False if the job had ended already
 @patch
 def holding(self:Supervisor) -> set: # Ids of the jobs handed to a worker (running, or to start next)
     return {j for w in self.workers() for j in (w.job_id, *w.queued) if j}
+
+@patch
+def recycle(self:Supervisor, worker_id:int) -> Optional[int]: # its pid; None: no ready worker there, or ending
+    "Replace slot `worker_id`'s worker with a fresh process once its job (if any) is done (under the lock)."
+    w = self.slots[worker_id].worker if 0 <= worker_id < len(self.slots) else None
+    if self.closed or w is None or not w.ready or w.kill_reason is not None: return None
+    self.end(w, 'recycle')
+    return w.pid
 
 @patch
 def loaded_pids(self:Supervisor, plugin:Optional[str]) -> List[int]: # pids of the workers with `plugin` loaded
@@ -425,12 +433,13 @@ def answer(self:Supervisor, w:Worker, msg:WorkerResponse):
         rid = next((r for r, c in w.commands.items() if c[1] == kind), None)
     if rid not in w.commands:
         return log.debug("%s: dropped a late or unknown %s (request %s)", self.name, msg.type.value, rid)
-    waiter, kind, _, data = w.commands.pop(rid)
+    waiter, kind, deadline, data = w.commands.pop(rid)
     ok = msg.data.get('status') == 'success' or msg.data.get('success') is True
     name = data.get('plugin_name')
     reload = kind == WorkerRequestType.RELOAD.value
     if reload and ok and data.get('config') is not None:
         w.loaded, w.loaded_config, w.configs[name] = name, data['config'], data['config']
+        self.book.stats.plugin_loaded(name, self.config.reload_timeout_seconds - (deadline - time.monotonic()))
     elif w.loaded == name and (reload or ok):  # unloaded; a reload to None, or one that failed, unloads too
         w.loaded = w.loaded_config = None
     if waiter is not None: resolve(*waiter, msg)
@@ -480,9 +489,10 @@ def mark_started(self:Supervisor, w:Worker, job):
     # a worker that says when it starts a job is believed; for one that does not, it is the handover
     started = now_iso() if w.announces_starts or not w.dispatched_at else w.dispatched_at
     job.status, job.started_at, job.worker_pid = 'running', started, w.pid
-    w.loaded, w.loaded_config = name, config
+    loads, w.loaded, w.loaded_config = w.loaded != name, name, config  # a load if w lacked the plugin
     w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
     if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
+    self.book.stats.job_started(name, job, loads=loads)  # its wait, and the load it needed
     self.book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
     self.fx += self.hooks.job_started(job, name, config, w.pid)
 
