@@ -6,7 +6,9 @@
 __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, queue, sys, threading, time, uuid, weakref
+import asyncio, atexit, hashlib, logging, os, queue, stat, sys, tempfile, threading, time, uuid, weakref
+try: import fcntl
+except ImportError: fcntl = None  # not on Windows: the one-app-process check is skipped
 from collections import deque
 import multiprocessing.util
 from abc import ABC, abstractmethod
@@ -154,12 +156,15 @@ def _list_gpus(resource_manager) -> list:
     finally: session.close()
 
 def place_gpus(config:WorkerConfig, # `gpus` None (no pinning), 'auto', or a list of GPU UUIDs or NVML indices
-               gpus:Callable[[], list] # Returns the GPUs NVML sees (asked only when placement needs them)
+               gpus:Callable[[], list], # Returns the GPUs NVML sees (asked only when placement needs them)
+               why_none:Optional[Callable[[], Optional[str]]]=None # Says why NVML sees none (asked only then)
               ) -> List[Optional[str]]: # One GPU UUID (or None) per slot of the pool
     "The GPU of each of the pool's `max_workers` slots."
     n, spec = config.max_workers, config.gpus
     if spec is None: return [None] * n
     devices = gpus()
+    if not devices and (spec == 'auto' or any(isinstance(g, int) for g in spec)):
+        raise RuntimeError(_no_gpu_message(config, why_none() if why_none else None))
     if spec == 'auto': chosen = [d.uuid for d in sorted(devices, key=lambda d: -d.memory_free)]
     else:
         by_index = {d.index: d.uuid for d in devices}
@@ -171,6 +176,65 @@ def place_gpus(config:WorkerConfig, # `gpus` None (no pinning), 'auto', or a lis
         raise RuntimeError(f"{n} workers need {n} GPU places, {len(chosen)} GPUs x workers_per_gpu="
                            f"{config.workers_per_gpu} give {len(places)}")
     return places[:n]
+
+# %% ../../nbs/managers/base.ipynb #nogpu002
+def _why_no_gpu(resource_manager) -> Optional[str]: # NVML's reason, e.g. 'NVML could not be initialised: ...'
+    "Why no GPU is seen: the resource manager's word when it has one, else a probe of NVML's own."
+    if resource_manager is not None: return getattr(resource_manager, 'gpu_unavailable_reason', None)
+    from cjm_fasthtml_workers.extensions.resources import NVMLSession
+    session = NVMLSession()
+    try: return session.probe()[1]
+    finally: session.close()
+
+def _no_gpu_message(config:WorkerConfig, reason:Optional[str]) -> str:
+    "What to tell a user whose `gpus=` asks for GPUs on a machine without any."
+    return (f"gpus={config.gpus!r} pins each of the {config.max_workers} workers to an NVIDIA GPU, but no NVIDIA GPU "
+            f"was found ({reason or 'the resource manager reports none'}). Use WorkerConfig(gpus=None) to run the "
+            "workers without pinning them to a GPU.")
+
+# %% ../../nbs/managers/base.ipynb #oneapp002
+_app_locks: Dict[str, Optional[int]] = {}  # app key -> fd of the lock this process holds (None: another process has it)
+
+def _private_dir() -> str: # A directory of this user's own, mode 0700 (`OSError` if it is not)
+    "Where the app locks go: $XDG_RUNTIME_DIR, else the temp directory, in a folder only this user may use."
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    path = os.path.join(base, f'cjm-fasthtml-workers-{os.getuid()}')
+    try: os.mkdir(path, 0o700)
+    except FileExistsError: pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{path} is not a directory of this user's own (mode 0700)")
+    return path
+
+# %% ../../nbs/managers/base.ipynb #oneapp003
+def _warn_if_app_runs_twice(manager, lock_dir:Optional[str]=None) -> Optional[bool]: # False: another process has it
+    "At a manager's first start: log a warning (once) when another process runs this app's manager on this machine."
+    cls = type(manager)
+    source = getattr(getattr(cls.create_job, '__code__', None), 'co_filename', '<unknown>')
+    if source.startswith('<') or fcntl is None: return None  # a notebook or python -c is not a served app
+    try:
+        app = '\0'.join([manager.worker_type, os.path.realpath(source), cls.__qualname__, os.getcwd(), *sys.argv])
+        key = f"{manager.worker_type[:40]}-{hashlib.sha256(app.encode()).hexdigest()[:16]}".replace(os.sep, '_')
+        if key in _app_locks: return _app_locks[key] is not None
+        fd = os.open(os.path.join(lock_dir or _private_dir(), key + '.lock'),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 20, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            _app_locks[key] = None
+            log.warning("another process of this app (pid %s) runs a %r job manager too: each app process has its own "
+                        "workers and jobs, so a page sees only the jobs of the process its request reached and each "
+                        "process loads its own models. Run one app process (uvicorn app:app --workers 1), or give "
+                        "each process its own worker_type", other, manager.worker_type)
+            return False
+    except OSError as e:
+        log.debug("the one-app-process check is skipped: %s", e)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _app_locks[key] = fd
+    return True
 
 # %% ../../nbs/managers/base.ipynb #81fd1e51
 class BaseJobManager(ABC, Generic[JobType]):
@@ -391,7 +455,9 @@ class BaseJobManager(ABC, Generic[JobType]):
         "Have a worker running or coming in every slot (under the lock, from the event loop)."
         if self._closed: raise RuntimeError(f"{self.worker_type} job manager is shut down")
         if self._supervisor is None:
-            self._supervisor = Supervisor(self, place_gpus(self.worker_config, lambda: _list_gpus(self.resource_manager)))
+            _warn_if_app_runs_twice(self)  # another process of this app with this manager: say so, once
+            self._supervisor = Supervisor(self, place_gpus(self.worker_config, lambda: _list_gpus(self.resource_manager),
+                                                           lambda: _why_no_gpu(self.resource_manager)))
             # closing the pipe wakes the supervisor when the manager is collected without shutdown()
             weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)
         sup, woke = self._supervisor, False

@@ -255,9 +255,8 @@ class Supervisor:
         w.ready, w.known_plugins = True, None if plugins is None else set(plugins)
         w.announces_starts = bool(msg.data.get('announces_starts'))  # ours does; the documented worker does not
         m._known_plugins = w.known_plugins
-        preload = self.config.preload_plugins
-        if preload and self.book.head() is None:  # a waiting job loads its own plugin: no double load
-            name = preload[w.slot.id % len(preload)]
+        name = _preload_for(self, w)
+        if name and self.book.head() is None:  # a waiting job loads its own plugin: no double load
             self.send_command(w, WorkerRequest(WorkerRequestType.RELOAD, {'plugin_name': name,
                               'config': m._config_for(name)}, uuid.uuid4().hex), None)
         self.check_ready()
@@ -618,3 +617,19 @@ class Supervisor:
         for w in self.workers():
             w.transport.kill()
             w.transport.close()
+
+# %% ../../nbs/managers/supervisor.ipynb #svpre002
+_preload_warned = weakref.WeakSet()  # supervisors that said their preload_plugins name a plugin no worker has
+
+def _preload_for(sup:Supervisor, w:Worker) -> Optional[str]: # The plugin `w` loads before its first job, if any
+    "Worker `w`'s share of `preload_plugins`; a name its READY did not list is skipped, and said once per manager."
+    preload = sup.config.preload_plugins
+    if not preload: return None
+    name = preload[w.slot.id % len(preload)]
+    if w.known_plugins is None or name in w.known_plugins: return name  # None: a worker that does not list them
+    if sup not in _preload_warned:
+        _preload_warned.add(sup)
+        unknown = [p for p in preload if p not in w.known_plugins]
+        log.warning("%s: preload_plugins names %s, which the workers do not have: not preloaded. The plugins are: %s",
+                    sup.worker_type, ', '.join(unknown), ', '.join(sorted(w.known_plugins)) or 'none')
+    return None
