@@ -1,12 +1,13 @@
-"""Every python block of README.md runs as written, imports included: on its own, or added to the end of the block
-its first line continues (`# continues quickstart.py`). A block whose first line names it (`# my_workers.py`) is
-also saved under that name beside the others, so that a later block can import it.
+"""Every python block of README.md runs as written, imports included: on its own, or added to the end of the
+block its first line continues (`# continues quickstart.py`). A block whose first line names it
+(`# my_workers.py`) is also saved under that name beside the others, so that a later block can import it.
 
-Each block runs in a fresh subprocess, in a temporary directory, with a time limit, with every network connection
-but loopback refused. Where a block says what a `print` prints (a comment on its line), the output must hold it.
-A block that serves an app (`serve()`) is imported, not run: serve() starts a server only in the main script, and
-the app's page is asked for with Starlette's TestClient (tests/test_fasthtml.py runs that app under real servers).
-The store quickstart runs twice, stopped with Ctrl-C while its sleep job runs, as the README says to.
+Each block runs in a fresh subprocess, in a temporary directory, with a time limit, with every network
+connection but loopback refused. Where a block says what a `print` prints (a comment on its line), the output
+must hold it. A block that serves an app (`serve()`) is imported, not run: serve() starts a server only in the
+main script, and the app's page is asked for with Starlette's TestClient (tests/test_fasthtml.py runs that app
+under real servers). The store quickstart runs twice, stopped with Ctrl-C while its sleep job runs, as the
+README says to.
 Shell blocks are not run; their `pip install` lines must work from the clone (the package is not published).
 CJM_README names another markdown file to check instead of README.md."""
 import os, re, select, signal, subprocess, sys, textwrap, time, tomllib
@@ -50,7 +51,7 @@ def chain(block:Block) -> str:
     "The script a block makes: the blocks it continues, then itself."
     parts, b = [block.code], block
     while b.continues:
-        assert b.continues in NAMED, f"{b.label} continues {b.continues}, which no block of the README is named"
+        assert b.continues in NAMED, f"{b.label} continues {b.continues}, which names no block of the README"
         b = NAMED[b.continues]
         parts.insert(0, b.code)
     return '\n'.join(parts)
@@ -91,13 +92,15 @@ def run(cmd:list, cwd:Path) -> subprocess.CompletedProcess:
 def check(p:subprocess.CompletedProcess, label:str, script:str):
     "The run ended well and printed what the script says it prints."
     assert p.returncode == 0, f"{label} exited with {p.returncode}:\n{p.stdout}\n{p.stderr}"
-    for want in expected(script): assert want in p.stdout, f"{label} did not print {want!r}:\n{p.stdout}\n{p.stderr}"
+    for want in expected(script):
+        assert want in p.stdout, f"{label} did not print {want!r}:\n{p.stdout}\n{p.stderr}"
 
-# ----- the blocks -------------------------------------------------------------------------------------------------
+# ----- the blocks ----------------------------------------------------------------------------------------
 def test_the_guard_refuses_the_network(tmp_path):
     "What the blocks run under: a connection to anything but loopback fails."
     cwd = workdir(tmp_path)
-    p = run([sys.executable, '-c', "import socket; socket.create_connection(('192.0.2.1', 80), timeout=1)"], cwd)
+    connect = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=1)"
+    p = run([sys.executable, '-c', connect], cwd)
     assert p.returncode != 0 and 'allows no network' in p.stderr, p.stderr
 
 def test_the_readme_has_its_blocks():
@@ -124,7 +127,7 @@ def test_block_runs(block, tmp_path, no_leftover_processes):
 
 @pytest.mark.parametrize('block', SERVED, ids=lambda b: b.label)
 def test_served_app_imports_and_answers(block, tmp_path, no_leftover_processes):
-    "The app is made (imports, manager, routes) and its page answers; its lifespan, the workers, is not run here."
+    "The app is made (imports, manager, routes) and its page answers; its lifespan (the workers) is not run."
     cwd = workdir(tmp_path)
     (cwd/'served_app.py').write_text(chain(block))
     probe = textwrap.dedent('''
@@ -143,18 +146,18 @@ def _second_run_prints() -> list:
     return re.findall(r'`([^`]+)`', m.group(1))
 
 def test_store_quickstart_stopped_and_run_again(tmp_path, no_leftover_processes):
-    "Run, stopped with Ctrl-C once it says so (while the sleep job runs), then run again: it prints what it kept."
+    "Run, stopped with Ctrl-C when it says so (its sleep job running), run again: it prints what it kept."
     block = NAMED['store_quickstart.py']
     cwd = workdir(tmp_path)
     first = subprocess.Popen([sys.executable, block.name], cwd=cwd, env=env(cwd), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,  # Ctrl-C works even where this shell ignores it:
+                             stderr=subprocess.PIPE, text=True,  # Ctrl-C works where this shell ignores it
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, deadline = [], time.monotonic() + TIMEOUT
     try:
         while not (out and 'stop this app now' in out[-1]):
             ready, _, _ = select.select([first.stdout], [], [], max(0.0, deadline - time.monotonic()))
             line = first.stdout.readline() if ready else ''
-            assert line, f"the first run did not say when to stop it: {out}\n{first.stderr.read() if not ready else ''}"
+            assert line, f"the first run did not say when to stop it: {out}"
             out.append(line)
         first.send_signal(signal.SIGINT)
         first.wait(20)
@@ -168,11 +171,12 @@ def test_store_quickstart_stopped_and_run_again(tmp_path, no_leftover_processes)
     assert len(said) == 2 and all(s.startswith('kept: ') for s in said), said
     assert second.stdout.splitlines() == said, second.stdout
 
-# ----- the shell blocks: pip from the clone -----------------------------------------------------------------------
+# ----- the shell blocks: pip from the clone ---------------------------------------------------------------
 def test_install_lines_work_from_the_clone():
     "Every `pip install` installs the clone (`-e .` or `-e '.[extra]'`) with extras the package has."
     extras = set(tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['optional-dependencies'])
-    lines = [l for b in BLOCKS if b.lang in ('bash', 'sh', '') for l in b.code.splitlines() if 'pip install' in l]
+    shell = [b for b in BLOCKS if b.lang in ('bash', 'sh', '')]
+    lines = [l for b in shell for l in b.code.splitlines() if 'pip install' in l]
     lines += re.findall(r'`([^`]*pip install[^`]*)`', README.read_text())  # in the prose too
     assert lines
     for line in lines:

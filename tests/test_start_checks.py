@@ -1,5 +1,6 @@
-"""What a manager tells a user at its first start: GPUs asked for on a machine without any, preload_plugins that name
-no plugin, and a second process of the same app (`uvicorn app:app --workers 2`) running the same manager."""
+"""What a manager tells a user at its first start: GPUs asked for on a machine without any, preload_plugins
+that name no plugin, and a second process of the same app (`uvicorn app:app --workers 2`) running the same
+manager."""
 import asyncio, logging, os, select, subprocess, sys, textwrap, time
 from pathlib import Path
 
@@ -9,13 +10,13 @@ from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.extensions.resources import FakeNVML, NVMLSession, ResourceManager
 from test_manager import TextJobManager, finish, run, until
 
-# ----- gpus= on a machine without an NVIDIA GPU -------------------------------------------------------------------
+# ----- gpus= on a machine without an NVIDIA GPU -----------------------------------------------------------
 def _start_fails(m) -> str:
     "The error of `m.start()`, which must fail; `m` is shut down after."
     async def main():
         try:
             with pytest.raises(RuntimeError) as e: await m.start()
-            assert m.get_workers_info() and all(r['pid'] is None for r in m.get_workers_info())  # nothing started
+            assert all(r['pid'] is None for r in m.get_workers_info())  # nothing started
             return str(e.value)
         finally: m.shutdown()
     return run(main())
@@ -23,7 +24,8 @@ def _start_fails(m) -> str:
 @pytest.mark.parametrize('gpus', ['auto', [0]])
 def test_no_gpu_says_so_at_start(no_leftover_processes, gpus):
     rm = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))
-    m = TextJobManager('text', 'test', resource_manager=rm, worker_config=WorkerConfig(max_workers=2, gpus=gpus))
+    config = WorkerConfig(max_workers=2, gpus=gpus)
+    m = TextJobManager('text', 'test', resource_manager=rm, worker_config=config)
     error = _start_fails(m)
     assert 'no NVIDIA GPU was found (NVML could not be initialised: Driver Not Loaded)' in error, error
     assert 'Use WorkerConfig(gpus=None) to run the workers without pinning' in error, error
@@ -32,18 +34,20 @@ def test_no_gpu_without_a_resource_manager(no_leftover_processes):
     "Without a resource manager the manager asks NVML itself, and says what NVML said."
     found, reason = NVMLSession().probe()
     if found: pytest.skip(f"this machine has {len(found)} NVIDIA GPU(s): nothing to say")
-    error = _start_fails(TextJobManager('text', 'test', worker_config=WorkerConfig(max_workers=2, gpus='auto')))
+    config = WorkerConfig(max_workers=2, gpus='auto')
+    error = _start_fails(TextJobManager('text', 'test', worker_config=config))
     assert f'no NVIDIA GPU was found ({reason})' in error and 'gpus=None' in error, error
 
-# ----- preload_plugins naming no plugin ----------------------------------------------------------------------------
+# ----- preload_plugins naming no plugin -------------------------------------------------------------------
 def test_unknown_preload_is_said_once(no_leftover_processes, caplog, capfd):
-    "Two workers, a replacement: one warning from the manager, and no worker is asked to load what it has not."
+    "Two workers, then a replacement: one warning from the manager; no worker asked to load what it has not."
     caplog.set_level(logging.WARNING, logger='cjm_fasthtml_workers')
     async def main():
-        m = TextJobManager('text', 'test', worker_config=WorkerConfig(max_workers=2, preload_plugins=['whisper']))
+        config = WorkerConfig(max_workers=2, preload_plugins=['whisper'])
+        m = TextJobManager('text', 'test', worker_config=config)
         try:
             await m.start()
-            jobs = [await m.start_job('sleep', seconds=0.3) for _ in range(2)]  # one on each worker, after READY
+            jobs = [await m.start_job('sleep', seconds=0.3) for _ in range(2)]  # one on each worker
             assert {(await finish(m, j)).worker_pid for j in jobs} == {r['pid'] for r in m.get_workers_info()}
             hang = await m.start_job('hang')  # a replacement worker is ready again
             await until(lambda: hang.status == 'running')
@@ -62,7 +66,7 @@ def test_unknown_preload_is_said_once(no_leftover_processes, caplog, capfd):
     err = capfd.readouterr().err  # what the workers wrote on the inherited stderr
     assert 'reload of plugin whisper failed' not in err, err
 
-# ----- two processes of one app ----------------------------------------------------------------------------------
+# ----- two processes of one app ---------------------------------------------------------------------------
 APP = '''
 import asyncio, logging, os, sys, uuid
 from dataclasses import dataclass, field
@@ -75,7 +79,8 @@ class TextJob(BaseJob):
     params: dict = field(default_factory=dict)
 
 class TextJobManager(BaseJobManager):
-    def create_job(self, plugin_id, **kwargs): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+    def create_job(self, plugin_id, **kwargs):
+        return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
     def get_worker_entry_point(self): return scenario_worker_process
     def prepare_execute_request(self, job): return job.params
     def extract_job_result(self, job, result_data): return result_data

@@ -188,12 +188,12 @@ def _why_no_gpu(resource_manager) -> Optional[str]: # NVML's reason, e.g. 'NVML 
 
 def _no_gpu_message(config:WorkerConfig, reason:Optional[str]) -> str:
     "What to tell a user whose `gpus=` asks for GPUs on a machine without any."
-    return (f"gpus={config.gpus!r} pins each of the {config.max_workers} workers to an NVIDIA GPU, but no NVIDIA GPU "
-            f"was found ({reason or 'the resource manager reports none'}). Use WorkerConfig(gpus=None) to run the "
-            "workers without pinning them to a GPU.")
+    return (f"gpus={config.gpus!r} pins each of the {config.max_workers} workers to an NVIDIA GPU, but no "
+            f"NVIDIA GPU was found ({reason or 'the resource manager reports none'}). Use "
+            "WorkerConfig(gpus=None) to run the workers without pinning them to a GPU.")
 
 # %% ../../nbs/managers/base.ipynb #oneapp002
-_app_locks: Dict[str, Optional[int]] = {}  # app key -> fd of the lock this process holds (None: another process has it)
+_app_locks: Dict[str, Optional[int]] = {}  # app key -> fd of the lock this process holds (None: another's)
 
 def _private_dir() -> str: # A directory of this user's own, mode 0700 (`OSError` if it is not)
     "Where the app locks go: $XDG_RUNTIME_DIR, else the temp directory, in a folder only this user may use."
@@ -207,14 +207,17 @@ def _private_dir() -> str: # A directory of this user's own, mode 0700 (`OSError
     return path
 
 # %% ../../nbs/managers/base.ipynb #oneapp003
-def _warn_if_app_runs_twice(manager, lock_dir:Optional[str]=None) -> Optional[bool]: # False: another process has it
-    "At a manager's first start: log a warning (once) when another process runs this app's manager on this machine."
+def _warn_if_app_runs_twice(manager, # The manager, at its first start
+                            lock_dir:Optional[str]=None # Where the locks go (None: `_private_dir()`)
+                           ) -> Optional[bool]: # True: this process has it; False: another; None: no check
+    "Log a warning (once) when another process on this machine runs this app's manager."
     cls = type(manager)
     source = getattr(getattr(cls.create_job, '__code__', None), 'co_filename', '<unknown>')
     if source.startswith('<') or fcntl is None: return None  # a notebook or python -c is not a served app
     try:
-        app = '\0'.join([manager.worker_type, os.path.realpath(source), cls.__qualname__, os.getcwd(), *sys.argv])
-        key = f"{manager.worker_type[:40]}-{hashlib.sha256(app.encode()).hexdigest()[:16]}".replace(os.sep, '_')
+        app = [manager.worker_type, os.path.realpath(source), cls.__qualname__, os.getcwd(), *sys.argv]
+        digest = hashlib.sha256('\0'.join(app).encode()).hexdigest()[:16]
+        key = f"{manager.worker_type[:40]}-{digest}".replace(os.sep, '_')
         if key in _app_locks: return _app_locks[key] is not None
         fd = os.open(os.path.join(lock_dir or _private_dir(), key + '.lock'),
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -223,18 +226,20 @@ def _warn_if_app_runs_twice(manager, lock_dir:Optional[str]=None) -> Optional[bo
             other = os.pread(fd, 20, 0).decode(errors='replace').strip() or 'unknown'
             os.close(fd)
             _app_locks[key] = None
-            log.warning("another process of this app (pid %s) runs a %r job manager too: each app process has its own "
-                        "workers and jobs, so a page sees only the jobs of the process its request reached and each "
-                        "process loads its own models. Run one app process (uvicorn app:app --workers 1), or give "
-                        "each process its own worker_type", other, manager.worker_type)
+            log.warning("another process of this app (pid %s) runs a %r job manager too: each app process "
+                        "has its own workers and jobs, so a page sees only the jobs of the process its "
+                        "request reached and each process loads its own models. Run one app process "
+                        "(uvicorn app:app --workers 1), or give each process its own worker_type",
+                        other, manager.worker_type)
             return False
+        except OSError: os.close(fd); raise
+        _app_locks[key] = fd  # held until this process ends
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the warning of the next one
+        return True
     except OSError as e:
         log.debug("the one-app-process check is skipped: %s", e)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _app_locks[key] = fd
-    return True
 
 # %% ../../nbs/managers/base.ipynb #81fd1e51
 class BaseJobManager(ABC, Generic[JobType]):
@@ -456,8 +461,9 @@ class BaseJobManager(ABC, Generic[JobType]):
         if self._closed: raise RuntimeError(f"{self.worker_type} job manager is shut down")
         if self._supervisor is None:
             _warn_if_app_runs_twice(self)  # another process of this app with this manager: say so, once
-            self._supervisor = Supervisor(self, place_gpus(self.worker_config, lambda: _list_gpus(self.resource_manager),
-                                                           lambda: _why_no_gpu(self.resource_manager)))
+            gpus = place_gpus(self.worker_config, lambda: _list_gpus(self.resource_manager),
+                              lambda: _why_no_gpu(self.resource_manager))
+            self._supervisor = Supervisor(self, gpus)
             # closing the pipe wakes the supervisor when the manager is collected without shutdown()
             weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)
         sup, woke = self._supervisor, False

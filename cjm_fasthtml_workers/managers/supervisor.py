@@ -621,15 +621,17 @@ class Supervisor:
 # %% ../../nbs/managers/supervisor.ipynb #svpre002
 _preload_warned = weakref.WeakSet()  # supervisors that said their preload_plugins name a plugin no worker has
 
-def _preload_for(sup:Supervisor, w:Worker) -> Optional[str]: # The plugin `w` loads before its first job, if any
-    "Worker `w`'s share of `preload_plugins`; a name its READY did not list is skipped, and said once per manager."
+def _preload_for(sup:Supervisor, # The worker's supervisor
+                 w:Worker # A worker that just said READY
+                ) -> Optional[str]: # The plugin it loads before its first job, if any
+    "`w`'s share of `preload_plugins`; a name its READY did not list is skipped, and said once per manager."
     preload = sup.config.preload_plugins
     if not preload: return None
     name = preload[w.slot.id % len(preload)]
-    if w.known_plugins is None or name in w.known_plugins: return name  # None: a worker that does not list them
+    if w.known_plugins is None or name in w.known_plugins: return name  # None: a worker that does not say
     if sup not in _preload_warned:
         _preload_warned.add(sup)
         unknown = [p for p in preload if p not in w.known_plugins]
-        log.warning("%s: preload_plugins names %s, which the workers do not have: not preloaded. The plugins are: %s",
-                    sup.worker_type, ', '.join(unknown), ', '.join(sorted(w.known_plugins)) or 'none')
+        log.warning("%s: preload_plugins names %s, which the workers do not have: not preloaded. The plugins "
+                    "are: %s", sup.worker_type, ', '.join(unknown), ', '.join(sorted(w.known_plugins)))
     return None
