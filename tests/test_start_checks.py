@@ -101,7 +101,7 @@ TWICE = 'another process of this app'
 
 class App:
     "One app process (app.py in `cwd`), started and waited for until its manager has started."
-    def __init__(self, cwd:Path, name:str, worker_type:str='text'):
+    def __init__(self, cwd:Path, name:str, worker_type:str):
         self.log = cwd/f'{name}.log'
         with open(self.log, 'w') as log:
             self.proc = subprocess.Popen([sys.executable, 'app.py'], cwd=cwd, stdin=subprocess.PIPE,
@@ -123,21 +123,23 @@ class App:
 def test_a_second_app_process_is_told(tmp_path, no_leftover_processes):
     "The second process of one app warns once, naming the first; another worker_type and a restart do not."
     (tmp_path/'app.py').write_text(APP)
-    apps = []
+    kind, apps = f'twice{os.getpid()}', []
     try:
-        apps.append(first := App(tmp_path, 'first'))  # a pool of 2: its spawned workers start no manager
-        apps.append(second := App(tmp_path, 'second'))
-        apps.append(other := App(tmp_path, 'other', worker_type='other'))
+        apps.append(first := App(tmp_path, 'first', kind))  # a pool of 2: its workers start no manager
+        apps.append(second := App(tmp_path, 'second', kind))
+        apps.append(other := App(tmp_path, 'other', kind + 'other'))
         logs = {a: a.stop() for a in (second, other, first)}
         assert logs[second].count(TWICE) == 1, logs[second]
         said = next(l for l in logs[second].splitlines() if TWICE in l)
-        assert f'(pid {first.proc.pid})' in said and "'text' job manager" in said, said
+        assert f'(pid {first.proc.pid})' in said and f"'{kind}' job manager" in said, said
         assert 'uvicorn app:app --workers 1' in said and 'its own worker_type' in said, said
         assert TWICE not in logs[first] and TWICE not in logs[other], (logs[first], logs[other])
-        apps.append(restarted := App(tmp_path, 'restarted'))  # the first has ended: no second app
+        apps.append(restarted := App(tmp_path, 'restarted', kind))  # the first has ended: no second app
         assert TWICE not in restarted.stop()
     finally:
         for a in apps: a.stop()
+    from cjm_fasthtml_workers.managers.base import _private_dir
+    assert not [f for f in os.listdir(_private_dir()) if f.startswith(kind)]  # each removed its lock at exit
 
 def test_uvicorn_workers_2_with_the_readme_app(tmp_path, no_leftover_processes):
     "The case the check is for: the README's app under `uvicorn app:app --workers 2` says so, once."

@@ -195,6 +195,12 @@ def _no_gpu_message(config:WorkerConfig, reason:Optional[str]) -> str:
 # %% ../../nbs/managers/base.ipynb #oneapp002
 _app_locks: Dict[str, Optional[int]] = {}  # app key -> fd of the lock this process holds (None: another's)
 
+def _drop_lock(path:str, fd:int):
+    "At exit: remove the lock file while it is still held, so that the directory does not fill up."
+    try: os.unlink(path)
+    except OSError: pass
+    _close_fds(fd)
+
 def _private_dir() -> str: # A directory of this user's own, mode 0700 (`OSError` if it is not)
     "Where the app locks go: $XDG_RUNTIME_DIR, else the temp directory, in a folder only this user may use."
     base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
@@ -219,8 +225,8 @@ def _warn_if_app_runs_twice(manager, # The manager, at its first start
         digest = hashlib.sha256('\0'.join(app).encode()).hexdigest()[:16]
         key = f"{manager.worker_type[:40]}-{digest}".replace(os.sep, '_')
         if key in _app_locks: return _app_locks[key] is not None
-        fd = os.open(os.path.join(lock_dir or _private_dir(), key + '.lock'),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        path = os.path.join(lock_dir or _private_dir(), key + '.lock')
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 20, 0).decode(errors='replace').strip() or 'unknown'
@@ -234,6 +240,7 @@ def _warn_if_app_runs_twice(manager, # The manager, at its first start
             return False
         except OSError: os.close(fd); raise
         _app_locks[key] = fd  # held until this process ends
+        atexit.register(_drop_lock, path, fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the warning of the next one
         return True
