@@ -7,8 +7,8 @@ Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
 The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the environment
 variable CJM_DEMO_DATA (default: `cjm-fasthtml-workers-demo` in the system's temporary folder); a job that was
 running when the app stopped comes back failed. The speech-recognition plugin needs the `speech` extra
-(`pip install 'cjm-fasthtml-workers[speech]'`, which brings pocketsphinx); without it the page says so. No internet
-needed: htmx and its SSE extension are served from the package."""
+(`pip install -e '.[speech]'` from the clone's root, which brings pocketsphinx); without it the page says so.
+No internet needed: htmx and its SSE extension are served from the package."""
 import asyncio, json, logging, os, secrets, signal, sys, tempfile
 from datetime import datetime
 from pathlib import Path

@@ -82,7 +82,7 @@ def crash_plugin(
 
 # %% ../nbs/demo.ipynb #dfac9742
 SPEECH_SAMPLE = Path(cjm_fasthtml_workers.__file__).parent/'static'/'speech-sample.wav'  # 5.2 s, 16 kHz mono
-SPEECH_EXTRA = "pip install 'cjm-fasthtml-workers[speech]'"  # what brings pocketsphinx
+SPEECH_EXTRA = "pip install -e '.[speech]'"  # what brings pocketsphinx
 
 class SpeechRecognizer:
     "pocketsphinx's US English model from its wheel, loaded once; transcribes 16 kHz mono WAV files."

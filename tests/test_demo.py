@@ -256,7 +256,7 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
                 assert len({p for _, p in seen if p and p < 100}) >= 5, seen
                 expect(card.locator('pre.result')).to_have_text('speech recognition runs in a worker process one job at a time')
             else:
-                expect(speech.locator('.missing')).to_contain_text("pip install 'cjm-fasthtml-workers[speech]'")
+                expect(speech.locator('.missing')).to_contain_text("pip install -e '.[speech]'")
                 expect(page.locator('select[name=plugin_id] option[value=demo-speech]')).to_be_disabled()
 
             # many jobs: each comes as one card, the list is never drawn again, every message stays small
@@ -351,7 +351,7 @@ def test_form_errors(tmp_path, no_leftover_processes):
         assert r.status_code == 400 and 'nothing to cancel' in r.text
         if not HAS_SPEECH:
             r = httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-speech'}, timeout=5)
-            assert r.status_code == 400 and 'cjm-fasthtml-workers[speech]' in r.text
+            assert r.status_code == 400 and ".[speech]" in r.text
         assert httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-quick', 'text': 'ok'}, timeout=5).status_code == 200
         stop_app(app)
     finally:

@@ -6,7 +6,9 @@
 __all__ = ['log', 'JobType', 'BaseJob', 'place_gpus', 'BaseJobManager']
 
 # %% ../../nbs/managers/base.ipynb #dcba44f8
-import asyncio, atexit, logging, os, queue, sys, threading, time, weakref
+import asyncio, atexit, hashlib, logging, os, queue, stat, sys, tempfile, threading, time, weakref
+try: import fcntl
+except ImportError: fcntl = None  # not on Windows: the one-app-process check is skipped
 import multiprocessing.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -183,12 +185,15 @@ def _list_gpus(resource_manager) -> list:
     finally: session.close()
 
 def place_gpus(config:WorkerConfig, # `gpus` None (no pinning), 'auto', or a list of GPU UUIDs or NVML indices
-               gpus:Callable[[], list] # Returns the GPUs NVML sees (asked only when placement needs them)
+               gpus:Callable[[], list], # Returns the GPUs NVML sees (asked only when placement needs them)
+               why_none:Optional[Callable[[], Optional[str]]]=None # Says why NVML sees none (asked only then)
               ) -> List[Optional[str]]: # One GPU UUID (or None) per slot of the pool
     "The GPU of each of the pool's `max_workers` slots."
     n, spec = config.max_workers, config.gpus
     if spec is None: return [None] * n
     devices = gpus()
+    if not devices and (spec == 'auto' or any(isinstance(g, int) for g in spec)):
+        raise RuntimeError(_no_gpu_message(config, why_none() if why_none else None))
     if spec == 'auto': chosen = [d.uuid for d in sorted(devices, key=lambda d: -d.memory_free)]
     else:
         by_index = {d.index: d.uuid for d in devices}
@@ -200,6 +205,77 @@ def place_gpus(config:WorkerConfig, # `gpus` None (no pinning), 'auto', or a lis
         raise RuntimeError(f"{n} workers need {n} GPU places, {len(chosen)} GPUs x workers_per_gpu="
                            f"{config.workers_per_gpu} give {len(places)}")
     return places[:n]
+
+# %% ../../nbs/managers/base.ipynb #nogpu002
+def _why_no_gpu(resource_manager) -> Optional[str]: # NVML's reason, e.g. 'NVML could not be initialised: ...'
+    "Why no GPU is seen: the resource manager's word when it has one, else a probe of NVML's own."
+    if resource_manager is not None: return getattr(resource_manager, 'gpu_unavailable_reason', None)
+    from cjm_fasthtml_workers.extensions.resources import NVMLSession
+    session = NVMLSession()
+    try: return session.probe()[1]
+    finally: session.close()
+
+def _no_gpu_message(config:WorkerConfig, reason:Optional[str]) -> str:
+    "What to tell a user whose `gpus=` asks for GPUs on a machine without any."
+    return (f"gpus={config.gpus!r} pins each of the {config.max_workers} workers to an NVIDIA GPU, but no "
+            f"NVIDIA GPU was found ({reason or 'the resource manager reports none'}). Use "
+            "WorkerConfig(gpus=None) to run the workers without pinning them to a GPU.")
+
+# %% ../../nbs/managers/base.ipynb #oneapp002
+_app_locks: Dict[str, Optional[int]] = {}  # app key -> fd of the lock this process holds (None: another's)
+
+def _drop_lock(path:str, fd:int):
+    "At exit: remove the lock file while it is still held, so that the directory does not fill up."
+    try: os.unlink(path)
+    except OSError: pass
+    _close_fds(fd)
+
+def _private_dir() -> str: # A directory of this user's own, mode 0700 (`OSError` if it is not)
+    "Where the app locks go: $XDG_RUNTIME_DIR, else the temp directory, in a folder only this user may use."
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    path = os.path.join(base, f'cjm-fasthtml-workers-{os.getuid()}')
+    try: os.mkdir(path, 0o700)
+    except FileExistsError: pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{path} is not a directory of this user's own (mode 0700)")
+    return path
+
+# %% ../../nbs/managers/base.ipynb #oneapp003
+def _warn_if_app_runs_twice(manager, # The manager, at its first start
+                            lock_dir:Optional[str]=None # Where the locks go (None: `_private_dir()`)
+                           ) -> Optional[bool]: # True: this process has it; False: another; None: no check
+    "Log a warning (once) when another process on this machine runs this app's manager."
+    cls = type(manager)
+    source = getattr(getattr(cls.create_job, '__code__', None), 'co_filename', '<unknown>')
+    if source.startswith('<') or fcntl is None: return None  # a notebook or python -c is not a served app
+    try:
+        app = [manager.worker_type, os.path.realpath(source), cls.__qualname__, os.getcwd(), *sys.argv]
+        digest = hashlib.sha256('\0'.join(app).encode()).hexdigest()[:16]
+        key = f"{manager.worker_type[:40]}-{digest}".replace(os.sep, '_')
+        if key in _app_locks: return _app_locks[key] is not None
+        path = os.path.join(lock_dir or _private_dir(), key + '.lock')
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 20, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            _app_locks[key] = None
+            log.warning("another process of this app (pid %s) runs a %r job manager too: each app process "
+                        "has its own workers and jobs, so a page sees only the jobs of the process its "
+                        "request reached and each process loads its own models. Run one app process "
+                        "(uvicorn app:app --workers 1), or give each process its own worker_type",
+                        other, manager.worker_type)
+            return False
+        except OSError: os.close(fd); raise
+        _app_locks[key] = fd  # held until this process ends
+        atexit.register(_drop_lock, path, fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)  # for the warning of the next one
+        return True
+    except OSError as e:
+        log.debug("the one-app-process check is skipped: %s", e)
+        return None
 
 # %% ../../nbs/managers/base.ipynb #81fd1e51
 class BaseJobManager(ABC, Generic[JobType]):
@@ -427,7 +503,8 @@ class BaseJobManager(ABC, Generic[JobType]):
             # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a held
             # job cannot go to the next free worker) or with a store (a held job counts as started if the app dies)
             prefetch = (1 if cfg.max_workers == 1 and self.job_store is None else 0) if p is None else p
-            gpus = place_gpus(cfg, lambda: _list_gpus(self.resource_manager))
+            _warn_if_app_runs_twice(self)  # another process of this app with this manager: say so, once
+            gpus = place_gpus(cfg, lambda: _list_gpus(self.resource_manager), lambda: _why_no_gpu(self.resource_manager))
             self._supervisor = Supervisor(cfg, self._book, self._lock, self._hooks, gpus, prefetch, self.worker_type)
             # closing the pipe wakes the supervisor when the manager is collected without shutdown()
             weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)

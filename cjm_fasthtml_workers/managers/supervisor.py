@@ -93,7 +93,7 @@ class SupervisorHooks(Protocol):
     def resource(self, method:str, *args, **kw) -> List[Callable]: ... # A resource-manager call, as an effect
     def effects(self, calls:List[Callable]) -> None: ... # Run these on the manager's effects thread, in order
 
-# %% ../../nbs/managers/supervisor.ipynb #23d1c5b9
+# %% ../../nbs/managers/supervisor.ipynb #373af48a
 class Supervisor:
     "Owns one manager's pool: its slots, workers, thread and starter threads."
     def __init__(self,
@@ -113,6 +113,7 @@ class Supervisor:
         self.closed = False  # close() was called: no start, no dispatch
         self.ending: Optional[tuple] = None  # (workers, graceful ids, timeout) for whoever ends them, once
         self.left = self.abandoned = False  # the thread has left its loop; close() stopped waiting for it
+        self.preload_warned = False  # it said once that preload_plugins names a plugin the workers lack
         self.thread: Optional[threading.Thread] = None
         self.starters: set = set()  # the threads starting a worker now, one per slot
         self.wake_r, self.wake_w = os.pipe()
@@ -405,9 +406,8 @@ def worker_ready(self:Supervisor, w:Worker, msg:WorkerResponse):
     w.ready, w.known_plugins = True, None if plugins is None else set(plugins)
     w.announces_starts = bool(msg.data.get('announces_starts'))  # ours does; the documented worker does not
     self.hooks.plugins_seen(w.known_plugins)
-    preload = self.config.preload_plugins
-    if preload and self.book.waiting.head() is None:
-        name = preload[w.slot.id % len(preload)]
+    name = self.preload_for(w)
+    if name and self.book.waiting.head() is None:  # a waiting job loads its own plugin: no double load
         self.send_command(w, WorkerRequest(WorkerRequestType.RELOAD, {'plugin_name': name,
                           'config': self.hooks.config_for(name)}, uuid.uuid4().hex), None)
     self.check_ready()
@@ -421,6 +421,22 @@ def check_ready(self:Supervisor):
     for loop, fut, every in self.ready_waiters:
         if not (every and waiting): resolve(loop, fut, True)
     self.ready_waiters = [w for w in self.ready_waiters if w[2] and waiting]
+
+# %% ../../nbs/managers/supervisor.ipynb #9a53f6c1
+@patch
+def preload_for(self:Supervisor, w:Worker # A worker that just said READY
+               ) -> Optional[str]: # The plugin it loads before its first job, if any
+    "`w`'s share of `preload_plugins`; a name its READY did not list is skipped, and said once."
+    preload = self.config.preload_plugins
+    if not preload: return None
+    name = preload[w.slot.id % len(preload)]
+    if w.known_plugins is None or name in w.known_plugins: return name  # None: a worker that does not say
+    if not self.preload_warned:
+        self.preload_warned = True
+        unknown = [p for p in preload if p not in w.known_plugins]
+        log.warning("%s: preload_plugins names %s, which the workers do not have: not preloaded. The plugins "
+                    "are: %s", self.name, ', '.join(unknown), ', '.join(sorted(w.known_plugins)))
+    return None
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000019
 @patch
