@@ -36,6 +36,7 @@ class WorkerConfig:
     shutdown_timeout_seconds: float = 5.0  # Grace given to a stopping worker before it is terminated
     result_monitor_poll_interval_seconds: float = 0.5  # Kept for compatibility; the supervisor waits on events
     job_timeout_seconds: Optional[float] = None  # A running job past this fails as timed out (None = no limit)
+    cancel_grace_seconds: float = 2.0  # A cancelled running job may stop this long before its worker is ended (0: at once)
     gpus: Union[None, str, List[Union[int, str]]] = None  # None: no pinning; 'auto'; or GPU indices / UUIDs
     workers_per_gpu: int = 1  # Workers pinned to each GPU
     max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)

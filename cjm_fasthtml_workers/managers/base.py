@@ -676,14 +676,17 @@ async def stream_job(self:BaseJobManager,
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
                     ) -> bool: # True if cancellation successful
-    "Cancel a job: a waiting one is dropped; a running one ends its worker (its whole process tree)."
+    "Cancel a job: a waiting one is dropped; a running one is asked to stop, and its worker ended if it does not."
     self._bind_loop()
     await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
         if job is None: return False
         sup = self._supervisor
-        if not (sup.cancel(job) if sup is not None else self._book.finish(job, 'cancelled')): return False
+        outcome = sup.cancel(job) if sup is not None else 'ended' if self._book.finish(job, 'cancelled') else None
+    if outcome is None: return False
+    # it stops at its next checkpoint (its worker and model stay), or its worker is ended after the grace
+    if outcome == 'stopping': await self.wait_for_job(job_id)
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
 

@@ -86,7 +86,8 @@ class JobBook:
 def finish(self:JobBook, job, # The job to end
            status:str, # 'completed', 'failed' or 'cancelled'
            error:Optional[str]=None, # Its error, when it failed
-           save:bool=True # Whether the store (if any) keeps this end
+           save:bool=True, # Whether the store (if any) keeps this end
+           how:Optional[str]=None # A running job's cancel: 'stopped' (its worker lives on) or 'killed'
           ) -> bool: # False if it had ended already
     "End `job` in a terminal status: error, times, envelope, waiters, streams, then the event."
     if job.status in TERMINAL_STATUSES: return False
@@ -100,6 +101,7 @@ def finish(self:JobBook, job, # The job to end
     data = {'job_id': job.id}
     if status == 'completed': data['result'] = job.result
     if status == 'failed': data['error'] = job.error
+    if how is not None: data['how'] = how
     log.debug("job %s %s%s", job.id, status, f": {error}" if error else '')
     if self.store is not None and save: self.unsaved.add(job.id)
     def ended():  # waiters, streams, event: once the store (if any) has the end

@@ -45,6 +45,7 @@ class Worker:
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
     job_timeout: Optional[float] = None  # The limit it runs under (job_timeout_seconds when it started)
+    stop_deadline: Optional[float] = None  # Its job was asked to stop: it is ended if the job runs on past this
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
     loaded_config: Optional[Dict[str, Any]] = None  # That plugin's configuration
     configs: Dict[str, dict] = field(default_factory=dict)  # The configurations it was given (INIT, RELOADs)
@@ -168,15 +169,27 @@ def command(self:Supervisor, loop, request_type:WorkerRequestType, data:dict,
     return futures
 
 @patch
-def cancel(self:Supervisor, job) -> bool: # False if the job had ended already
-    "Cancel a job: a waiting one leaves the queue; a handed one is taken back; a running one ends its worker."
-    if job.status in TERMINAL_STATUSES: return False
+def cancel(self:Supervisor, job) -> Optional[str]: # None: it had ended; 'ended'; 'stopping': it ends soon
+    "Cancel a job: a waiting one leaves the queue, a handed one is taken back, a running one is asked to stop."
+    if job.status in TERMINAL_STATUSES: return None
     holder = self.holder(job.id)
-    if holder is not None and job.status == 'running': self.end(holder, 'cancel')
+    running = holder is not None and job.status == 'running' and holder.job_id == job.id
+    if running and self.may_stop(holder):
+        if holder.stop_deadline is None:
+            holder.stop_deadline = time.monotonic() + self.config.cancel_grace_seconds
+            holder.transport.send(WorkerRequest(WorkerRequestType.CANCEL, {'job_id': job.id}).to_dict())
+            self.wake()  # for its deadline
+        return 'stopping'
+    if running: self.end(holder, 'cancel')
     elif holder is not None: self.withdraw(holder, job.id)  # handed over, not started: the worker drops it
-    self.book.finish(job, 'cancelled')
+    self.book.finish(job, 'cancelled', how='killed' if running else None)
     if holder is not None: self.dispatch()
-    return True
+    return 'ended'
+
+@patch
+def may_stop(self:Supervisor, w:Worker) -> bool:
+    "Whether `w`'s running job may be asked to stop (else its worker is ended at once)."
+    return self.config.cancel_grace_seconds > 0 and w.announces_starts and w.kill_reason is None
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000011
 @patch
@@ -300,7 +313,8 @@ def wait_plan(self:Supervisor):
             for fd in t.fds(): want[fd] = select.POLLIN  # its open pipes and its death fd
             if t.buffered(): due.append(0)  # messages read off the pipe last round but not handled yet
             if t.wants_write(): want[t.write_fd] = want.get(t.write_fd, 0) | select.POLLOUT
-            due += [d for d in (w.job_deadline, w.kill_deadline, None if w.ready else w.start_deadline) if d]
+            due += [d for d in (w.job_deadline, w.stop_deadline, w.kill_deadline, None if w.ready else w.start_deadline)
+                    if d]
             due += [c[2] for c in w.commands.values() if c[2] is not None]
             if w.kill_reason and not w.kill_sent and (w.kill_reason != 'recycle' or w.job_id is None): due.append(0)
     for fd in [fd for fd in self._registered if fd not in want]:
@@ -349,6 +363,7 @@ def handle_message(self:Supervisor, w:Worker, raw:dict):
     if '_unreadable' in raw: return self.unreadable(w, raw)
     if kind == 'result': return self.settle_result(w, raw)
     if kind == 'job_started': return self.job_started(w, raw.get('job_id'))
+    if kind == 'job_cancelled': return self.job_stopped(w, raw.get('job_id'))
     try: msg = decode_message(raw)
     except Exception:
         return log.warning("%s: dropped a message of unknown type from worker %s: %.200r", self.name, w.pid, raw)
@@ -377,6 +392,15 @@ def job_started(self:Supervisor, w:Worker, job_id:str):
     if job_id in w.cancelled: return self.end(w, 'cancel')
     job = self.book.jobs.get(job_id)
     if job is not None and w.job_id == job_id and job.status == 'pending': self.mark_started(w, job)
+
+@patch
+def job_stopped(self:Supervisor, w:Worker, job_id:str):
+    "JOB_CANCELLED: the job `w` was asked to stop has stopped; `w` lives on, its plugin loaded."
+    w.cancelled.discard(job_id)
+    if w.job_id != job_id or w.stop_deadline is None: return  # a job taken back before it started
+    job = self.book.jobs.get(job_id)
+    self.release(w)
+    if job is not None: self.book.finish(job, 'cancelled', how='stopped')
 
 @patch
 def end(self:Supervisor, w:Worker, reason:str, error:Optional[str]=None):
@@ -475,9 +499,11 @@ def settle_result(self:Supervisor, w:Worker, raw:dict):
     "A RESULT: free its worker, then let the manager settle the job (documented `_handle_job_result`)."
     job = self.book.jobs.get(raw.get('job_id'))
     w.cancelled.discard(raw.get('job_id'))
+    stopping = job is not None and w.job_id == job.id and w.stop_deadline is not None
     if job is not None and w.job_id == job.id:
         if job.status == 'pending': self.mark_started(w, job)  # a worker that never says it started
         self.release(w)
+    if stopping: return self.book.finish(job, 'cancelled', how='stopped')  # it ended before it saw the cancel
     self.hooks.result(w.slot, raw, job)
     if job is not None and job.status == 'completed': w.slot.crash_count = 0  # a stable worker earns its budget back
 
@@ -493,7 +519,7 @@ def release(self:Supervisor, w:Worker):
 @patch
 def next_job(self:Supervisor, w:Worker):
     "The job `w` holds next, if it was handed one in advance, becomes the one it runs."
-    w.job_id, w.job_deadline = (w.queued.popleft() if w.queued else None), None
+    w.job_id, w.job_deadline, w.stop_deadline = (w.queued.popleft() if w.queued else None), None, None
     w.dispatched_at = now_iso() if w.job_id else None
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000021
@@ -626,7 +652,9 @@ def settle_death(self:Supervisor, slot:Slot):
     running_id = job.id if job is not None and job.status != 'pending' else None  # running, or just cancelled
     unstarted = ([job.id] if job is not None and job.status == 'pending' else []) + list(w.queued)
     for job_id in reversed(unstarted): self.book.queue(job_id, front=True)  # back to the head, in order
-    if job is not None and job.status == 'running':
+    if job is not None and job.status == 'running' and w.stop_deadline is not None:
+        self.book.finish(job, 'cancelled', how='killed')  # asked to stop, it did not in time (or it died)
+    elif job is not None and job.status == 'running':
         error = (f"Job timed out after {w.job_timeout} s; the worker was ended" if reason == 'timeout'
                  else f"Worker died while running the job: {what}")
         self.book.finish(job, 'failed', error=error)
@@ -686,7 +714,8 @@ def check_deadlines(self:Supervisor) -> List[Worker]: # The workers to kill now 
     now, kills = time.monotonic(), []
     for w in self.workers():
         if w.kill_reason is None:
-            if w.job_deadline is not None and now >= w.job_deadline: w.kill_reason = 'timeout'
+            if w.stop_deadline is not None and now >= w.stop_deadline: w.kill_reason = 'cancel'  # did not stop
+            elif w.job_deadline is not None and now >= w.job_deadline: w.kill_reason = 'timeout'
             elif not w.ready and now >= w.start_deadline:
                 w.kill_reason = 'start'
                 w.last_error = f"not ready within {self.config.worker_start_timeout_seconds} s"
