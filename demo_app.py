@@ -6,9 +6,9 @@ Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
 
 The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the environment
 variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or `~/.local/share/...`), a folder of
-yours only (mode 0700); a job that was running when the app stopped comes back failed. The speech-recognition plugin needs the `speech` extra
-(`pip install 'cjm-fasthtml-workers[speech]'`, which brings pocketsphinx); without it the page says so. No internet
-needed: htmx and its SSE extension are served from the package."""
+yours only (mode 0700); a job that was running when the app stopped comes back failed. The speech-recognition plugin
+needs the `speech` extra (`pip install 'cjm-fasthtml-workers[speech]'`, which brings pocketsphinx); without it the
+page says so. No internet needed: htmx and its SSE extension are served from the package."""
 import asyncio, json, logging, os, secrets, signal, stat, sys
 from datetime import datetime
 from pathlib import Path
@@ -225,8 +225,8 @@ def ResourcesPanel(reading:dict, workers:list, oob=False):
     used, total, percent = mem.details['used'], mem.details['total'], mem.details['used_percent']
     no_gpu = P(f"No GPU: {gpu.details.get('gpu_unavailable_reason')}", cls='muted')
     return Section(H2('Resources'), *[GpuRows(a) for a in gpu.devices] or [no_gpu],
-                   Table(Tr(Th('system memory'), Td(Progress(value=round(percent), max=100),
-                                                   Span(f" {gib(used)} of {gib(total)} ({percent:.0f} %)", cls='nowrap')))),
+                   Table(Tr(Th('system memory'), Td(Progress(value=round(percent), max=100), Span(
+                       f" {gib(used)} of {gib(total)} ({percent:.0f} %)", cls='nowrap')))),
                    Processes(reading, workers),
                    P(f"read at {datetime.now():%H:%M:%S}", cls='muted', id='read-at'),
                    id='resources', hx_swap_oob=swap(oob))
@@ -235,11 +235,12 @@ latest: dict = None  # the last reading, which the processes table is drawn from
 read_now = asyncio.Event()  # a worker has ended or started: read the resources without waiting for the tick
 
 async def read_latest() -> dict:
+    "Read the resources (off the event loop) and keep the reading for the processes table."
     global latest
     latest = await asyncio.to_thread(read_resources)
     return latest
 
-def Machine(reading:dict=None, oob=False):
+def WorkerPanels(reading:dict=None, oob=False):
     "The workers panel and the resources (or, between readings, their processes) from one `get_workers_info`."
     workers = manager.get_workers_info()
     return WorkersPanel(workers, oob), (ResourcesPanel(reading, workers, oob) if reading else
@@ -259,12 +260,12 @@ def Changes(event, shown:dict):
     "What an event changes on one page, as out-of-band swaps of the smallest parts that changed."
     job = manager.get_job(event.data.get('job_id') or '')
     # and the workers: a worker that has become ready says nothing of it
-    if event.kind == 'resources': return Machine(event.data, oob=True)
-    if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), Machine(oob=True)
+    if event.kind == 'resources': return WorkerPanels(event.data, oob=True)
+    if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), WorkerPanels(oob=True)
     if event.kind == 'cleared': return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
     if job is None:  # a worker died or was restarted: its new process's memory is read at once
         read_now.set()
-        return Machine(oob=True)
+        return WorkerPanels(oob=True)
     if event.kind == 'progress': return ProgressBar(job, oob=True)
     if event.kind == 'chunk':
         # the text this page has not got: chunks the card already showed are not sent again, a lost event costs none
@@ -273,13 +274,13 @@ def Changes(event, shown:dict):
         if len(chunks) == had: return None
         return Span(''.join(chunks[had:]), hx_swap_oob=f'beforeend:#output-{job.id}')
     if event.kind == 'submitted':  # one card more, at the top: the list is not drawn again
-        return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), Machine(oob=True)
-    return JobCard(job, shown, oob=True), Machine(oob=True)
+        return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), WorkerPanels(oob=True)
+    return JobCard(job, shown, oob=True), WorkerPanels(oob=True)
 
 # ----- Routes -----------------------------------------------------------------------------------------------------
 @app.get('/')
 async def index():
-    workers, resources = Machine(await read_latest())
+    workers_panel, resources_panel = WorkerPanels(await read_latest())
     return Titled('cjm-fasthtml-workers demo',
         P('Jobs run in a pool of two supervised worker processes; everything below updates live over '
           'Server-Sent Events.', cls='lead'),
@@ -287,7 +288,7 @@ async def index():
         # every button's answer goes inside #answer: the notice, empty or not; a box that stays, so that two
         # requests out at once both land in it (an answer that replaced it would leave the other's target detached)
         Div(Div(SubmitForm(), Div(Notice(), id='answer'), JobList({})),
-            Div(workers, PluginsPanel(), resources),
+            Div(workers_panel, PluginsPanel(), resources_panel),
             cls='grid', hx_target='#answer', hx_swap='innerHTML'),
         # one event stream for the page: each message swaps in, out of band, the parts that changed
         Div(id='live', hx_ext='sse', sse_connect='/events', sse_swap='message', hx_swap='none'),
@@ -340,7 +341,7 @@ async def plugin_action(plugin_id:str, action:str):
 def events():
     shown = {}  # this page's: job id -> how many of its chunks it has
     async def everything():  # a page that connects, or reconnects, is caught up first
-        return JobList(shown, oob=True), PluginsPanel(oob=True), Machine(await read_latest(), oob=True)
+        return JobList(shown, oob=True), PluginsPanel(oob=True), WorkerPanels(await read_latest(), oob=True)
     return sse_response(streams, lambda event: Changes(event, shown), first=everything)
 
 # ----- Serve ------------------------------------------------------------------------------------------------------

@@ -271,7 +271,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
                 const check = () => { const w = pids('#workers tr[data-field=pid] td'),
                                             p = pids('#processes tr.worker td:first-child');
                                       if (w !== p) window.__disagree.push(`workers: ${w}; processes: ${p}`); };
-                new MutationObserver(check).observe(document.body, {subtree: true, childList: true, characterData: true});
+                new MutationObserver(check).observe(document.body,
+                                                    {subtree: true, childList: true, characterData: true});
                 check(); }''')
             os.kill(int(pid), signal.SIGKILL)
             expect(card).to_have_class(status('failed'))
@@ -452,7 +453,7 @@ def load_demo_app():
     spec.loader.exec_module(demo_app)
     return demo_app
 
-def test_data_dir_is_private(tmp_path, monkeypatch):
+def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     "The job store's folder: per user, made 0700; one another user owns, or may write to, is refused."
     demo_app = load_demo_app()
     monkeypatch.delenv('CJM_DEMO_DATA', raising=False)
@@ -493,4 +494,5 @@ def test_resources_panel_shows_gpus():
         assert text in html, text
     assert 'No GPU' not in html
     demo_app.resources = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))
-    assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in to_xml(demo_app.ResourcesPanel(demo_app.read_resources(), []))
+    html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources(), []))
+    assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in html
