@@ -5,11 +5,11 @@ Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
     uvicorn demo_app:app         # works too, --reload included
 
 The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the environment
-variable CJM_DEMO_DATA (default: `cjm-fasthtml-workers-demo` in the system's temporary folder); a job that was
-running when the app stopped comes back failed. The speech-recognition plugin needs the `speech` extra
-(`pip install -e '.[speech]'` from the clone's root, which brings pocketsphinx); without it the page says so.
-No internet needed: htmx and its SSE extension are served from the package."""
-import asyncio, json, logging, os, secrets, signal, sys, tempfile
+variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or `~/.local/share/...`), a folder of
+yours only (mode 0700); a job that was running when the app stopped comes back failed. The speech-recognition plugin
+needs the `speech` extra (`pip install -e '.[speech]'` from the clone's root, which brings pocketsphinx); without it
+the page says so. No internet needed: htmx and its SSE extension are served from the package."""
+import asyncio, json, logging, os, secrets, signal, stat, sys
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcas
                                                       sse_response, workers_page)
 from cjm_fasthtml_workers.extensions.resources import ResourceManager
 from cjm_fasthtml_workers.managers.base import BaseJobManager
-from cjm_fasthtml_workers.managers.store import SQLiteJobStore
+from cjm_fasthtml_workers.managers.store import INTERRUPTED, SQLiteJobStore
 
 log = logging.getLogger('demo_app')
 MAX_TEXT = 2000  # characters of job text the form takes
@@ -39,10 +39,25 @@ class DemoJobManager(BaseJobManager[DemoJob]):
         if result_data.get('streamed'): return {'text': ''.join(self.get_job_chunks(job.id)), 'streamed': True}
         return result_data
 
+class DataDirError(RuntimeError): "The demo's data folder is not safe to use."
+
+def data_dir() -> Path:
+    "The folder of the job store: CJM_DEMO_DATA, else a per-user one; made private (0700) if it is new."
+    home = os.environ.get('XDG_DATA_HOME') or Path.home()/'.local'/'share'
+    data = Path(os.environ.get('CJM_DEMO_DATA') or Path(home)/'cjm-fasthtml-workers-demo')
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the store reads its records back with pickle: a folder another user owns, or may write to, could hold a
+    # planted database that runs their code here; refuse it, as ssh refuses such a key
+    st = data.stat()
+    if st.st_uid != os.getuid():
+        raise DataDirError(f"{data} belongs to another user (uid {st.st_uid}): set CJM_DEMO_DATA to a folder of yours")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DataDirError(f"{data} may be written by other users (mode {stat.filemode(st.st_mode)}): chmod 700 it")
+    return data
+
 def open_manager() -> DemoJobManager:
     "The manager and its job store, made in the lifespan: spawned workers run this file again; one process opens a store."
-    data = Path(os.environ.get('CJM_DEMO_DATA') or Path(tempfile.gettempdir())/'cjm-fasthtml-workers-demo')
-    data.mkdir(parents=True, exist_ok=True)
+    data = data_dir()
     return DemoJobManager('demo', registry.category, supports_streaming=True, plugin_registry=registry,
                           resource_manager=resources, event_broadcaster=streams,
                           job_store=SQLiteJobStore(data/'jobs.sqlite', retention=500),  # the newest 500 finished
@@ -81,6 +96,7 @@ def took(start, end): return f"{(datetime.fromisoformat(end) - datetime.fromisof
 def gib(n): return f"{n / 2**30:.1f} GiB"
 def mib(n): return f"{n / 2**20:.0f} MiB"
 def swap(on): return 'true' if on else None  # an out-of-band swap replaces the element with the same id
+def plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
 
 def ProgressBar(job, oob=False):
     "The part of a card that progress events replace: small, so the card's Cancel button is never replaced mid-click."
@@ -94,14 +110,18 @@ def JobCard(job, shown:dict, oob=False):
     chunks = manager.get_job_chunks(job.id)
     shown[job.id] = len(chunks)
     text = ''.join(chunks) or (job.result or {}).get('text')
+    # a job the app's restart interrupted was marked failed at the next start: its end time is not known
+    interrupted = (job.error or '').startswith(INTERRUPTED)
+    ended = None if interrupted else job.completed_at
     times = [f"created {clock(job.created_at)}", job.started_at and f"started {clock(job.started_at)}",
-             job.completed_at and f"ended {clock(job.completed_at)}",
-             job.started_at and job.completed_at and f"ran {took(job.started_at, job.completed_at)}",
-             job.worker_pid and f"worker {job.worker_pid}"]
+             ended and f"ended {clock(ended)}", job.started_at and ended and f"ran {took(job.started_at, ended)}",
+             interrupted and "interrupted when the app stopped", job.worker_pid and f"worker {job.worker_pid}"]
     return Article(
         Header(Span(job.status, cls=f'badge {job.status}'), Strong(plugin.title if plugin else job.plugin_id),
                Code(job.id, cls='muted'),
-               Button('Cancel', hx_post=f'/jobs/{job.id}/cancel', cls='small quiet') if live else None),
+               # disabled while its request is out: a double click sends one
+               Button('Cancel', hx_post=f'/jobs/{job.id}/cancel', hx_disabled_elt='this', cls='small quiet')
+               if live else None),
         P(job.text, cls='input') if job.text else P('(no text)', cls='input muted'),  # strings are escaped
         ProgressBar(job) if live or job.progress is not None else None,
         # chunk events append to the live output; an ended job shows its result, or what it streamed before it ended
@@ -119,11 +139,12 @@ def JobList(shown:dict, oob=False):
     return Section(*cards, P('No jobs yet: pick a plugin and submit one.', cls='empty muted'),
                    id='jobs', hx_swap_oob=swap(oob))
 
-def Notice(message=None):
-    "Where the answer to a button goes: nothing, or what went wrong."
-    return Div(message, id='notice', role='alert', cls='notice' if message else None)
+def Notice(message=None, error=True):
+    "Where the answer to a button goes: nothing, what went wrong, or (`error=False`) what there was to know."
+    return Div(message, id='notice', role='alert' if error else 'status',
+               cls=('notice' if error else 'notice info') if message else None)
 
-def refuse(message): return HTMLResponse(to_xml(Notice(message)), status_code=400)
+def refuse(message, status=400): return HTMLResponse(to_xml(Notice(message)), status_code=status)
 
 def SubmitForm():
     options = [Option(p.title + (' (not installed)' if p.missing else ''), value=p.id, disabled=bool(p.missing))
@@ -134,27 +155,34 @@ def SubmitForm():
                 Button('Submit job'), Button('Clear finished', hx_post='/jobs/clear', cls='quiet', type='button'),
                 hx_post='/jobs', id='submit')
 
-def WorkersPanel(oob=False):
-    "One column per worker of the pool: what `get_workers_info` says of it."
-    workers = manager.get_workers_info()
+def WorkersPanel(workers:list, oob=False):
+    "One column per worker of the pool (a slot, whose process a restart replaces): `get_workers_info`'s rows."
     def row(field, name, show=lambda v: '–' if v is None else v):
         return Tr(Th(name), *[Td(show(w[field])) for w in workers], data_field=field)
+    def group(title): return Tr(Th(title, colspan=len(workers) + 1, cls='group'))
     return Section(H2('Workers'),
                    Table(Tr(Th(), *[Th(f"worker {w['worker_id']}") for w in workers]),
                          row('pid', 'pid'), row('state', 'state'), row('loaded_plugin', 'loaded plugin'),
-                         row('current_job_id', 'running job'), row('gpu', 'GPU'), row('jobs_done', 'jobs done'),
+                         row('current_job_id', 'running job'), row('gpu', 'GPU'), row('last_exit', 'last exit'),
+                         # the slot's counts, whichever of its processes did the work
+                         group('since the app started'), row('jobs_done', 'jobs done'),
                          row('restart_count', 'restarts'), row('crashes', 'of which crashes'),
-                         row('cancels', 'of which cancels'), row('last_exit', 'last exit')),
-                   P(f"{manager.get_worker_info()['pending_jobs']} jobs waiting", cls='muted', id='waiting'),
+                         row('cancels', 'of which cancels')),
+                   P(plural(manager.get_worker_info()['pending_jobs'], 'job') + ' waiting', cls='muted', id='waiting'),
                    id='workers', hx_swap_oob=swap(oob))
 
 def PluginRow(p):
+    # a command waits for the job its worker runs: while the request is out, htmx marks the row (which shows
+    # .waiting) and disables its buttons
     buttons = Div(Button('Reload', hx_post=f'/plugins/{p.id}/reload', cls='small', title='Load its next configuration'),
-                  Button('Unload', hx_post=f'/plugins/{p.id}/unload', cls='small quiet'), cls='actions')
+                  Button('Unload', hx_post=f'/plugins/{p.id}/unload', cls='small quiet'),
+                  Span('waiting for its workers (a running job ends first)…', cls='waiting'),
+                  hx_indicator=f'#plugin-{p.id}', hx_disabled_elt=f'#plugin-{p.id} button', cls='actions')
     sample = Audio(src=f'{STATIC_PREFIX}/speech-sample.wav', controls=True, preload='none') if p.name == 'speech' else None
     return Tr(Td(Strong(p.title), Br(), Small(p.description), sample,
                  P('Not installed: ', Code(p.missing), cls='missing') if p.missing else None),
-              Td(Code(json.dumps(registry.load_plugin_config(p.id))), None if p.missing else buttons))
+              Td(Code(json.dumps(registry.load_plugin_config(p.id))), None if p.missing else buttons),
+              id=f'plugin-{p.id}')
 
 def PluginsPanel(note=None, oob=False):
     rows = map(PluginRow, registry.plugins.values())
@@ -162,9 +190,8 @@ def PluginsPanel(note=None, oob=False):
                    P(note, cls='note') if note else None, id='plugins', hx_swap_oob=swap(oob))
 
 def read_resources() -> dict:
-    "GPUs, system memory and the app's processes: NVML and psutil calls, for a thread."
-    return {'gpu': resources.check_gpu_availability(), 'memory': resources.check_memory_availability(),
-            'workers': {w.pid: w for w in resources.get_all_workers()}}
+    "GPUs, system memory and the app's processes (with their memory): NVML and psutil calls, for a thread."
+    return {'gpu': resources.check_gpu_availability(), 'memory': resources.check_memory_availability()}
 
 def GpuRows(gpu):
     "One GPU from `ResourceManager.check_gpu_availability`: memory, use, who uses it, whether a job could."
@@ -177,39 +204,69 @@ def GpuRows(gpu):
                  Tr(Th('other processes'), Td(len(gpu.external_pids))),
                  Tr(Th('status'), Td(gpu.message.split(': ', 1)[-1])))
 
-def ResourcesPanel(reading:dict, oob=False):
-    gpu, mem, workers = reading['gpu'], reading['memory'], reading['workers']
-    def role(r):
-        if r['worker_pid'] is None: return 'app server'
-        if r['pid'] != r['worker_pid']: return f"child of worker {r['worker_pid']}"
-        w = workers.get(r['pid'])
-        return 'worker' + (f": {w.status}" if w else '') + (f", {w.plugin_name} loaded" if w and w.plugin_name else '')
+def Processes(reading:dict, workers:list, oob=False):
+    "The app's processes and their memory (from `reading`); who is a worker, and in what state, from `workers`."
+    # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the reading
+    # is not listed, one that started since is listed with its memory to come
+    by_pid = {w['pid']: w for w in workers if w['pid']}
+    def row(pid, worker_pid, memory):
+        if worker_pid is None: return Tr(Td(pid), Td('app server'), Td(memory))
+        w = by_pid[worker_pid]
+        if pid != worker_pid: return Tr(Td(pid), Td(f"child of worker {w['worker_id']}"), Td(memory))
+        loaded = f", {w['loaded_plugin']} loaded" if w['loaded_plugin'] else ''
+        return Tr(Td(pid), Td(f"worker {w['worker_id']}: {w['state']}{loaded}"), Td(memory), cls='worker')
+    procs = [r for r in reading['memory'].app_processes if r['worker_pid'] is None or r['worker_pid'] in by_pid]
+    new = [pid for pid in by_pid if pid not in {r['pid'] for r in procs}]
+    return Table(Tr(Th('pid'), Th("app's processes"), Th('memory')),
+                 *[row(r['pid'], r['worker_pid'], mib(r['memory_rss'])) for r in procs],
+                 *[row(pid, pid, '–') for pid in new], id='processes', hx_swap_oob=swap(oob))
+
+def ResourcesPanel(reading:dict, workers:list, oob=False):
+    gpu, mem = reading['gpu'], reading['memory']
     used, total, percent = mem.details['used'], mem.details['total'], mem.details['used_percent']
     no_gpu = P(f"No GPU: {gpu.details.get('gpu_unavailable_reason')}", cls='muted')
     return Section(H2('Resources'), *[GpuRows(a) for a in gpu.devices] or [no_gpu],
-                   Table(Tr(Th('system memory'), Td(Progress(value=round(percent), max=100),
-                                                   f" {gib(used)} of {gib(total)} ({percent:.0f} %)"))),
-                   Table(Tr(Th('pid'), Th("app's processes"), Th('memory')),
-                         *[Tr(Td(r['pid']), Td(role(r)), Td(mib(r['memory_rss']))) for r in mem.app_processes]),
+                   Table(Tr(Th('system memory'), Td(Progress(value=round(percent), max=100), Span(
+                       f" {gib(used)} of {gib(total)} ({percent:.0f} %)", cls='nowrap')))),
+                   Processes(reading, workers),
                    P(f"read at {datetime.now():%H:%M:%S}", cls='muted', id='read-at'),
                    id='resources', hx_swap_oob=swap(oob))
 
+latest: dict = None  # the last reading, which the processes table is drawn from until the next
+read_now = asyncio.Event()  # a worker has ended or started: read the resources without waiting for the tick
+
+async def read_latest() -> dict:
+    "Read the resources (off the event loop) and keep the reading for the processes table."
+    global latest
+    latest = await asyncio.to_thread(read_resources)
+    return latest
+
+def WorkerPanels(reading:dict=None, oob=False):
+    "The workers panel and the resources (or, between readings, their processes) from one `get_workers_info`."
+    workers = manager.get_workers_info()
+    return WorkersPanel(workers, oob), (ResourcesPanel(reading, workers, oob) if reading else
+                                       Processes(latest, workers, oob) if latest else None)
+
 async def send_resources(every:float=2.0):
-    "While a page is open, read the resources every 2 s, once for all pages, and send them (and the workers' state)."
+    "While a page is open, read the resources every 2 s (or when a worker changed), once for all pages, and send them."
     while True:
-        await asyncio.sleep(every)
+        try: await asyncio.wait_for(read_now.wait(), every)
+        except asyncio.TimeoutError: pass
+        read_now.clear()
         if not streams.clients: continue
-        try: await streams.broadcast('demo:resources', await asyncio.to_thread(read_resources))
+        try: await streams.broadcast('demo:resources', await read_latest())
         except Exception: log.exception("reading the resources failed")
 
 def Changes(event, shown:dict):
     "What an event changes on one page, as out-of-band swaps of the smallest parts that changed."
     job = manager.get_job(event.data.get('job_id') or '')
     # and the workers: a worker that has become ready says nothing of it
-    if event.kind == 'resources': return ResourcesPanel(event.data, oob=True), WorkersPanel(True)
-    if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), WorkersPanel(True)
+    if event.kind == 'resources': return WorkerPanels(event.data, oob=True)
+    if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), WorkerPanels(oob=True)
     if event.kind == 'cleared': return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
-    if job is None: return WorkersPanel(True)  # a worker died or was restarted
+    if job is None:  # a worker died or was restarted: its new process's memory is read at once
+        read_now.set()
+        return WorkerPanels(oob=True)
     if event.kind == 'progress': return ProgressBar(job, oob=True)
     if event.kind == 'chunk':
         # the text this page has not got: chunks the card already showed are not sent again, a lost event costs none
@@ -218,21 +275,22 @@ def Changes(event, shown:dict):
         if len(chunks) == had: return None
         return Span(''.join(chunks[had:]), hx_swap_oob=f'beforeend:#output-{job.id}')
     if event.kind == 'submitted':  # one card more, at the top: the list is not drawn again
-        return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), WorkersPanel(True)
-    return JobCard(job, shown, oob=True), WorkersPanel(True)
+        return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), WorkerPanels(oob=True)
+    return JobCard(job, shown, oob=True), WorkerPanels(oob=True)
 
 # ----- Routes -----------------------------------------------------------------------------------------------------
 @app.get('/')
 async def index():
-    reading = await asyncio.to_thread(read_resources)
+    workers_panel, resources_panel = WorkerPanels(await read_latest())
     return Titled('cjm-fasthtml-workers demo',
         P('Jobs run in a pool of two supervised worker processes; everything below updates live over '
           'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.', cls='lead'),
         Div('The connection to the server is lost; reconnecting…', id='offline', role='status', hidden=True),
-        # every button's answer goes to the notice: nothing, or the error
-        Div(Div(SubmitForm(), Notice(), JobList({})),
-            Div(WorkersPanel(), PluginsPanel(), ResourcesPanel(reading)),
-            cls='grid', hx_target='#notice', hx_swap='outerHTML'),
+        # every button's answer goes inside #answer: the notice, empty or not; a box that stays, so that two
+        # requests out at once both land in it (an answer that replaced it would leave the other's target detached)
+        Div(Div(SubmitForm(), Div(Notice(), id='answer'), JobList({})),
+            Div(workers_panel, PluginsPanel(), resources_panel),
+            cls='grid', hx_target='#answer', hx_swap='innerHTML'),
         # one event stream for the page: each message swaps in, out of band, the parts that changed
         Div(id='live', hx_ext='sse', sse_connect='/events', sse_swap='message', hx_swap='none'),
         Script(src=f'{STATIC_PREFIX}/demo.js'))
@@ -257,9 +315,11 @@ async def clear():
 @app.post('/jobs/{job_id}/cancel')
 async def cancel(job_id:str):
     # the card changes through the job's cancelled event
-    if not await manager.cancel_job(job_id):
-        return refuse(f"Job {job_id} has ended already; there is nothing to cancel.")
-    return Notice()
+    if await manager.cancel_job(job_id): return Notice()
+    job = manager.get_job(job_id)
+    if job is None: return refuse(f"There is no job {job_id}.", 404)
+    if job.status == 'cancelled': return Notice()  # a second click, or another page's: what was asked is done
+    return refuse(f"Job {job_id} has {job.status} already; there is nothing to cancel.")
 
 @app.post('/plugins/{plugin_id}/{action}')
 async def plugin_action(plugin_id:str, action:str):
@@ -269,10 +329,12 @@ async def plugin_action(plugin_id:str, action:str):
     if action == 'reload':
         config = registry.next_config(plugin_id)
         ok = await manager.reload_plugin(plugin.name, config)
-        note = f"Reloaded {plugin.name} with {json.dumps(config)}." if ok else f"Reloading {plugin.name} failed."
+        note = f"{plugin.title}: reloaded with {json.dumps(config)}." if ok else f"{plugin.title}: reloading failed."
     else:
+        if not any(w['loaded_plugin'] == plugin.name for w in manager.get_workers_info()):
+            return Notice(f"{plugin.title} was not loaded: there was nothing to unload.", error=False)
         ok = await manager.unload_plugin(plugin.name)
-        note = f"Unloaded {plugin.name}." if ok else f"Unloading {plugin.name} failed."
+        note = f"{plugin.title}: unloaded." if ok else f"{plugin.title}: unloading failed."
     await streams.broadcast('demo:plugins', {'note': note})  # every page shows the change and the note
     return Notice() if ok else refuse(note)
 
@@ -280,15 +342,15 @@ async def plugin_action(plugin_id:str, action:str):
 def events():
     shown = {}  # this page's: job id -> how many of its chunks it has
     async def everything():  # a page that connects, or reconnects, is caught up first
-        reading = await asyncio.to_thread(read_resources)
-        return (JobList(shown, oob=True), WorkersPanel(True), PluginsPanel(oob=True),
-                ResourcesPanel(reading, oob=True))
+        return JobList(shown, oob=True), PluginsPanel(oob=True), WorkerPanels(await read_latest(), oob=True)
     return sse_response(streams, lambda event: Changes(event, shown), first=everything)
 
 # ----- Serve ------------------------------------------------------------------------------------------------------
 if __name__ == '__main__':
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get('PORT', 5001))
+    try: print(f"job store in {data_dir()}", flush=True)  # said here, before the server starts, if it is unsafe
+    except DataDirError as e: sys.exit(f"cjm-fasthtml-workers demo: {e}")
     server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning',
                                            timeout_graceful_shutdown=3))  # a backstop for responses that do not end
     print(f"cjm-fasthtml-workers demo: http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)

@@ -1,11 +1,11 @@
 "demo_app.py driven in headless Chromium, and run as a command that Ctrl+C stops cleanly."
-import importlib.util, os, re, signal, subprocess, sys, time
+import importlib.util, os, re, signal, stat, subprocess, sys, time
 from html import escape
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx, psutil, pytest
-from conftest import pid_gone, start_web_app, free_port
+from conftest import kill_tree, pid_gone, start_web_app, free_port
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 
@@ -128,6 +128,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             context.on('request', lambda r: requests.append(r.url))
             page = open_page(context, url)
             expect(page.locator('#workers tr[data-field=state] td')).to_have_text(['idle', 'idle'])
+            # the counts below it are the slot's, whichever of its processes did the work
+            expect(page.locator('#workers th.group')).to_have_text('since the app started')
             first_pids = workers(page, 'pid')
             page.evaluate("document.getElementById('jobs').__mark = 'the list'")  # gone if the list is drawn again
 
@@ -144,7 +146,7 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(worker(page, 'state', n)).to_have_text('busy')
             read_at = page.locator('#read-at').inner_text()
             expect(page.locator('#read-at')).not_to_have_text(read_at)  # every 2 s while a page is open
-            expect(page.locator('#resources')).to_contain_text('worker: running')
+            expect(page.locator('#resources')).to_contain_text(f'worker {n}: busy, slow loaded')
             # the progress bar moves to 100 %
             expect(card).to_have_class(status('completed'))
             values = page.evaluate('window.__progress')
@@ -186,7 +188,7 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
             expect(long_stream.locator('pre.output')).to_contain_text('long long')
             expect(pending).to_have_class(status('pending'))
-            expect(page.locator('#waiting')).to_have_text('1 jobs waiting')
+            expect(page.locator('#waiting')).to_have_text('1 job waiting')
             pids = workers(page, 'pid')
             pending.get_by_role('button', name='Cancel').click()
             expect(pending).to_have_class(status('cancelled'))
@@ -237,13 +239,49 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
 
             # reload a plugin with its next configuration, then unload it
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Reload').click()
-            expect(page.locator('#plugins .note')).to_have_text('Reloaded quick with {"mode": "reverse"}.')
+            expect(page.locator('#plugins .note')).to_have_text('Quick: reloaded with {"mode": "reverse"}.')
             expect(page.locator('#plugins tr', has_text='Quick').locator('code')).to_have_text('{"mode": "reverse"}')
             card = submit(page, 'demo-quick', 'abc')
             expect(card.locator('pre.result')).to_have_text('cba')
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Unload').click()
-            expect(page.locator('#plugins .note')).to_have_text('Unloaded quick.')
+            expect(page.locator('#plugins .note')).to_have_text('Quick: unloaded.')
             expect(page.locator('#workers tr[data-field=loaded_plugin] td', has_text='quick')).to_have_count(0)
+            # a plugin no worker has loaded: said so, not as an error
+            page.locator('#plugin-demo-crash').get_by_role('button', name='Unload').click()  # it ended its worker
+            expect(page.locator('#notice')).to_have_text('Crashing was not loaded: there was nothing to unload.')
+            expect(page.locator('#notice')).to_have_class('notice info')
+            # Unload waits for the job its worker runs, and the row says so meanwhile
+            card = submit(page, 'demo-slow', 'keeps slow loaded')
+            runs_on(page, card)
+            row = page.locator('#plugin-demo-slow')
+            row.get_by_role('button', name='Unload').click()
+            expect(row.locator('.waiting')).to_be_visible()
+            expect(row.get_by_role('button', name='Unload')).to_be_disabled()
+            expect(card).to_have_class(status('completed'))
+            expect(page.locator('#plugins .note')).to_have_text('Slow, with progress: unloaded.')
+            expect(page.locator('#plugin-demo-slow .waiting')).to_be_hidden()
+
+            # a worker killed: the workers panel and the resources' list of processes change together
+            card = submit(page, 'demo-slow', 'its worker is killed')
+            n = runs_on(page, card)
+            pid = worker(page, 'pid', n).inner_text()
+            page.evaluate('''() => { window.__disagree = [];
+                const pids = sel => [...document.querySelectorAll(sel)].map(e => e.textContent).filter(t => t !== '–')
+                                                                                  .sort().join(' ');
+                const check = () => { const w = pids('#workers tr[data-field=pid] td'),
+                                            p = pids('#processes tr.worker td:first-child');
+                                      if (w !== p) window.__disagree.push(`workers: ${w}; processes: ${p}`); };
+                new MutationObserver(check).observe(document.body,
+                                                    {subtree: true, childList: true, characterData: true});
+                check(); }''')
+            os.kill(int(pid), signal.SIGKILL)
+            expect(card).to_have_class(status('failed'))
+            expect(worker(page, 'pid', n)).not_to_have_text(pid)
+            expect(worker(page, 'state', n)).to_have_text('idle')
+            read_at = page.locator('#read-at').inner_text()
+            expect(page.locator('#read-at')).not_to_have_text(read_at)  # a reading since, with the new pid's memory
+            assert pid not in page.locator('#processes').inner_text()
+            assert page.evaluate('window.__disagree') == []
 
             # speech recognition on CPU, streamed phrase by phrase (or the page says what to install)
             speech = page.locator('#plugins tr', has_text='Speech recognition')
@@ -268,8 +306,10 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             assert max(sizes) < 6000, sorted(sizes)[-5:]
             card = submit(page, 'demo-slow', 'still quick to answer')
             expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))
-            card.get_by_role('button', name='Cancel').click()
+            card.get_by_role('button', name='Cancel').dblclick()  # an impatient user: no error for it
             expect(card).to_have_class(status('cancelled'))
+            page.wait_for_timeout(500)  # for the answer to a second request, had one gone out
+            expect(page.locator('#notice')).to_be_empty()
 
             # long results scroll inside their box
             card = submit(page, 'demo-quick', 'word ' * 399)
@@ -283,8 +323,16 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(resources).to_contain_text(re.compile(r'GPU 0|No GPU: .+'))
             expect(resources).to_contain_text('system memory')
             expect(resources).to_contain_text('app server')
-            expect(resources).to_contain_text('worker: idle')
+            expect(resources).to_contain_text(re.compile(r'worker \d: idle'))
             page.screenshot(path=tmp_path/'demo.png', full_page=True)
+            # on a phone (390 px wide) the page fits: nothing is cut off on the right
+            phone_context = browser.new_context(viewport={'width': 390, 'height': 844})
+            phone = open_page(phone_context, url)
+            expect(phone.locator('#jobs article').first).to_be_visible()
+            width = phone.evaluate('document.documentElement.scrollWidth')
+            phone.screenshot(path=tmp_path/'demo-390.png', full_page=True)
+            assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+            phone_context.close()
 
             # Ctrl+C with the page connected: the page says it lost the server
             stop_app(app)
@@ -348,7 +396,7 @@ def test_form_errors(tmp_path, no_leftover_processes):
             r = httpx.post(f'{base}/jobs', data=data, timeout=5)
             assert r.status_code == 400 and re.search(r'<div [^>]*id="notice"[^>]*>' + re.escape(escape(reason, quote=False)), r.text), r.text
         r = httpx.post(f'{base}/jobs/nope/cancel', timeout=5)
-        assert r.status_code == 400 and 'nothing to cancel' in r.text
+        assert r.status_code == 404 and 'There is no job nope.' in r.text
         if not HAS_SPEECH:
             r = httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-speech'}, timeout=5)
             assert r.status_code == 400 and ".[speech]" in r.text
@@ -359,19 +407,92 @@ def test_form_errors(tmp_path, no_leftover_processes):
             app.kill()
             app.wait()
 
+def job_ids(page:str) -> list: return re.findall(r'<article [^>]*id="job-([0-9a-f]+)"', page)  # newest first
+
+def test_answers_say_what_is_so(tmp_path, no_leftover_processes):
+    "A cancel that is done already is no error; a plugin not loaded is said to be; one job is one job."
+    port = free_port()
+    app = start_app(tmp_path, port, tmp_path/'data')
+    base = f'http://127.0.0.1:{port}'
+    try:
+        assert '0 jobs waiting' in httpx.get(base, timeout=5).text
+        r = httpx.post(f'{base}/plugins/demo-fail/unload', timeout=5)
+        assert r.status_code == 200 and 'Failing was not loaded: there was nothing to unload.' in r.text, r.text
+        for _ in range(3): httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'}, timeout=5)
+        page = httpx.get(base, timeout=5).text  # two run (3 s each), one waits
+        assert '1 job waiting' in page, re.findall(r'\d+ jobs? waiting', page)
+        running = job_ids(page)[-1]
+        for _ in range(2):  # a double click: the second finds it cancelled, which is what was asked
+            r = httpx.post(f'{base}/jobs/{running}/cancel', timeout=5)
+            assert r.status_code == 200 and 'class="notice' not in r.text, r.text
+        stop_app(app)
+    finally: kill_tree(app)
+
+def test_interrupted_job_shows_no_run_time(tmp_path, no_leftover_processes):
+    "A job the app's end cut short says so, and not a run time that counts the time the app was down."
+    port, data = free_port(), tmp_path/'data'
+    app = start_app(tmp_path, port, data)
+    base = f'http://127.0.0.1:{port}'
+    try:
+        httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'cut short'}, timeout=5)
+        deadline = time.monotonic() + 20
+        while 'badge running' not in httpx.get(base, timeout=5).text: assert time.monotonic() < deadline
+        kill_tree(app)  # SIGKILL, its workers too: the job is left running in the store
+        time.sleep(1.5)  # down for a while
+        app = start_app(tmp_path, port, data)
+        card = re.search(r'<article [^>]*>.*?</article>', httpx.get(base, timeout=5).text, re.S).group(0)
+        assert 'interrupted by an app restart' in card and 'interrupted when the app stopped' in card, card
+        assert not re.search(r'ran \d|ended \d', card), card
+        stop_app(app)
+    finally: kill_tree(app)
+
+def load_demo_app():
+    "demo_app.py as a module: it builds the app; its manager is made by the lifespan only."
+    spec = importlib.util.spec_from_file_location('demo_app_under_test', ROOT/'demo_app.py')
+    demo_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_app)
+    return demo_app
+
+def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
+    "The job store's folder: per user, made 0700; one another user owns, or may write to, is refused."
+    demo_app = load_demo_app()
+    monkeypatch.delenv('CJM_DEMO_DATA', raising=False)
+    monkeypatch.delenv('XDG_DATA_HOME', raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path/'home'))
+    data = demo_app.data_dir()
+    assert data == tmp_path/'home/.local/share/cjm-fasthtml-workers-demo' and stat.S_IMODE(data.stat().st_mode) == 0o700
+    monkeypatch.setenv('XDG_DATA_HOME', str(tmp_path/'xdg'))
+    assert demo_app.data_dir() == tmp_path/'xdg/cjm-fasthtml-workers-demo'
+    # made first by someone else, in a folder both may write to (as the shared temporary folder is)
+    planted = tmp_path/'planted'
+    planted.mkdir(mode=0o700)
+    monkeypatch.setenv('CJM_DEMO_DATA', str(planted))
+    if os.getuid() == 0: os.chown(planted, 65534, 65534)  # nobody's
+    else: monkeypatch.setattr(os, 'getuid', lambda: os.stat(planted).st_uid + 1)
+    with pytest.raises(demo_app.DataDirError, match='belongs to another user'): demo_app.data_dir()
+    monkeypatch.undo()
+    shared = tmp_path/'shared'
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv('CJM_DEMO_DATA', str(shared))
+    with pytest.raises(demo_app.DataDirError, match='chmod 700'): demo_app.data_dir()
+    # the command says it and stops, before it serves anything
+    run = subprocess.run([sys.executable, str(ROOT/'demo_app.py'), str(free_port())], capture_output=True, text=True,
+                         env={**os.environ, 'CJM_DEMO_DATA': str(shared)}, timeout=60)
+    assert run.returncode == 1 and 'chmod 700' in run.stderr and 'Traceback' not in run.stderr, run.stderr
+
 # ----- the GPU rows, with a fake NVML (this machine may have no GPU) ---------------------------------------------
 def test_resources_panel_shows_gpus():
     from fasthtml.common import to_xml
     from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager
-    spec = importlib.util.spec_from_file_location('demo_app_under_test', ROOT/'demo_app.py')
-    demo_app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo_app)  # builds the app; its manager is made by the lifespan only
+    demo_app = load_demo_app()
     assert demo_app.manager is None
     gpu = FakeNVML.gpu(80 << 30, {4321: 3 << 30}, name='Fake H100', utilization=7)  # pid 4321 is not the app's
     demo_app.resources = ResourceManager(nvml=FakeNVML([gpu]))
-    html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources()))
+    html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources(), []))
     for text in ['GPU 0', 'Fake H100', '3.0 GiB of 80.0 GiB', '7 %', 'free: processes outside the app use 3.8%', 'app server']:
         assert text in html, text
     assert 'No GPU' not in html
     demo_app.resources = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))
-    assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in to_xml(demo_app.ResourcesPanel(demo_app.read_resources()))
+    html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources(), []))
+    assert 'No GPU: NVML could not be initialised: Driver Not Loaded' in html

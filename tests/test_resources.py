@@ -88,7 +88,7 @@ def test_child_of_app_worker_on_gpu_is_the_apps(no_leftover_processes):
 def test_dead_worker_is_reported_and_dropped(no_leftover_processes, caplog, reap):
     worker = subprocess.Popen(SLEEPER)
     try:
-        rm = ResourceManager()
+        rm = ResourceManager(unregister_grace_seconds=0)  # never unregistered: a leak at once
         rm.register_worker(worker.pid, 'stt', job_id='job-1')
         assert rm.get_worker_by_job('job-1').pid == worker.pid
         worker.kill()
@@ -318,6 +318,30 @@ def test_plugs_into_base_job_manager(no_leftover_processes):
         finally: m.shutdown()
         assert rm.get_all_workers() == []
     asyncio.run(asyncio.wait_for(main(), 120))
+
+def test_cancel_is_no_warning(no_leftover_processes, caplog):
+    "A cancel ends its worker, which reads see dead before the manager unregisters it: no warning for that."
+    from test_manager import TextJobManager
+    rm, stop = ResourceManager(), threading.Event()
+    def read():  # as a dashboard does, but all the time: into every window between a death and its unregister
+        while not stop.is_set(): rm.get_all_workers(); time.sleep(0.002)
+    async def main():
+        m = TextJobManager('text', 'test', resource_manager=rm)
+        try:
+            for _ in range(4):
+                job = await m.start_job('sleep', seconds=30)
+                while m.get_job(job.id).status != 'running': await asyncio.sleep(0.01)
+                assert await m.cancel_job(job.id)
+                while m.get_workers_info()[0]['state'] != 'idle': await asyncio.sleep(0.01)
+        finally: m.shutdown()
+    reader = threading.Thread(target=read)
+    with caplog.at_level(logging.DEBUG, logger=resources.__name__):
+        reader.start()
+        try: asyncio.run(asyncio.wait_for(main(), 120))
+        finally: stop.set(); reader.join()
+    said = [r.getMessage() for r in caplog.records if r.name == resources.__name__]
+    assert not [r for r in caplog.records if r.name == resources.__name__ and r.levelno >= logging.WARNING], said
+    assert rm.get_all_workers() == [] and rm._ended == {}
 
 # ----- a real GPU -------------------------------------------------------------------------------------------
 def real_gpu_manager():

@@ -8,7 +8,7 @@ __all__ = ['log', 'PLUGIN_RESOURCE_CONFIG_KEYS', 'ResourceType', 'ResourceStatus
            'FakeNVML', 'NVMLSession', 'ResourceManager', 'classify_gpu']
 
 # %% ../../nbs/extensions/resources.ipynb #963bed67
-import copy, dataclasses, importlib, logging, os, threading, weakref
+import copy, dataclasses, importlib, logging, os, threading, time, weakref
 from dataclasses import dataclass, field
 from enum import Enum
 from types import SimpleNamespace
@@ -282,11 +282,14 @@ class ResourceManager:
     def __init__(self,
                  gpu_memory_threshold_percent:float=45.0, # GPU memory usage threshold; external processes using more than this percentage are considered conflicts
                  nvml:Any=None, # A pynvml-like module to read GPUs with (None: `pynvml`, imported on first use)
+                 unregister_grace_seconds:float=10.0, # A dead worker not unregistered by then is warned of
                 ):
         if not 0 <= gpu_memory_threshold_percent <= 100:
             raise ValueError(f"gpu_memory_threshold_percent must be within 0..100, got {gpu_memory_threshold_percent}")
         self.gpu_memory_threshold_percent = gpu_memory_threshold_percent
+        self.unregister_grace_seconds = unregister_grace_seconds
         self._workers: Dict[int, WorkerState] = {}
+        self._ended: Dict[int, Tuple[WorkerState, float]] = {}  # found dead, not yet unregistered
         self._lock = threading.RLock()
         self._nvml = NVMLSession(nvml)
         self._finalizer = weakref.finalize(self, self._nvml.close)
@@ -303,15 +306,21 @@ class ResourceManager:
         with self._lock: return [_copy_state(w) for w in self._workers.values()]
 
     def prune_dead_workers(self) -> List[WorkerState]: # The workers dropped
-        "Drop workers whose process has died or whose pid was reused, logging each."
+        "Drop workers whose process has died or whose pid was reused; warn of those never unregistered."
         with self._lock: tracked = [w for w in self._workers.values() if w.create_time is not None]
         dead = [w for w in tracked if not is_same_process(w.pid, w.create_time)]
-        dropped = []
+        dropped, now = [], time.monotonic()
         with self._lock:
             for w in dead:
-                if self._workers.get(w.pid) is w: dropped.append(_copy_state(self._workers.pop(w.pid)))  # not re-registered since
-        for w in dropped:
-            log.warning("%s worker %s ended without being unregistered (job %s); dropped", w.worker_type, w.pid, w.job_id)
+                if self._workers.get(w.pid) is w:  # not re-registered since
+                    dropped.append(_copy_state(self._workers.pop(w.pid)))
+                    self._ended[w.pid] = (dropped[-1], now)  # unregistered soon (a cancel, a crash)
+            leaked = [s for s, seen in self._ended.values() if now - seen >= self.unregister_grace_seconds]
+            for w in leaked: del self._ended[w.pid]
+        for w in dropped: log.debug("%s worker %s has ended (job %s)", w.worker_type, w.pid, w.job_id)
+        for w in leaked:
+            log.warning("%s worker %s ended without being unregistered (job %s) %s s after it was found dead",
+                        w.worker_type, w.pid, w.job_id, self.unregister_grace_seconds)
         return dropped
 
 # %% ../../nbs/extensions/resources.ipynb #8531c0b6
@@ -332,7 +341,9 @@ def register_worker(self:ResourceManager,
                         loaded_plugin_resource=loaded_plugin_resource, config=config,
                         status='running' if job_id is not None else 'idle', create_time=_create_time(pid),
                         **plugin_worker_fields(plugin_instance))
-    with self._lock: self._workers[pid] = state
+    with self._lock:
+        self._workers[pid] = state
+        self._ended.pop(pid, None)  # its pid's earlier process, found dead, is no leak of this one
     log.debug("registered %s worker %s%s", worker_type, pid, '' if state.create_time else ' (not a process here)')
 
 # %% ../../nbs/extensions/resources.ipynb #e129ff45
@@ -380,7 +391,9 @@ def unregister_worker(self:ResourceManager,
                       pid:int # Process ID of the worker to unregister
                      ) -> None:
     "Stop tracking worker `pid`."
-    with self._lock: state = self._workers.pop(pid, None)
+    with self._lock:
+        state = self._workers.pop(pid, None)
+        if state is None and pid in self._ended: state = self._ended.pop(pid)[0]  # found dead first: no leak
     if state is not None: log.debug("unregistered %s worker %s", state.worker_type, pid)
 
 # %% ../../nbs/extensions/resources.ipynb #cbc438a4
