@@ -100,6 +100,7 @@ class _Hooks:
     def config_for(self, plugin): return self._call(None, lambda m: m._config_for(plugin)) or {}
     def plugins_seen(self, names): self._call(None, lambda m: setattr(m, '_known_plugins', names))
     def effects(self, calls): self._call(None, lambda m: m._effects.run(calls))
+    def listening(self) -> bool: return bool(self._call(None, lambda m: m.event_broadcaster is not None))
 
 # %% ../../nbs/managers/base.ipynb #hk000003
 @patch
@@ -689,6 +690,23 @@ async def cancel_job(self:BaseJobManager,
     if outcome == 'stopping': await self.wait_for_job(job_id)
     log.debug("%s job %s cancelled", self.worker_type, job_id)
     return True
+
+# %% ../../nbs/managers/base.ipynb #qp000002
+@patch
+def queue_position(self:BaseJobManager,
+                   job_id:str # The job
+                  ) -> Optional[int]: # 0 for the next job to start; None if it is not waiting
+    "How many jobs start before this one."
+    with self._lock:
+        order = self._supervisor.queue_order() if self._supervisor is not None else []
+    return order.index(job_id) if job_id in order else None
+
+@patch
+def estimated_wait(self:BaseJobManager,
+                   job_id:str # The job
+                  ) -> Optional[float]: # Seconds until it starts; None if it is not waiting
+    "An estimate of how long until this job starts."
+    with self._lock: return self._supervisor.forecast().get(job_id) if self._supervisor is not None else None
 
 # %% ../../nbs/managers/base.ipynb #a89216c7
 @patch

@@ -60,12 +60,20 @@ class JobStats:
         self.run: Dict[str, Histogram] = {}  # plugin -> seconds from start to end (jobs that started)
         self.loads: Counter = Counter()  # plugin -> loads into a worker
         self.load_time: Dict[str, Histogram] = {}  # plugin -> seconds of the loads that could be timed
+        self.mean_run: Dict[str, float] = {}  # plugin -> moving average of its completed jobs' run times
+        self.mean_load: Dict[str, float] = {}  # plugin -> moving average of its timed loads
 
     def _observe(self, hists:Dict[str, Histogram], plugin:str, seconds:Optional[float]):
         if seconds is None: return
         h = hists.get(plugin)
         if h is None: h = hists[plugin] = Histogram(self.buckets)
         h.observe(seconds)
+
+    @staticmethod
+    def _average(means:Dict[str, float], plugin:str, seconds:Optional[float], weight:float=0.2):
+        "A moving average that follows a plugin whose runs get slower or faster (the first run sets it)."
+        if seconds is None: return
+        means[plugin] = seconds if plugin not in means else means[plugin] + weight * (seconds - means[plugin])
 
     def __repr__(self): return f"JobStats({sum(self.ended.values())} ended, {sum(self.loads.values())} loads)"
 
@@ -89,6 +97,7 @@ def job_ended(self:JobStats, plugin:Optional[str], # The plugin the job ran (Non
     with self.lock:
         self.ended[plugin, job.status] += 1
         self._observe(self.run, plugin, run)
+        if job.status == 'completed': self._average(self.mean_run, plugin, run)
 
 @patch
 def plugin_loaded(self:JobStats, plugin:str, # The plugin a worker loaded (a RELOAD that succeeded)
@@ -97,6 +106,7 @@ def plugin_loaded(self:JobStats, plugin:str, # The plugin a worker loaded (a REL
     with self.lock:
         self.loads[plugin] += 1
         self._observe(self.load_time, plugin, seconds)
+        self._average(self.mean_load, plugin, seconds)
 
 @patch
 def snapshot(self:JobStats) -> 'JobStats': # A copy that no other thread changes
@@ -104,6 +114,7 @@ def snapshot(self:JobStats) -> 'JobStats': # A copy that no other thread changes
     s = JobStats(self.buckets)
     with self.lock:
         s.ended, s.loads = Counter(self.ended), Counter(self.loads)
+        s.mean_run, s.mean_load = dict(self.mean_run), dict(self.mean_load)
         for name in ('wait', 'run', 'load_time'):
             setattr(s, name, {p: h.copy() for p, h in getattr(self, name).items()})
     return s

@@ -20,7 +20,7 @@ from cjm_fasthtml_workers.core.protocol import (
 from ..backends.process import CorruptStream, describe_exit
 from ..backends.transport import Transport
 from .jobs import TERMINAL_STATUSES, JobBook, now_iso, resolve
-from .scheduler import WorkerView, assign
+from .scheduler import WorkerView, assign, forecast
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Worker:
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
     job_timeout: Optional[float] = None  # The limit it runs under (job_timeout_seconds when it started)
+    started_mono: float = 0.0  # time.monotonic() its running job started
     stop_deadline: Optional[float] = None  # Its job was asked to stop: it is ended if the job runs on past this
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
     loaded_config: Optional[Dict[str, Any]] = None  # That plugin's configuration
@@ -93,6 +94,7 @@ class SupervisorHooks(Protocol):
     def job_started(self, job, plugin:str, config:dict, pid:int) -> List[Callable]: ... # Effects of a start
     def resource(self, method:str, *args, **kw) -> List[Callable]: ... # A resource-manager call, as an effect
     def effects(self, calls:List[Callable]) -> None: ... # Run these on the manager's effects thread, in order
+    def listening(self) -> bool: ... # Whether anyone receives events (queue positions are computed only then)
 
 # %% ../../nbs/managers/supervisor.ipynb #373af48a
 class Supervisor:
@@ -115,6 +117,8 @@ class Supervisor:
         self.ending: Optional[tuple] = None  # (workers, graceful ids, timeout) for whoever ends them, once
         self.left = self.abandoned = False  # the thread has left its loop; close() stopped waiting for it
         self.preload_warned = False  # it said once that preload_plugins names a plugin the workers lack
+        self.positions: Dict[str, int] = {}  # job id -> the queue position its last `queued` event said
+        self.queue_moved, self.next_queue_report = False, 0.0  # positions may have changed; when to say so
         self.thread: Optional[threading.Thread] = None
         self.starters: set = set()  # the threads starting a worker now, one per slot
         self.wake_r, self.wake_w = os.pipe()
@@ -291,6 +295,7 @@ def round(self:Supervisor):
         self.settle_deaths()
         kills = self.check_deadlines()
         self.dispatch()
+        self.report_queue()
         self.flush()
         due = self.due_slots()
     for w in kills: w.transport.kill()  # psutil scans: not under the lock
@@ -317,6 +322,7 @@ def wait_plan(self:Supervisor):
                     if d]
             due += [c[2] for c in w.commands.values() if c[2] is not None]
             if w.kill_reason and not w.kill_sent and (w.kill_reason != 'recycle' or w.job_id is None): due.append(0)
+        if self.queue_moved: due.append(self.next_queue_report)
     for fd in [fd for fd in self._registered if fd not in want]:
         self._poll.unregister(fd)
         del self._registered[fd]
@@ -531,6 +537,7 @@ def mark_started(self:Supervisor, w:Worker, job):
     # a worker that says when it starts a job is believed; for one that does not, it is the handover
     started = now_iso() if w.announces_starts or not w.dispatched_at else w.dispatched_at
     job.status, job.started_at, job.worker_pid = 'running', started, w.pid
+    w.started_mono = time.monotonic()
     loads, w.loaded, w.loaded_config = w.loaded != name, name, config  # a load if w lacked the plugin
     w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
     if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
@@ -555,6 +562,7 @@ def about(self:Supervisor, w:Worker, **data) -> Dict[str, Any]:
 def dispatch(self:Supervisor):
     "Send the commands that waited for a free worker, then hand out what the scheduler assigns."
     if self.closed: return
+    self.queue_moved = True
     for w in self.workers():
         while w.pending and w.free: self.send_command(w, *w.pending.popleft())
     if not len(self.book.waiting): return
@@ -615,6 +623,47 @@ def withdraw(self:Supervisor, w:Worker, job_id:str):
 def holder(self:Supervisor, job_id:str) -> Optional[Worker]:
     "The worker a job was handed to (None if none holds it)."
     return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued), None)
+
+# %% ../../nbs/managers/supervisor.ipynb #sv000033
+@patch
+def queue_order(self:Supervisor) -> List[str]: # Ids of every job not started yet, in the order they will start
+    held = [j for w in self.workers() for j in (w.job_id, *w.queued)
+            if j and j in self.book.jobs and self.book.jobs[j].status == 'pending']
+    return held + list(self.book.waiting.order())
+
+@patch
+def forecast(self:Supervisor) -> Dict[str, float]: # job id -> seconds until it starts, in start order
+    "Estimate when each job not started yet starts (under the lock)."
+    stats, now = self.book.stats, time.monotonic()
+    fallback = sum(stats.mean_run.values()) / len(stats.mean_run) if stats.mean_run else 0.0
+    run = lambda plugin: stats.mean_run.get(plugin, fallback)
+    load = lambda plugin: stats.mean_load.get(plugin, 0.0)
+    workers = []
+    for slot in self.slots:
+        w = slot.worker
+        job = self.book.jobs.get(w.job_id) if w is not None and w.job_id else None
+        if job is not None and job.status == 'running':
+            workers.append((max(0.0, run(w.loaded) - (now - w.started_mono)), w.loaded))
+        elif w is not None or slot.spawn_due is not None: workers.append((0.0, w.loaded if w else None))
+    order = [(j, self.book.requests[j][0]) for j in self.queue_order() if j in self.book.requests]
+    return forecast(order, workers, run, load)
+
+# %% ../../nbs/managers/supervisor.ipynb #sv000034
+@patch
+def report_queue(self:Supervisor):
+    "A `queued` event for each job whose position changed, at most twice a second (under the lock)."
+    now = time.monotonic()
+    if not self.queue_moved or now < self.next_queue_report: return
+    self.queue_moved, self.next_queue_report = False, now + 0.5
+    if not self.hooks.listening(): return
+    positions = {}
+    for position, (job_id, eta) in enumerate(self.forecast().items()):
+        positions[job_id] = position
+        if self.positions.get(job_id) == position: continue
+        owner = getattr(self.book.jobs[job_id], 'owner', None)
+        self.hooks.emit('queued', {'job_id': job_id, 'owner': owner, 'position': position,
+                                   'eta_seconds': round(eta, 1)})
+    self.positions = positions
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000025
 @patch
