@@ -15,7 +15,7 @@ from .core.worker import JobCancelled, base_worker_process, check_cancelled, rep
 # %% ../nbs/testing.ipynb #1c283efb
 PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv',
                 'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil', 'alien',
-                'badreduce', 'cancellable']
+                'badreduce', 'cancellable', 'batch']
 
 class UnprintableError(RuntimeError):
     "An exception whose `str` raises, as a badly written plugin's can."
@@ -56,6 +56,14 @@ class ScenarioPluginManager:
             self.events.append(f'{plugin_name} closed')
             raise
 
+    def execute_plugin_batch(self, plugin_name:str, params_list:list) -> list:
+        "`batch`: 50 ms a call, 5 ms an item; an item with `fail` comes back as its exception; `crash` ends the worker."
+        if any(p.get('crash') for p in params_list): os._exit(3)
+        report_progress(0.0, f'a batch of {len(params_list)}')
+        time.sleep(0.05 + 0.005 * len(params_list))
+        return [ValueError(p['fail']) if p.get('fail') else {'text': p.get('text', ''), 'batch': len(params_list)}
+                for p in params_list]
+
     def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0, message:str='failed',
                  code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError', **params) -> Any:
         "Run plugin `plugin_name` with its parameters."
@@ -73,6 +81,10 @@ class ScenarioPluginManager:
                 for _ in range(steps): time.sleep(seconds / max(steps, 1)); check_cancelled()
             except JobCancelled: self.events.append('cancellable stopped'); raise
             return {'text': 'done'}
+        if plugin_name == 'batch':  # one item, as an unbatched call
+            (out,) = self.execute_plugin_batch('batch', [dict(params, text=text)])
+            if isinstance(out, Exception): raise out
+            return out
         if plugin_name == 'history': return {'events': list(self.events), 'configs': dict(self.configs)}
         if plugin_name == 'fail': raise getattr(builtins, exception)(message)
         if plugin_name == 'sysexit': raise SystemExit(5)

@@ -20,6 +20,7 @@ class WorkerRequestType(Enum):
     UNLOAD = "unload"
     GET_STATE = "get_state"
     STOP = "stop"
+    EXECUTE_BATCH = "execute_batch"  # Ours: the EXECUTEs of these job ids follow; run them in one batch call
     CANCEL = "cancel"  # Drop a handed job unstarted, or stop it running (ours; a documented worker never gets one)
 
 class WorkerResponseType(Enum):

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD_SUBREAPER', 'JobCancelled', 'check_cancelled',
-           'report_progress', 'run_job', 'execute', 'reload', 'unload', 'state', 'plugin_command', 'command',
-           'base_worker_process', 'worker_main', 'PipeEnd', 'dumps_message', 'frame_header', 'loads_frame', 'oob_table']
+           'report_progress', 'run_job', 'execute', 'execute_batch', 'send_result', 'reload', 'unload', 'state',
+           'plugin_command', 'command', 'base_worker_process', 'worker_main', 'PipeEnd', 'dumps_message',
+           'frame_header', 'loads_frame', 'oob_table']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
 import functools, logging, os, pickle, signal, threading, traceback
@@ -33,7 +34,7 @@ def _patch(f):
 class JobCancelled(Exception):
     "Raised in plugin code, by `report_progress` or `check_cancelled`, once the job it runs is cancelled."
 
-_current_job = None  # (job_id, result_queue) while this process executes a job
+_current_job = None  # (job_id, result_queue) while this process executes a job; (tuple of ids, ...) for a batch
 _cancel_check: Optional[Callable[[], bool]] = None  # while a job runs: whether a CANCEL of it has arrived
 
 def check_cancelled() -> None:
@@ -49,8 +50,9 @@ def report_progress(
     current = _current_job
     if current is None: return
     check_cancelled()
-    job_id, result_queue = current
-    result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
+    job_ids, result_queue = current
+    for job_id in (job_ids if isinstance(job_ids, tuple) else (job_ids,)):  # a batch: every job in it
+        result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
 
 # %% ../../nbs/core/worker.ipynb #618d3a5f
 _ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream', 'reload_plugin',
@@ -181,6 +183,53 @@ def execute(self:_Worker,
         self.send(self.result_queue, WorkerResult(job_id, 'error', error=f"Result of job {job_id} {e}",
                   error_type=type(e.__cause__ or e).__name__).to_dict())
 
+# %% ../../nbs/core/worker.ipynb #bt000002
+@_patch
+def execute_batch(self:_Worker,
+                  req:WorkerRequest, # An EXECUTE_BATCH: `plugin_name`, `job_ids`
+                  request_queue # Where the jobs' own EXECUTEs follow
+                 ):
+    "Run the jobs of a batch in one `execute_plugin_batch` call; then one RESULT per job, in order."
+    global _current_job
+    name, expected, items = req.data['plugin_name'], list(req.data['job_ids']), {}
+    early, later = deque(self.ahead), []  # read ahead already; not the batch's (their turn comes after it)
+    self.ahead.clear()
+    while any(j not in items for j in expected):  # the EXECUTEs follow the header; a CANCEL drops its job
+        raw = early.popleft() if early else request_queue.get()
+        job_id, kind = raw.get('job_id'), raw.get('type')
+        if job_id in expected and kind == WorkerRequestType.EXECUTE.value: items[job_id] = raw
+        elif job_id in expected and kind == WorkerRequestType.CANCEL.value: expected.remove(job_id)
+        else: later.append(raw)
+    self.ahead.extend(later + list(early))
+    ids = [j for j in expected if j in items]
+    params = [{k: v for k, v in items[j].items() if k not in ('type', 'job_id', 'plugin_name', 'stream')} for j in ids]
+    for job_id in ids: self.send(self.result_queue, WorkerJobStarted(job_id, os.getpid()).to_dict())
+    _current_job = (tuple(ids), self.result_queue)
+    try:
+        self.ensure_loaded(name)
+        results = list(self.pm.execute_plugin_batch(name, params))
+        if len(results) != len(ids):
+            raise ValueError(f"execute_plugin_batch returned {len(results)} results for {len(ids)} inputs")
+    except BaseException as e: results = [e] * len(ids)
+    finally: _current_job = None
+    for job_id, r in zip(ids, results): self.send_result(job_id, r)
+
+# %% ../../nbs/core/worker.ipynb #bt000003
+@_patch
+def send_result(self:_Worker, job_id:str, result # A plugin's result, or the exception it raised
+               ):
+    "One job's RESULT: success with the adapted result, or error with the exception's text and traceback."
+    try:
+        if isinstance(result, BaseException): raise result
+        msg = WorkerResult(job_id, 'success', self.adapt(result))
+    except BaseException as e:
+        msg = WorkerResult(job_id, 'error', error=error_text(e), traceback=_format_traceback(e),
+                           error_type=type(e).__name__)
+    try: self.send(self.result_queue, msg.to_dict())
+    except TypeError as e:
+        self.send(self.result_queue, WorkerResult(job_id, 'error', error=f"Result of job {job_id} {e}",
+                  error_type=type(e.__cause__ or e).__name__).to_dict())
+
 # %% ../../nbs/core/worker.ipynb #729d6f31
 @_patch
 def reload(self:_Worker,
@@ -265,7 +314,8 @@ def base_worker_process(
 ):
     "Generic long-lived worker process that handles job execution."
     worker = _Worker(result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
-    handlers = {WorkerRequestType.INIT: worker.init, WorkerRequestType.EXECUTE: worker.execute}
+    handlers = {WorkerRequestType.INIT: worker.init, WorkerRequestType.EXECUTE: worker.execute,
+                WorkerRequestType.EXECUTE_BATCH: lambda req: worker.execute_batch(req, request_queue)}
     # requests read before their turn, to see a CANCEL that follows an EXECUTE, or one of the running job
     worker.requests, ahead = request_queue, worker.ahead
     while True:
