@@ -40,7 +40,7 @@ class Worker:
     cancelled: set = field(default_factory=set)  # Jobs handed to it, then cancelled before they started
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
-    job_timeout: Optional[float] = None  # the limit it runs under (job_timeout_seconds when it started)
+    job_timeout: Optional[float] = None  # the limit it runs under (its own timeout, else job_timeout_seconds)
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
     loaded_config: Optional[Dict[str, Any]] = None  # That plugin's configuration
     configs: Dict[str, dict] = field(default_factory=dict)  # The configurations it was given (INIT, RELOADs)
@@ -345,7 +345,8 @@ class Supervisor:
         job.status, job.started_at, job.worker_pid = 'running', started, w.pid
         w.loaded, w.loaded_config = name, config
         m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, name, config
-        w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
+        # the limit this job runs under (its own, from `options(timeout=)`, else the config's), for its error too
+        w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
         if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
         m._book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
         if m.resource_manager is not None:
