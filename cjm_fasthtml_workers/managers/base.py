@@ -46,7 +46,7 @@ class BaseJob:
     progress_message: Optional[str] = None  # Latest reported progress message
     error_type: Optional[str] = None  # Type name of the exception that failed the job, when there was one
     traceback: Optional[str] = None  # Worker-side traceback of that exception
-    owner: Optional[str] = None  # Who the job belongs to (`manager.options(owner=...)`); None: no one in particular
+    owner: Optional[str] = None  # Who the job belongs to (`manager.options(owner=...)`)
     priority: int = 0  # A job of higher priority starts first (`manager.options(priority=...)`)
 
 JobType = TypeVar('JobType', bound=BaseJob)
@@ -77,7 +77,7 @@ def owned_by(job, # a job, or None
 @dataclass(frozen=True)
 class JobOptions:
     "What `manager.options(...)` gives the job of each of its `start_job` calls."
-    manager: Any = field(default=None, repr=False)  # the manager whose `start_job` it calls (None: the defaults)
+    manager: Any = field(default=None, repr=False)  # whose `start_job` it calls (None: defaults)
     owner: Optional[str] = None  # who the job belongs to
     priority: int = 0  # a higher priority starts first
     timeout: Optional[float] = None  # seconds the job may run once started (None: `job_timeout_seconds`)
@@ -834,11 +834,12 @@ def options(self:BaseJobManager,
 
 @patch
 def _admit(self:BaseJobManager, owner:Optional[str]):
-    "Raise `QueueFull` if one more pending job of `owner` would pass `max_pending_jobs` or `max_pending_per_owner`."
+    "`QueueFull` if one more pending job of `owner` would pass `max_pending_jobs` or `max_pending_per_owner`."
     cfg, book = self.worker_config, self._book
     total, mine = len(book.unstarted), book.pending_by_owner.get(owner, 0)
     if cfg.max_pending_jobs is not None and total >= cfg.max_pending_jobs:
-        turns, what = total - cfg.max_pending_jobs + 1, f"{total} jobs wait (max_pending_jobs={cfg.max_pending_jobs})"
+        turns = total - cfg.max_pending_jobs + 1
+        what = f"{total} jobs wait (max_pending_jobs={cfg.max_pending_jobs})"
     elif cfg.max_pending_per_owner is not None and mine >= cfg.max_pending_per_owner:
         turns = (mine - cfg.max_pending_per_owner + 1) * len(book.pending_by_owner)  # owners take turns
         what = f"{mine} jobs of this owner wait (max_pending_per_owner={cfg.max_pending_per_owner})"

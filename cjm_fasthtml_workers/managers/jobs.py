@@ -61,10 +61,10 @@ class JobBook:
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
         self.listeners: Dict[str, list] = {}  # job id -> [(loop, asyncio.Queue)] of stream_job
-        self.unstarted: Dict[str, Optional[str]] = {}  # job id -> owner, of every job submitted and not yet started
+        self.unstarted: Dict[str, Optional[str]] = {}  # job id -> owner, of each job not yet started
         self.pending_by_owner: Counter = Counter()  # owner -> how many of those it has (no zero counts)
         self.timeouts: Dict[str, float] = {}  # job id -> its own time limit in seconds, for jobs given one
-        self.run_seconds: Optional[float] = None  # moving average of the run times of ended jobs (None: none yet)
+        self.run_seconds: Optional[float] = None  # moving average of ended jobs' run times
 
     def add(self, job, plugin_name:str, request:bytes, timeout:Optional[float]=None):
         "Keep a new job and queue it; `timeout`: its own limit in seconds (None: the manager's)."

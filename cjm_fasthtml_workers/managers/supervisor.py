@@ -345,7 +345,7 @@ class Supervisor:
         job.status, job.started_at, job.worker_pid = 'running', started, w.pid
         w.loaded, w.loaded_config = name, config
         m.current_plugin_id, m.current_plugin_name, m.current_config = job.plugin_id, name, config
-        # the limit this job runs under (its own, from `options(timeout=)`, else the config's), for its error too
+        # the limit it runs under (its own `options(timeout=)`, else the config's), for its error too
         w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
         if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
         m._book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
