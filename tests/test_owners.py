@@ -393,3 +393,17 @@ def test_a_reconnect_with_last_event_id_loses_no_chunk(no_leftover_processes):
         server.should_exit = True
         thread.join(15)
     assert not thread.is_alive() and m._closed  # the lifespan shut the manager down
+
+# ----- benchmarks/queue_full.py keeps working ------------------------------------------------------------------------
+def test_queue_full_benchmark_runs(tmp_path, no_leftover_processes):
+    "A quick run exits 0 and reports each shape with numbers (no timing is asserted)."
+    import json, subprocess
+    out = tmp_path/'queue_full.json'
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1]/'benchmarks'/'queue_full.py'), '--quick',
+                           '--json', str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())['shapes']
+    assert list(rows) == ['accepted', 'refused_total', 'refused_owner']
+    for row in rows.values():
+        assert row['title'] in proc.stdout and row['median_ms'] > 0 and row['ratio']['median'] > 0
+    assert rows['refused_total']['met'] in (True, False)
