@@ -172,6 +172,39 @@ def test_a_page_of_one_owner_sees_no_job_of_another(no_leftover_processes):
         assert [e.data['job_id'] for e in list(all_q._queue) if e and e.kind == 'worker_died'] == [bobs.id]
     run(main())
 
+# ----- the job store --------------------------------------------------------------------------------------------------
+def test_the_store_keeps_owner_and_priority(tmp_path, no_leftover_processes):
+    "Owner and priority survive a restart; a recovered pending job counts as its owner's; an old record reads back."
+    import pickle
+    from cjm_fasthtml_workers.managers.store import SQLiteJobStore, load_record
+    db = tmp_path/'jobs.db'
+    async def first():
+        m = TextJobManager('text', 'test', job_store=SQLiteJobStore(db))
+        try:
+            done = await m.options(owner='ann', priority=2).start_job('echo', text='hi')
+            await m.wait_for_job(done.id, timeout=30)
+            busy = await m.start_job('sleep', seconds=5.0)
+            waiting = await m.options(owner='bob', priority=-1).start_job('echo', text='later')
+            while busy.status != 'running': await asyncio.sleep(0.005)
+            return done, waiting
+        finally: m.shutdown()  # `waiting` stays stored as pending
+    done, waiting = run(first())
+    async def second():
+        m = TextJobManager('text', 'test', job_store=SQLiteJobStore(db))
+        try:
+            back = m.get_job(done.id, owner='ann')
+            assert (back.owner, back.priority, back.status) == ('ann', 2, 'completed')
+            assert m.get_job(done.id, owner='bob') is None
+            assert m._book.pending_by_owner == {'bob': 1}  # the recovered pending job is bob's
+            ran = await m.wait_for_job(waiting.id, timeout=30, owner='bob')
+            assert (ran.owner, ran.priority, ran.status) == ('bob', -1, 'completed')
+        finally: m.shutdown()
+    run(second())
+    old = TextJob('j', 'echo')
+    del old.__dict__['owner'], old.__dict__['priority']  # a record written before jobs had owners
+    back = load_record(pickle.dumps(old, 5))
+    assert (back.owner, back.priority) == (None, 0)
+
 # ----- admission ------------------------------------------------------------------------------------------------------
 async def _full_refusal(m, events, owner):
     "A start_job past a limit: QueueFull with a retry_after; nothing made, kept or announced."
