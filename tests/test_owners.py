@@ -80,6 +80,8 @@ def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
             assert bob.status == 'running' and m.get_workers_info()[0]['pid'] == pid
             assert await m.cancel_job(bob.id, owner='bob') is True and bob.status == 'cancelled'
             assert (await m.wait_for_job(nobody.id, timeout=30, owner=None)).status == 'completed'
+            assert m.clear_completed_jobs(owner='bob') == 1  # bob's ended job goes; the others' stay
+            assert m.get_job(bob.id) is None and m.get_job(ann.id) is ann and m.get_job(nobody.id) is nobody
         finally: m.shutdown()
     run(main())
 

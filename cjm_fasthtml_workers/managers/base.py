@@ -764,10 +764,13 @@ def get_job_chunks(self:BaseJobManager,
         return list(self._book.chunks.get(job_id, ()))
 
 @patch
-def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
+def clear_completed_jobs(self:BaseJobManager,
+                         owner=ANY_OWNER # only this owner's jobs (None: those without an owner); ANY_OWNER: all
+                        ) -> int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     with self._lock:
         held = {j for w in self._supervisor.workers() for j in (w.job_id, *w.queued)} if self._supervisor else set()
+        if owner is not ANY_OWNER: held |= {i for i, j in self.jobs.items() if not owned_by(j, owner)}
         return self._book.clear(keep=held)
 
 # %% ../../nbs/managers/base.ipynb #0c35ad29
