@@ -36,15 +36,15 @@ def workers(proc) -> list:
 
 class Stream:
     "An open /events stream read on a thread: the SSE messages so far, and whether it has ended."
-    def __init__(self, url:str):
-        self.messages, self.ended, self.opened = [], threading.Event(), threading.Event()
+    def __init__(self, url:str, client=httpx): # client: an httpx.Client, for its session cookie
+        self.messages, self.ended, self.opened, self.client = [], threading.Event(), threading.Event(), client
         self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
         self.thread.start()
         assert self.opened.wait(10), "the event stream did not open"
 
     def _read(self, url):
         try:
-            with httpx.stream('GET', url, timeout=httpx.Timeout(5, read=60)) as r:
+            with self.client.stream('GET', url, timeout=httpx.Timeout(5, read=60)) as r:
                 self.opened.set()
                 lines = []
                 for line in r.iter_lines():
@@ -62,8 +62,8 @@ class Stream:
         raise AssertionError(f"no message matching {pattern!r} within {timeout} s: {self.messages}")
 
 def run_one_job(base:str, stream:Stream) -> str:
-    "Submit a job through the form's route; follow it on the stream to completed; return its id."
-    assert httpx.post(f'{base}/jobs', data={'text': 'hi <there>'}, timeout=5).status_code == 200
+    "Submit a job in the stream's session (its client's cookie); follow it on the stream to completed; return its id."
+    assert stream.client.post(f'{base}/jobs', data={'text': 'hi <there>'}, timeout=5).status_code == 200
     job_id = stream.wait_for(r'hx-swap-oob="beforeend:#jobs">\s*<li id="job-(\w+)"').group(1)  # its row, added
     stream.wait_for(rf'<strong>running</strong> {job_id}: [1-9]\d* %')  # a progress event
     stream.wait_for(rf'<strong>completed</strong> {job_id}: hi &lt;there&gt;')
@@ -86,12 +86,14 @@ def test_readme_app(tmp_path, runner, no_leftover_processes):
     base = f'http://127.0.0.1:{port}'
     proc = start(tmp_path, port, runner)
     try:
-        page = httpx.get(base + '/', timeout=5).text
+        browser = httpx.Client()  # keeps the session cookie: the page, its stream and its jobs are one owner's
+        page = browser.get(base + '/', timeout=5).text
         assert '/cjm-workers/htmx.min.js' in page and not re.search(r'src="(https?:)?//', page)
         assert httpx.get(base + '/cjm-workers/htmx-ext-sse.min.js', timeout=5).status_code == 200
-        stream = Stream(base + '/events')
+        stream = Stream(base + '/events', browser)
         job_id = run_one_job(base, stream)
-        assert f'{job_id}: hi &lt;there&gt;' in httpx.get(base + '/', timeout=5).text  # the list after a reload
+        assert f'{job_id}: hi &lt;there&gt;' in browser.get(base + '/', timeout=5).text  # the list after a reload
+        assert job_id not in httpx.get(base + '/', timeout=5).text  # another session's page does not list it
         started = descendants(proc)
         assert workers(proc), started
         took = stop(proc)  # the stream is still open
@@ -119,7 +121,7 @@ def test_readme_app_reload(tmp_path, no_leftover_processes):
         deadline = time.monotonic() + 20
         while not ((new := workers(proc)) and new != old) and time.monotonic() < deadline: time.sleep(0.1)
         assert new and new != old, (old, new)
-        stream = Stream(base + '/events')
+        stream = Stream(base + '/events', httpx.Client())
         run_one_job(base, stream)
         started = descendants(proc)
         stop(proc)

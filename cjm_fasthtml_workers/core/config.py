@@ -46,6 +46,8 @@ class WorkerConfig:
     ray_address: Optional[str] = None  # With backend='ray': the cluster to join (None: `ray.init()`'s default)
     ray_init_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': more `ray.init` options
     ray_actor_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': e.g. {'num_gpus': 1}
+    max_pending_jobs: Optional[int] = None  # Jobs submitted, not yet started, at most (None: no limit)
+    max_pending_per_owner: Optional[int] = None  # The same per owner (jobs without one: one owner)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)
@@ -70,3 +72,7 @@ class WorkerConfig:
             raise ValueError("gpus= pins workers to this machine's GPUs; with backend='ray' ask Ray for them: "
                              "ray_actor_options={'num_gpus': 1}")
         if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")
+        for name in ('max_pending_jobs', 'max_pending_per_owner'):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")

@@ -7,6 +7,7 @@ __all__ = ['log', 'TERMINAL_STATUSES', 'STREAM_END', 'now_iso', 'call_soon', 're
 
 # %% ../../nbs/managers/jobs.ipynb #jb000003
 import asyncio, logging, threading
+from collections import Counter
 from datetime import datetime
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -60,10 +61,17 @@ class JobBook:
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
         self.listeners: Dict[str, list] = {}  # job id -> [(loop, asyncio.Queue)] of stream_job
+        self.unstarted: Dict[str, Optional[str]] = {}  # job id -> owner, of each job not yet started
+        self.pending_by_owner: Counter = Counter()  # owner -> how many of those it has (no zero counts)
+        self.timeouts: Dict[str, float] = {}  # job id -> its own time limit in seconds, for jobs given one
 
-    def add(self, job, plugin_name:str, request:bytes):
-        "Keep a new job and queue it."
+    def add(self, job, plugin_name:str, request:bytes, timeout:Optional[float]=None):
+        "Keep a new job and queue it; `timeout`: its own limit in seconds (None: the manager's)."
         self.jobs[job.id], self.requests[job.id] = job, (plugin_name, request)
+        if timeout is not None: self.timeouts[job.id] = timeout
+        if job.status == 'pending':  # counted against its owner until it starts or ends (`tally`)
+            self.unstarted[job.id] = owner = getattr(job, 'owner', None)
+            self.pending_by_owner[owner] += 1
         self.queue(job.id)
 
     def announce(self, jobs:list, fn:Callable[[], None]):
@@ -73,6 +81,8 @@ class JobBook:
 
     def changed(self, job, suffix:str, data:Dict[str, Any]):
         "`job` changed state (submitted, started): store it, then emit the event."
+        data = self.owned(data, job)
+        self.tally(job)
         self.announce([job], lambda: self.emit(suffix, data))
 
     def queue(self, job_id:str, front:bool=False):
@@ -80,6 +90,26 @@ class JobBook:
         job = self.jobs[job_id]
         self.waiting.push(job_id, self.requests[job_id][0], getattr(job, 'owner', None), getattr(job, 'priority', 0),
                           front)
+
+# %% ../../nbs/managers/jobs.ipynb #jb000017
+@patch
+def owned(self:JobBook, data:Dict[str, Any], # an event's data
+          job=None # the job it names, if the caller has it (else looked up by `data['job_id']`)
+         ) -> Dict[str, Any]: # `data`, with `owner` when it names a job
+    "Event data that names a job gets the job's `owner` (None for a job without one, or one the book forgot)."
+    if 'job_id' in data:
+        if job is None: job = self.jobs.get(data['job_id'])
+        data['owner'] = getattr(job, 'owner', None)
+    return data
+
+@patch
+def tally(self:JobBook, job):
+    "After `job` changed: once started or ended, it no longer counts as pending against its owner."
+    if job.status != 'pending' and job.id in self.unstarted:
+        owner = self.unstarted.pop(job.id)
+        if not self.unstarted: self.unstarted.clear()  # gives back the table a burst left
+        self.pending_by_owner[owner] -= 1
+        if not self.pending_by_owner[owner]: del self.pending_by_owner[owner]
 
 # %% ../../nbs/managers/jobs.ipynb #jb000011
 @patch
@@ -98,7 +128,9 @@ def finish(self:JobBook, job, # The job to end
     self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)  # its plugin's name, counted past clear()
     self.requests.pop(job.id, None)
     if not self.requests: self.requests.clear()  # gives back the table a burst left
-    data = {'job_id': job.id}
+    self.timeouts.pop(job.id, None)
+    self.tally(job)
+    data = self.owned({'job_id': job.id}, job)
     if status == 'completed': data['result'] = job.result
     if status == 'failed': data['error'] = job.error
     if how is not None: data['how'] = how
@@ -121,7 +153,8 @@ def add_chunk(self:JobBook, job, chunk:str):
     "Keep a streamed chunk of a running job and pass it to its streams and the event broadcaster."
     self.chunks.setdefault(job.id, []).append(chunk)
     for loop, q in self.listeners.get(job.id, ()): call_soon(loop, q.put_nowait, chunk)
-    self.announce([], lambda: self.emit('chunk', {'job_id': job.id, 'chunk': chunk}))
+    data = self.owned({'job_id': job.id, 'chunk': chunk}, job)
+    self.announce([], lambda: self.emit('chunk', data))
 
 @patch
 def clear(self:JobBook, keep=()) -> int: # How many jobs were dropped

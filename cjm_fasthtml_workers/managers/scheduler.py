@@ -20,7 +20,6 @@ class WaitingJobs:
         self.info: Dict[str, Tuple[str, Optional[str], int]] = {}  # job id -> (plugin, owner, priority), while it waits
         self.levels: Dict[int, OrderedDict] = {}  # priority -> owner -> deque of job ids; the first owner goes next
         self.wanted: Counter = Counter()  # plugin -> how many waiting jobs need it (for affinity)
-        self.by_owner: Counter = Counter()  # owner -> how many of its jobs wait (for admission)
 
     def __len__(self) -> int: return len(self.info)
     def __contains__(self, job_id:str) -> bool: return job_id in self.info
@@ -31,7 +30,6 @@ class WaitingJobs:
         "Add a waiting job."
         self.info[job_id] = (plugin, owner, priority)
         self.wanted[plugin] += 1
-        self.by_owner[owner] += 1
         owners = self.levels.setdefault(priority, OrderedDict())
         jobs = owners.get(owner)
         if jobs is None: jobs = owners[owner] = deque()
@@ -45,9 +43,8 @@ class WaitingJobs:
         info = self.info.pop(job_id, None)
         if info is None: return False
         if not self.info: self.info.clear()  # gives back the table a burst left (a dict never shrinks by deletions)
-        for counter, key in ((self.wanted, info[0]), (self.by_owner, info[1])):
-            counter[key] -= 1
-            if not counter[key]: del counter[key]
+        self.wanted[info[0]] -= 1
+        if not self.wanted[info[0]]: del self.wanted[info[0]]
         return True
 
 # %% ../../nbs/managers/scheduler.ipynb #7d968e7e

@@ -44,7 +44,7 @@ class Worker:
     cancelled: set = field(default_factory=set)  # Jobs handed to it, then cancelled before they started
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
-    job_timeout: Optional[float] = None  # The limit it runs under (job_timeout_seconds when it started)
+    job_timeout: Optional[float] = None  # The limit it runs under (its own timeout, else job_timeout_seconds)
     started_mono: float = 0.0  # time.monotonic() its running job started
     stop_deadline: Optional[float] = None  # Its job was asked to stop: it is ended if the job runs on past this
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
@@ -539,7 +539,8 @@ def mark_started(self:Supervisor, w:Worker, job):
     job.status, job.started_at, job.worker_pid = 'running', started, w.pid
     w.started_mono = time.monotonic()
     loads, w.loaded, w.loaded_config = w.loaded != name, name, config  # a load if w lacked the plugin
-    w.job_timeout = self.config.job_timeout_seconds  # the limit this job runs under, for its error message
+    # the limit it runs under (its own `options(timeout=)`, else the config's), for its error too
+    w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
     if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
     self.book.stats.job_started(name, job, loads=loads)  # its wait, and the load it needed
     self.book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
