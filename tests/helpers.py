@@ -1,5 +1,6 @@
-"""What the tests share: a job manager on the scenario plugins (`TextJobManager`), the one `make` of a manager,
-`run`, `until(what, pred)`, `finish`, `assert_terminal`, the event `Recorder` and a recording resource manager.
+"""What the tests share: a job manager on the scenario plugins (`TextJobManager`), the one `make` of
+a manager, `run`, `until(what, pred)`, `finish`, `assert_terminal`, the event `Recorder` and a recording
+resource manager.
 
 Test modules import from here (and from conftest), never from one another. This module is plain Python (no
 pytest): spawned workers and the apps some tests run in a process of their own import it by name (tests/ is on
@@ -14,7 +15,7 @@ from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager, TERMINAL_STATUSES
 from cjm_fasthtml_workers.testing import ScenarioPluginManager, scenario_worker_process
 
-RUN_TIMEOUT = 50  # seconds `run` gives a test's main coroutine (under every pytest timeout here) unless it says more
+RUN_TIMEOUT = 50  # seconds `run` gives a test's main coroutine unless it says more (under pytest's timeouts)
 
 # ----- a job manager on the scenario plugins ----------------------------------------------------------------
 @dataclass
@@ -71,7 +72,7 @@ def run(coro, timeout:float=RUN_TIMEOUT):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 async def until(what:str, pred, timeout:float=20.0):
-    "Wait (without blocking the loop) until `pred()` is true; fail saying `what` was not reached in `timeout` s."
+    "Poll `pred()` on the loop until it is true; fail saying `what` was not reached within `timeout` s."
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"
@@ -90,11 +91,11 @@ def assert_terminal(m):
         if j.status == 'completed': assert j.result is not None
 
 # ----- a plugin that says each time it runs (the store tests; their app imports it by name) ----------------
-RUN_LOG = 'CJM_STORE_RUN_LOG'  # environment: the file a worker appends `<app run> <job id>` to each time a job runs
+RUN_LOG = 'CJM_STORE_RUN_LOG'  # environment: the file a worker appends `<app run> <job id>` to as a job runs
 APP_RUN = 'CJM_STORE_APP_RUN'  # environment: which run of the app this is (spawned workers inherit it)
 
 def append_line(path, line:str):
-    "One write on an O_APPEND descriptor: the line is in the file (the kernel's) once this returns, kill -9 or not."
+    "One write on an O_APPEND descriptor: the line is in the file once this returns, even after kill -9."
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try: os.write(fd, (line + '\n').encode())
     finally: os.close(fd)
@@ -108,7 +109,8 @@ class RunLogPluginManager(ScenarioPluginManager):
 
 def runlog_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `RunLogPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, RunLogPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, RunLogPluginManager,
+                        supports_streaming=True)
 
 class RunLogManager(TextJobManager):
     "TextJobManager whose jobs are logged each time they run (the job id goes to the worker as `run_id`)."

@@ -254,7 +254,7 @@ class Rig(NamedTuple):
     events: SimpleEventBroadcaster
 
 def rig(cls=MyJobManager, supports_streaming=True, **config) -> Rig:
-    "A manager of `cls` with every integration of the documented system (not `helpers.make`'s), short reload/unload timeouts."
+    "A manager of `cls` with every integration of this module, short reload/unload timeouts."
     registry, resources, events = CompatRegistry(), RecordingResourceManager(), SimpleEventBroadcaster()
     config = {'reload_timeout_seconds': 5, 'unload_timeout_seconds': 5, **config}
     manager = cls(worker_type='compat', category=CATEGORY, supports_streaming=supports_streaming,
@@ -281,9 +281,11 @@ def test_registry_configuration_arrives(no_leftover_processes):
             assert ID['echo'] in registry.config_requests, registry.config_requests  # asked by get_unique_id()
             assert job.result['output']['config'] == cfg  # the plugin was loaded with the registry's config
             assert (ID['echo'], cfg) in m.validation_calls, m.validation_calls
-            await until("_extract_plugin_resource_identifier(config)", lambda: cfg in m.resource_id_configs, 5)
-            await until("update_worker_state(config=...)", lambda: any(
-                u['config'] == cfg and u['loaded_plugin_resource'] == 'echo-model-v1' for u in resources.updates), 5)
+            await until("_extract_plugin_resource_identifier(config)",
+                        lambda: cfg in m.resource_id_configs, 5)
+            await until("update_worker_state(config=...)",
+                        lambda: any(u['config'] == cfg and u['loaded_plugin_resource'] == 'echo-model-v1'
+                                    for u in resources.updates), 5)
         finally: m.shutdown()
     run(main())
 

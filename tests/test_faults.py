@@ -549,7 +549,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
             want = {j.id: s for s, js in (('completed', jobs), ('failed', failed), ('cancelled', cancelled)) for j in js}
             def arrived(): return {d['job_id']: e.split(':')[1] for e, d in events.events
                                    if e.split(':')[1] in TERMINAL_STATUSES}
-            try: await until("every job's events", lambda: len(arrived().keys() & want.keys()) == len(want), 20)
+            try: await until("every job's events",
+                             lambda: len(arrived().keys() & want.keys()) == len(want), 20)
             except AssertionError: pass
             got = arrived()
             ends = [d['job_id'] for e, d in events.events if e.split(':')[1] in TERMINAL_STATUSES]
@@ -572,7 +573,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
                 assert gap < 0.1, f"progress events behind a stalled broadcaster stalled the loop {gap * 1000:.0f} ms"
             # later events still arrive, in order
             last = await finish(m, await m.start_job('echo', text='last'), 20)
-            await until("the last job's events", lambda: events.of(last.id) == ['submitted', 'started', 'completed'], 10)
+            await until("the last job's events",
+                        lambda: events.of(last.id) == ['submitted', 'started', 'completed'], 10)
         finally:
             if kind == 'stalled': events.go.set()
             if ticker: await ticker.close()

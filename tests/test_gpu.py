@@ -29,7 +29,8 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
             assert held.status == 'completed', held.error
             server = await finish(m, await m.start_job('gpu_server', mib=512), timeout=120)
             worker_pid, server_pid = held.result['pid'], server.result['pid']
-            await until('the worker and its server on the GPU', lambda: {worker_pid, server_pid} <= _gpu_pids(rm),
+            await until('the worker and its server on the GPU',
+                        lambda: {worker_pid, server_pid} <= _gpu_pids(rm),
                         timeout=120)
             c = rm.check_gpu_availability(0)
             assert worker_pid in c.app_pids and server_pid in c.app_pids, (c.app_pids, c.external_pids)
@@ -40,7 +41,8 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
                 f"import time, torch; x = torch.empty({mib << 20}, dtype=torch.uint8, device='cuda'); time.sleep(600)"])
             def outsider_memory():  # NVML lists the process with its context first, its allocation a moment later
                 return sum(p.used_memory or 0 for d in rm.get_gpu_info() for p in d.processes if p.pid == outsider.pid)
-            await until("the outsider's memory on the GPU", lambda: outsider_memory() > total * 0.5, timeout=120)
+            await until("the outsider's memory on the GPU",
+                        lambda: outsider_memory() > total * 0.5, timeout=120)
             c = rm.check_gpu_availability(0)
             assert outsider.pid in c.external_pids and outsider.pid not in c.app_pids
             assert c.status == ResourceStatus.EXTERNAL_BUSY, c.message

@@ -173,7 +173,8 @@ def test_bad_input(manager_factory):
     async def main():
         m, _ = manager_factory()
         with pytest.raises(ValueError, match='no-such'): await m.start_job('no-such')
-        with pytest.raises(TypeError, match='cannot be sent'): await m.start_job('echo', text=threading.Lock())
+        with pytest.raises(TypeError, match='cannot be sent'):
+            await m.start_job('echo', text=threading.Lock())
         with pytest.raises(TypeError): await m.start_job('echo', fn=lambda: 1)
         assert m.get_all_jobs() == []
         pid = m.worker_process.pid
@@ -461,7 +462,7 @@ def test_dispatched_job_that_never_started_runs_on_the_next_worker(manager_facto
         assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != pid
         await asyncio.sleep(0.05)
         died = [d for e, d in events.events if e == 'text:worker_died']
-        assert died and 'job_id' not in died[0]  # it was not running the job: a worker event with no job_id key
+        assert died and 'job_id' not in died[0]  # it was not running the job: a worker event, no job_id key
         restarted = [d for e, d in events.events if e == 'text:worker_restarted']
         assert restarted and all('job_id' not in d for d in restarted)
     run(main())

@@ -44,7 +44,8 @@ def test_known_mix_of_jobs(no_leftover_processes):
             assert value(s, 'cjm_worker_plugin_loaded', worker_type='text', worker_id='0', plugin='hang', gpu='') == 1
             assert await m.cancel_job(behind.id) and await m.cancel_job(hang.id)
             await until('the cancel counted and the worker idle again',
-                        lambda: m.get_workers_info()[0]['cancels'] == 1 and m.get_workers_info()[0]['state'] == 'idle')
+                        lambda: m.get_workers_info()[0]['cancels'] == 1
+                        and m.get_workers_info()[0]['state'] == 'idle')
             assert m.clear_completed_jobs() == 8  # what was counted outlives the jobs
             s = scrape(registry)
         finally: m.shutdown()

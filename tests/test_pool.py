@@ -370,7 +370,8 @@ def test_gpu_placement_explicit(no_leftover_processes):
             slot = row_of(m, hang.worker_pid)['worker_id']
             gpu = info(m)[slot]['gpu']
             assert await m.cancel_job(hang.id)
-            await until('a new worker idle in the slot', lambda: all_idle(m) and info(m)[slot]['pid'] != hang.worker_pid)
+            await until('a new worker idle in the slot',
+                        lambda: all_idle(m) and info(m)[slot]['pid'] != hang.worker_pid)
             assert [r['gpu'] for r in info(m)] == ['GPU-aaa', 'GPU-bbb']
             envs, _ = await _env_per_worker(m)
             assert envs[info(m)[slot]['pid']]['CUDA_VISIBLE_DEVICES'] == gpu
@@ -427,7 +428,8 @@ def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
         m, _ = make(2, preload_plugins=['alpha'], cls=PoolManager)
         try:
             await m.start()
-            await until('alpha preloaded on both', lambda: [r['loaded_plugin'] for r in info(m)] == ['alpha', 'alpha'])
+            await until('alpha preloaded on both',
+                        lambda: [r['loaded_plugin'] for r in info(m)] == ['alpha', 'alpha'])
             before = set(pids(m))
             lines = loads(load_log)
             assert sorted(p for p, _, n in lines if n == 'alpha') == sorted(before), lines  # before any job
@@ -542,10 +544,12 @@ def test_restart_budget_is_per_worker(no_leftover_processes):
             await m.start()
             p0, p1 = pids(m)
             os.kill(p0, signal.SIGKILL)
-            await until('a new worker idle', lambda: info(m)[0]['state'] == 'idle' and info(m)[0]['pid'] not in (None, p0))
+            await until('a new worker idle',
+                        lambda: info(m)[0]['state'] == 'idle' and info(m)[0]['pid'] not in (None, p0))
             assert info(m)[0]['restart_count'] == 1
             os.kill(info(m)[0]['pid'], signal.SIGKILL)  # a second crash in a row: over its budget of 1
-            await until('the worker dead after 2 crashes', lambda: not info(m)[0]['alive'] and info(m)[0]['crashes'] == 2)
+            await until('the worker dead after 2 crashes',
+                        lambda: not info(m)[0]['alive'] and info(m)[0]['crashes'] == 2)
             await asyncio.sleep(0.3)
             r0, r1 = info(m)
             assert not r0['alive'] and r0['state'] in ('stopped', 'not started') and r0['restart_count'] == 1, r0

@@ -1,9 +1,9 @@
 """The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files, custom job
 types, unstorable jobs, two processes, events behind the store, clearing and retention, the event loop.
 
-The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its workers
-import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the repository root go
-on their sys.path."""
+The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its
+workers import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the
+repository root go on their sys.path."""
 import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys, threading, time, uuid
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PATHS = os.pathsep.join([str(TESTS), str(REPO)])
 
-# ----- a plugin that says each time it runs: helpers.RunLogManager (its workers and the app import helpers) ----
+# ----- a plugin that says each time it runs: helpers.RunLogManager (the app and its workers import it) ----
 def read_lines(path) -> List[str]:
     try: return Path(path).read_text().splitlines()
     except FileNotFoundError: return []
