@@ -52,4 +52,4 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
             if outsider is not None: outsider.kill(); outsider.wait()
         assert pid_gone(server_pid), "the worker's GPU server outlived shutdown"
         assert rm.get_workers_by_type('gpu') == []
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default

@@ -146,7 +146,7 @@ def test_a_broadcaster_that_keeps_up_gets_every_chunk_of_100000(no_leftover_proc
         assert events.texts[job.id] == want, "the streamed text has a hole"
         assert events.kinds == ['submitted', 'started', 'completed']
         print(f"chunks delivered: {events.n - 3}, coalesced: {m._events.coalesced}")
-    run(main())
+    run(main(), 80)  # its waits add up to more than run's default
 
 class Lagging(Counting):
     "A broadcaster that takes 1 ms per event: it cannot keep up with a stream."
@@ -170,4 +170,4 @@ def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never
         assert m._events.coalesced > 0, "nothing was coalesced: the broadcaster did not lag"
         assert events.kinds.count('completed') == 2 and events.kinds[-1] == 'completed'
         assert events.kinds.count('progress') < 500  # coalesced, the latest kept
-    run(main())
+    run(main(), 80)  # its waits add up to more than run's default

@@ -44,7 +44,7 @@ def test_flood_of_chunks_arrives_whole_and_in_order(nothing_left, monkeypatch):
             assert job.status == 'completed' and ''.join(m.get_job_chunks(job.id)) == text
             assert (await finish(m, await m.start_job('echo', text='after'))).status == 'completed'
         finally: m.shutdown()
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 # ----- what a worker writes: unreadable objects, garbage, closed pipes -------------------------------------------------
 def test_unreadable_result_fails_only_its_job(nothing_left):
@@ -196,7 +196,7 @@ def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
             assert len(live_hosts()) == 3
         finally: m.shutdown()
         assert_terminal(m)
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 def test_the_wait_for_a_node_is_bounded_by_the_start_timeout(nothing_left, caplog):
     "`worker_start_timeout_seconds` bounds it: the waiting worker's start fails saying why; the others go on."
@@ -210,7 +210,7 @@ def test_the_wait_for_a_node_is_bounded_by_the_start_timeout(nothing_left, caplo
             assert "did not place its actor ({'num_gpus': 1" in caplog.text and 'within 10 s' in caplog.text
         finally: m.shutdown()
         assert_terminal(m)
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 def test_unplaceable_actor_is_a_clear_error(nothing_left):
     "More GPUs than the cluster has: start() fails after its timeout saying what was asked, and leaves no actor."

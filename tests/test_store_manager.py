@@ -620,7 +620,7 @@ def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_
     with_store, without = [], []
     for k in range(3):
         for store in ((True, False) if k % 2 == 0 else (False, True)):
-            (with_store if store else without).append(run(main(store, k)))
+            (with_store if store else without).append(run(main(store, k), 60))
     print(f"\nlongest event-loop stall while 2,000 jobs were submitted: with a store "
           f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; without {', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
     assert sorted(with_store)[1] < 0.1
