@@ -1,9 +1,11 @@
-"Shared fixtures: every process test ends by asserting that no child process is left; the backends a test runs on."
-import os, socket, subprocess, time, uuid
+"""Shared fixtures: every process test ends by asserting that no child process is left; managers shut down at
+teardown; the backends a test runs on. What tests share besides fixtures is in helpers.py."""
+import os, signal, socket, subprocess, time, uuid
 from pathlib import Path
 import psutil, pytest
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
+from helpers import make
 
 def _is_resource_tracker(p: psutil.Process) -> bool:
     "multiprocessing's resource tracker lives as long as the test session; it is not a leak."
@@ -61,6 +63,19 @@ def no_leftover_processes():
         except psutil.NoSuchProcess: pass
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
 
+@pytest.fixture
+def manager_factory(request, no_leftover_processes):
+    """`helpers.make` (same arguments, same `(manager, events)`), and every manager it made is shut down at
+    teardown, before `no_leftover_processes` (and the `backend`'s check on Ray) look for what is left."""
+    if 'backend' in request.fixturenames: request.getfixturevalue('backend')  # set up first: torn down last
+    made = []
+    def factory(*args, **kwargs):
+        m, events = make(*args, **kwargs)
+        made.append(m)
+        return m, events
+    yield factory
+    for m in reversed(made): m.shutdown()
+
 def kill_tree(proc: subprocess.Popen):
     "After a failure: kill an app and what it started (under --reload, the server is a child that would outlive it)."
     if proc.poll() is not None: return
@@ -83,6 +98,16 @@ def start_web_app(cmd: list, cwd: Path, port: int, env: dict, timeout: float = 3
         time.sleep(0.1)
     kill_tree(proc)
     raise AssertionError(f"the app did not answer within {timeout} s:\n{(cwd/'app.log').read_text()}")
+
+def stop(proc, timeout:float=8.0) -> float:
+    "Ctrl+C the app; the seconds it took to exit (it must, by itself)."
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try: proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"the app still ran {timeout} s after Ctrl+C")
+    return time.monotonic() - t0
 
 def free_port() -> int:
     "A TCP port on 127.0.0.1 that nothing listens on now."

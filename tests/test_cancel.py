@@ -1,51 +1,26 @@
 """Issue 22: a cancel first asks the running job to stop, so its worker and loaded model serve the next job; a job
 that does not stop within `cancel_grace_seconds` has its worker ended. Pools of 1 and 2, both backends."""
-import asyncio, time, uuid
-from dataclasses import dataclass, field
-from typing import Any, Dict
+import asyncio, time
 
 import pytest
 
-from cjm_fasthtml_workers.core.config import WorkerConfig
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from helpers import make as make_manager, run, until
 
 pytestmark = pytest.mark.timeout(120)
 POOLS = pytest.mark.parametrize('n', [1, 2], ids=['pool1', 'pool2'])
 
-@dataclass
-class Job(BaseJob):
-    params: Dict[str, Any] = field(default_factory=dict)
-
-class Manager(BaseJobManager[Job]):
-    def create_job(self, plugin_id, **kwargs): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
-
 class Events:
+    "A broadcaster that records (kind, data)."
     def __init__(self): self.events = []
     async def broadcast(self, event, data): self.events.append((event.split(':', 1)[1], data))
     def of(self, job_id, kind): return [d for k, d in self.events if k == kind and d.get('job_id') == job_id]
 
-def make(n, backend='process', **cfg):
-    events = Events()
-    m = Manager('cx', 'test', supports_streaming=True, event_broadcaster=events,
-                worker_config=WorkerConfig(max_workers=n, backend=backend, **cfg))
-    return m, events
+def make(n, backend='process', **cfg): return make_manager(n, events=Events(), worker_type='cx', backend=backend, **cfg)
 
 async def how(events, job):
     "The `how` of the job's cancelled event, once delivered."
     await until(f"the cancelled event of {job.id}", lambda: events.of(job.id, 'cancelled'), 5)
     return [d.get('how') for d in events.of(job.id, 'cancelled')]
-
-def run(coro, timeout=100): return asyncio.run(asyncio.wait_for(coro, timeout))
-
-async def until(what, pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"
-        await asyncio.sleep(0.005)
 
 async def history(m, pid):
     "The plugin manager's own record (loads, closes, stops) of the only worker, `pid`."

@@ -18,6 +18,7 @@ from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.core.protocol import WorkerResult, WorkerStreamChunk
 from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
+from helpers import finish, run, until
 
 JOB_TIMEOUT = 30  # seconds a job may take before the test fails instead of hanging
 CATEGORY = 'compat'
@@ -252,27 +253,14 @@ class Rig(NamedTuple):
     resources: RecordingResourceManager
     events: SimpleEventBroadcaster
 
-def make(cls=MyJobManager, supports_streaming=True, **config) -> Rig:
-    "A manager of `cls` with every integration, short reload/unload timeouts."
+def rig(cls=MyJobManager, supports_streaming=True, **config) -> Rig:
+    "A manager of `cls` with every integration of this module, short reload/unload timeouts."
     registry, resources, events = CompatRegistry(), RecordingResourceManager(), SimpleEventBroadcaster()
     config = {'reload_timeout_seconds': 5, 'unload_timeout_seconds': 5, **config}
     manager = cls(worker_type='compat', category=CATEGORY, supports_streaming=supports_streaming,
                   worker_config=WorkerConfig(**config), plugin_registry=registry, resource_manager=resources,
                   event_broadcaster=events)
     return Rig(manager, registry, resources, events)
-
-def run(coro): return asyncio.run(asyncio.wait_for(coro, 110))
-
-async def finish(manager, job) -> MyJob:
-    "Wait for `job` to end; a job that does not end fails the test, saying where it is stuck."
-    try: return await manager.wait_for_job(job.id, timeout=JOB_TIMEOUT)
-    except TimeoutError: raise AssertionError(f"job {job.id} still {job.status!r} after {JOB_TIMEOUT} s") from None
-
-async def until(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        await asyncio.sleep(0.01)
 
 async def settle(): await asyncio.sleep(0.2)  # lets events scheduled from the monitor thread reach the broadcaster
 
@@ -285,7 +273,7 @@ def assert_job_ids_are_str(events: SimpleEventBroadcaster):
 # ----- 1. registry configurations arrive ----------------------------------------------------------
 def test_registry_configuration_arrives(no_leftover_processes):
     async def main():
-        m, registry, resources, _ = make()
+        m, registry, resources, _ = rig()
         cfg = CONFIGS[ID['echo']]
         try:
             job = await finish(m, await m.start_job(ID['echo'], input_text='hi'))
@@ -293,16 +281,18 @@ def test_registry_configuration_arrives(no_leftover_processes):
             assert ID['echo'] in registry.config_requests, registry.config_requests  # asked by get_unique_id()
             assert job.result['output']['config'] == cfg  # the plugin was loaded with the registry's config
             assert (ID['echo'], cfg) in m.validation_calls, m.validation_calls
-            await until(lambda: cfg in m.resource_id_configs, 5, "_extract_plugin_resource_identifier(config)")
-            await until(lambda: any(u['config'] == cfg and u['loaded_plugin_resource'] == 'echo-model-v1'
-                                    for u in resources.updates), 5, "update_worker_state(config=...)")
+            await until("_extract_plugin_resource_identifier(config)",
+                        lambda: cfg in m.resource_id_configs, 5)
+            await until("update_worker_state(config=...)",
+                        lambda: any(u['config'] == cfg and u['loaded_plugin_resource'] == 'echo-model-v1'
+                                    for u in resources.updates), 5)
         finally: m.shutdown()
     run(main())
 
 # ----- 2. get_job_result and manager.results ------------------------------------------------------
 def test_job_results_by_status(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             ok = await finish(m, await m.start_job(ID['echo'], input_text='fine'))
             bad = await finish(m, await m.start_job(ID['fail'], options={'message': 'boom'}))
@@ -326,7 +316,7 @@ def test_job_results_by_status(no_leftover_processes):
 # ----- 3. EXECUTE is flat on the wire -------------------------------------------------------------
 def test_execute_request_is_flat(no_leftover_processes):
     async def main():
-        m, *_ = make(DocumentedWorkerJobManager, supports_streaming=False)
+        m, *_ = rig(DocumentedWorkerJobManager, supports_streaming=False)
         try:
             job = await m.start_job(ID['echo'], input_text='hi', options={'temperature': 0.5, 'max_tokens': 7})
             job = await finish(m, job)
@@ -341,7 +331,7 @@ def test_execute_request_is_flat(no_leftover_processes):
 def test_reserved_request_keys_fail_clearly(no_leftover_processes):
     "A flat EXECUTE cannot carry a parameter named `type`: it must fail clearly, never leave the job waiting."
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             try: job = await m.start_job(ID['echo'], input_text='x', options={'type': 'summary'})
             except (TypeError, ValueError): job = None  # refused at submission: fine
@@ -356,7 +346,7 @@ def test_reserved_request_keys_fail_clearly(no_leftover_processes):
 # ----- 4. streaming is chosen per job -------------------------------------------------------------
 def test_streamed_job_chunks_and_result(no_leftover_processes):
     async def main():
-        m, _, _, events = make()
+        m, _, _, events = rig()
         try:
             job = await m.start_job(ID['stream'], input_text='a b c', stream=True)
             streamed = await asyncio.wait_for(_collect(m.stream_job(job.id)), JOB_TIMEOUT)
@@ -377,7 +367,7 @@ def test_streaming_needs_every_condition(no_leftover_processes, missing):
     "Without stream=True on the job, a streaming manager, a streaming worker or a streaming plugin: no streaming."
     async def main():
         cls = NonStreamingWorkerJobManager if missing == 'worker' else MyJobManager
-        m, _, _, events = make(cls, supports_streaming=(missing != 'manager'))
+        m, _, _, events = rig(cls, supports_streaming=(missing != 'manager'))
         plugin = 'echo' if missing == 'plugin' else 'stream'
         try:
             job = await m.start_job(ID[plugin], input_text='a b c', stream=(missing != 'job'))
@@ -394,7 +384,7 @@ def test_streaming_needs_every_condition(no_leftover_processes, missing):
 # ----- 5. reload and unload -----------------------------------------------------------------------
 def test_documented_worker_reload_unload_and_jobs(no_leftover_processes):
     async def main():
-        m, *_ = make(DocumentedWorkerJobManager, supports_streaming=False)
+        m, *_ = rig(DocumentedWorkerJobManager, supports_streaming=False)
         new = {'model_id': 'echo-model-v2', 'prefix': '## '}
         try:
             first = await finish(m, await m.start_job(ID['echo'], input_text='one'))
@@ -411,10 +401,10 @@ def test_documented_worker_reload_unload_and_jobs(no_leftover_processes):
 def test_documented_worker_cancel_and_restart(no_leftover_processes):
     "A job of a worker that never says it started runs from its handover; cancelling it restarts that worker."
     async def main():
-        m, _, _, events = make(DocumentedWorkerJobManager, supports_streaming=False)
+        m, _, _, events = rig(DocumentedWorkerJobManager, supports_streaming=False)
         try:
             hang = await m.start_job(ID['sleep'], options={'seconds': 60})
-            await until(lambda: hang.status == 'running', what="job running")
+            await until("job running", lambda: hang.status == 'running')
             old_pid = m.worker_process.pid
             assert await m.cancel_job(hang.id)
             after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
@@ -427,7 +417,7 @@ def test_documented_worker_cancel_and_restart(no_leftover_processes):
 
 def test_failed_reload_returns_false(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         refused = {'model_id': 'echo-model-v2', 'fail_reload': True}
         try:
             # a first job starts the worker; echo is not used, so a reload that loads instead of reloading shows
@@ -442,7 +432,7 @@ def test_failed_reload_returns_false(no_leftover_processes):
 # ----- 6. documented hooks are override points ----------------------------------------------------
 def test_result_and_chunk_hooks_can_be_overridden(no_leftover_processes):
     async def main():
-        m, *_ = make(ResultHooksManager)
+        m, *_ = rig(ResultHooksManager)
         try:
             plain = await finish(m, await m.start_job(ID['echo'], input_text='hooked'))
             streamed = await finish(m, await m.start_job(ID['stream'], input_text='x y', stream=True))
@@ -456,7 +446,7 @@ def test_result_and_chunk_hooks_can_be_overridden(no_leftover_processes):
 
 def test_raising_result_hook_fails_the_job(no_leftover_processes):
     async def main():
-        m, *_ = make(RaisingResultHookManager)
+        m, *_ = rig(RaisingResultHookManager)
         try:
             job = await finish(m, await m.start_job(ID['echo'], input_text='x'))
             assert job.status == 'failed' and 'result hook exploded' in (job.error or ''), (job.status, job.error)
@@ -465,12 +455,12 @@ def test_raising_result_hook_fails_the_job(no_leftover_processes):
 
 def test_on_job_completed_called_once_per_job(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             jobs = [await m.start_job(ID['echo'], input_text=str(i)) for i in range(2)]
             bad = await m.start_job(ID['fail'])
             for j in jobs + [bad]: await finish(m, j)
-            await until(lambda: len(m.completed_hook_calls) >= 2, 5, "_on_job_completed calls")
+            await until("_on_job_completed calls", lambda: len(m.completed_hook_calls) >= 2, 5)
             await settle()
             assert [i for i, _ in m.completed_hook_calls] == [j.id for j in jobs]  # once each, not the failed one
             assert [r for _, r in m.completed_hook_calls] == [{'status': 'success', 'data': j.result} for j in jobs]
@@ -490,13 +480,13 @@ def test_lifecycle_hooks_need_only_self(hook):
 
 def test_lifecycle_overrides_see_a_restart(no_leftover_processes):
     async def main():
-        m, *_ = make(LifecycleHooksManager)
+        m, *_ = rig(LifecycleHooksManager)
         try:
             hang = await m.start_job(ID['sleep'], options={'seconds': 60})
-            await until(lambda: hang.status == 'running', what="job running")
+            await until("job running", lambda: hang.status == 'running')
             assert m.lifecycle_calls == ['start', 'init']
             assert await m.cancel_job(hang.id)
-            await until(lambda: 'restart' in m.lifecycle_calls, what="a call of the _restart_worker override")
+            await until("a call of the _restart_worker override", lambda: 'restart' in m.lifecycle_calls)
             after = await finish(m, await m.start_job(ID['echo'], input_text='after'))
             assert after.status == 'completed', after.error
             assert m.lifecycle_calls == ['start', 'init', 'worker_error', 'restart', 'start', 'init']
@@ -506,7 +496,7 @@ def test_lifecycle_overrides_see_a_restart(no_leftover_processes):
 # ----- 7. manager attributes ----------------------------------------------------------------------
 def test_manager_attributes(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         new = {'model_id': 'stream-model-v2'}
         try:
             assert m.results == {}
@@ -525,11 +515,11 @@ def test_manager_attributes(no_leftover_processes):
 
 def test_restart_attributes_after_cancel(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             assert m.restart_count == 0 and m.last_restart_time is None
             hang = await m.start_job(ID['sleep'], options={'seconds': 60})
-            await until(lambda: hang.status == 'running', what="job running")
+            await until("job running", lambda: hang.status == 'running')
             assert m.current_plugin_id == ID['sleep']
             old_pid, before = m.worker_process.pid, time.time()
             assert m.get_job_result(hang.id) is None  # no result while it runs
@@ -546,7 +536,7 @@ def test_restart_attributes_after_cancel(no_leftover_processes):
 # ----- 8. events carry a str job_id, or none ------------------------------------------------------
 def test_events_carry_job_ids(no_leftover_processes):
     async def main():
-        m, _, _, events = make()
+        m, _, _, events = rig()
         try:
             ok = await finish(m, await m.start_job(ID['echo'], input_text='ok'))
             bad = await finish(m, await m.start_job(ID['fail']))
@@ -555,7 +545,7 @@ def test_events_carry_job_ids(no_leftover_processes):
             hang = await m.start_job(ID['sleep'], options={'seconds': 60})
             pending = await m.start_job(ID['echo'], input_text='never')
             assert await m.cancel_job(pending.id)
-            await until(lambda: hang.status == 'running', what="job running")
+            await until("job running", lambda: hang.status == 'running')
             assert await m.cancel_job(hang.id)
             await finish(m, await m.start_job(ID['echo'], input_text='after'))
             await settle()
@@ -573,7 +563,7 @@ def test_events_carry_job_ids(no_leftover_processes):
 # ----- 9. a failed resource validation raises -----------------------------------------------------
 def test_validation_failure_raises(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             assert (await finish(m, await m.start_job(ID['echo'], input_text='first'))).status == 'completed'
             before = [j.id for j in m.get_all_jobs()]
@@ -587,7 +577,7 @@ def test_validation_failure_raises(no_leftover_processes):
 # ----- 10. create_job gets plugin_id by keyword ---------------------------------------------------
 def test_create_job_gets_plugin_id_by_keyword(no_leftover_processes):
     async def main():
-        m, *_ = make(KeywordCreateJobManager)
+        m, *_ = rig(KeywordCreateJobManager)
         try:
             job = await finish(m, await m.start_job(ID['echo'], input_text='kw'))
             assert job.plugin_id == ID['echo'] and job.status == 'completed', job.error
@@ -609,7 +599,7 @@ def test_wire_dicts_have_no_none_extras():
 
 def test_plugin_error_message(no_leftover_processes):
     async def main():
-        m, *_ = make()
+        m, *_ = rig()
         try:
             job = await finish(m, await m.start_job(ID['fail']))
             assert job.status == 'failed' and job.error == 'bad value', job.error
@@ -626,7 +616,7 @@ def test_simple_adapter_returns_result_unchanged():
 # ----- pending jobs -------------------------------------------------------------------------------
 def test_pending_job_can_be_cancelled(no_leftover_processes):
     async def main():
-        m, _, _, events = make()
+        m, _, _, events = rig()
         try:
             slow = await m.start_job(ID['sleep'], options={'seconds': 1.0})
             pending = await m.start_job(ID['echo'], input_text='never')

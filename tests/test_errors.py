@@ -6,7 +6,7 @@ import pytest
 from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.testing import failing_init_worker_process, ScenarioPluginManager
-from test_manager import TextJobManager, finish, run
+from helpers import TextJobManager, finish, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +60,7 @@ def _app(tmp_path, body:str) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import asyncio, sys, uuid
         sys.path.insert(0, {HERE!r})
-        from test_manager import TextJobManager
+        from helpers import TextJobManager
         from cjm_fasthtml_workers.testing import scenario_worker_process
     """) + textwrap.dedent(body)
     path = tmp_path / 'app.py'
@@ -71,7 +71,7 @@ def test_an_entry_point_in_an_interactive_session_is_refused(no_leftover_process
     code = textwrap.dedent(f"""
         import asyncio, sys
         sys.path.insert(0, {HERE!r})
-        from test_manager import TextJobManager
+        from helpers import TextJobManager
         def my_worker(request_queue, result_queue, response_queue): pass
         class M(TextJobManager):
             def get_worker_entry_point(self): return my_worker

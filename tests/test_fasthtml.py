@@ -4,20 +4,12 @@ import asyncio, os, re, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 import httpx, psutil, pytest
-from conftest import kill_tree, pid_gone, start_web_app, free_port
+from conftest import kill_tree, pid_gone, start_web_app, free_port, stop
+from helpers import readme_app
 
 from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 from cjm_fasthtml_workers.extensions.fasthtml import SSEBroadcaster, sse_response
 
-ROOT = Path(__file__).resolve().parents[1]
-HEADING = '## Use it in a FastHTML app'
-
-def readme_app() -> str:
-    "The app of README.md's FastHTML section (CJM_README names another markdown file to take it from)."
-    text = Path(os.environ.get('CJM_README', ROOT/'README.md')).read_text()
-    assert HEADING in text, f"no '{HEADING}' section in {os.environ.get('CJM_README', 'README.md')}"
-    section = text.split(HEADING, 1)[1].split('\n## ', 1)[0]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 def start(cwd:Path, port:int, runner:str, timeout:float=30.0) -> subprocess.Popen:
     "Run app.py in `cwd` as `python app.py` (serve) or `uvicorn app:app`; return once its page answers."
@@ -68,16 +60,6 @@ def run_one_job(base:str, stream:Stream) -> str:
     stream.wait_for(rf'<strong>running</strong> {job_id}: [1-9]\d* %')  # a progress event
     stream.wait_for(rf'<strong>completed</strong> {job_id}: hi &lt;there&gt;')
     return job_id
-
-def stop(proc, timeout:float=8.0) -> float:
-    "Ctrl+C the app; the seconds it took to exit (it must, by itself)."
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    try: proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        raise AssertionError(f"the app still ran {timeout} s after Ctrl+C")
-    return time.monotonic() - t0
 
 @pytest.mark.parametrize('runner', ['serve', 'uvicorn'])
 def test_readme_app(tmp_path, runner, no_leftover_processes):

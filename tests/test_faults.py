@@ -13,8 +13,9 @@ from cjm_fasthtml_workers.core import wire, worker as worker_module
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.core.worker import WATCHDOG_ENV, base_worker_process, report_progress
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager, _alien, _daemon, _fork
-from test_manager import TERMINAL_STATUSES, Recorder, TextJobManager, assert_terminal, finish, until
+from cjm_fasthtml_workers.managers.base import TERMINAL_STATUSES
 from conftest import pid_gone, seconds_until_gone
+from helpers import Recorder, TextJobManager, assert_terminal, finish, make, of_kind, run, until
 
 pytestmark = pytest.mark.timeout(60)
 POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
@@ -105,15 +106,7 @@ class FaultManager(TextJobManager):
     def get_worker_entry_point(self): return fault_worker_process
 
 # ----- helpers ---------------------------------------------------------------------------------------------
-def make(n, policy=RestartPolicy.ON_CANCELLATION, cls=FaultManager, events=None, resource_manager=None, **cfg):
-    events = Recorder() if events is None else events
-    m = cls('text', 'test', supports_streaming=True, event_broadcaster=events, resource_manager=resource_manager,
-            worker_config=WorkerConfig(max_workers=n, restart_policy=policy, **cfg))
-    return m, events
-
-def run(coro, timeout=50): return asyncio.run(asyncio.wait_for(coro, timeout))
 def pids(m): return [r['pid'] for r in m.get_workers_info()]
-def of_kind(events, kind): return [d for e, d in events.events if e == f'text:{kind}']
 
 def alive(pid) -> bool:
     try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -126,7 +119,7 @@ def end(*pids):
         except (ProcessLookupError, PermissionError, TypeError): pass
 
 async def read_when_written(path, timeout=10.0) -> str:
-    await until(lambda: os.path.exists(path), timeout)
+    await until(f'{path} written', lambda: os.path.exists(path), timeout)
     with open(path) as f: return f.read()
 
 class Ticker:
@@ -153,7 +146,7 @@ class Ticker:
 @POOLS
 def test_unreadable_result_fails_its_job_and_the_worker_goes_on(no_leftover_processes, n):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             before = pids(m)
@@ -175,7 +168,7 @@ def test_unreadable_result_fails_its_job_and_the_worker_goes_on(no_leftover_proc
 @POOLS
 def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             before = pids(m)
@@ -195,7 +188,7 @@ def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
                                      ('huge', 'its buffers cannot be allocated')])
 def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_processes, n, raw, why):
     async def main():
-        m, events = make(n, RestartPolicy.ALWAYS)
+        m, events = make(n, RestartPolicy.ALWAYS, cls=FaultManager)
         try:
             await m.start()
             before = pids(m)
@@ -208,7 +201,7 @@ def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_p
             done = [await finish(m, j, 20) for j in behind]
             assert [(j.status, j.result['text']) for j in done] == [('completed', f'b{i}') for i in range(4)]
             slot = before.index(bad.worker_pid)
-            await until(lambda: m.get_workers_info()[slot]['state'] == 'idle', 20)
+            await until('the worker idle again', lambda: m.get_workers_info()[slot]['state'] == 'idle', 20)
             row = m.get_workers_info()[slot]
             assert row['pid'] != bad.worker_pid and row['restart_count'] == 1 and row['crashes'] == 1, row
             assert all(p == q for i, (p, q) in enumerate(zip(before, pids(m))) if i != slot)  # the others untouched
@@ -225,7 +218,7 @@ def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_p
 def test_worker_dying_inside_a_large_buffer_fails_only_its_job(no_leftover_processes, n):
     "A frame cut short by the worker's death is dropped; the job fails as the death it is, the jobs behind it run."
     async def main():
-        m, _ = make(n, RestartPolicy.ALWAYS)
+        m, _ = make(n, RestartPolicy.ALWAYS, cls=FaultManager)
         try:
             await m.start()
             bad = await m.start_job('cut_big')
@@ -243,14 +236,14 @@ def test_worker_dying_inside_a_large_buffer_fails_only_its_job(no_leftover_proce
 @POOLS
 def test_small_request_queue_with_reload_and_a_death_never_stalls(no_leftover_processes, n):
     async def main():
-        m, _ = make(n, RestartPolicy.ALWAYS, request_queue_size=1)
+        m, _ = make(n, RestartPolicy.ALWAYS, request_queue_size=1, cls=FaultManager)
         ticker = None
         try:
             await m.start()
             ticker = Ticker().start()
             jobs = [await m.start_job('sleep', seconds=0.15, text=f's{i}') for i in range(4 * n)]
             reload = asyncio.ensure_future(m.reload_plugin('sleep', {'prefix': 'r'}))
-            await until(lambda: any(j.status == 'running' for j in jobs), 10)
+            await until('a job runs', lambda: any(j.status == 'running' for j in jobs), 10)
             victim = next(j for j in jobs if j.status == 'running')
             os.kill(victim.worker_pid, signal.SIGKILL)
             reloaded = await asyncio.wait_for(reload, 20)  # never deadlocks
@@ -277,7 +270,7 @@ def test_small_request_queue_with_reload_and_a_death_never_stalls(no_leftover_pr
 @POOLS
 def test_systemexit_and_keyboardinterrupt_fail_only_their_job(no_leftover_processes, n):
     async def main():
-        m, _ = make(n)  # the default policy
+        m, _ = make(n, cls=FaultManager)  # the default policy
         assert m.worker_config.restart_policy == WorkerConfig().restart_policy
         try:
             await m.start()
@@ -310,7 +303,7 @@ def test_escaped_helpers_end_after_crash_cancel_timeout_and_shutdown(no_leftover
         assert all(os.getpgid(p) != job.worker_pid for p in made)  # they left the worker's process group
         return job, made
     async def main():
-        m, _ = make(n, RestartPolicy.ALWAYS)
+        m, _ = make(n, RestartPolicy.ALWAYS, cls=FaultManager)
         try:
             await m.start()
             # a crash of the worker
@@ -397,16 +390,17 @@ def test_death_seen_quickly_though_a_grandchild_holds_the_pipes(no_leftover_proc
     child = None
     async def main():
         nonlocal child
-        m, events = make(n, RestartPolicy.ALWAYS)
+        m, events = make(n, RestartPolicy.ALWAYS, cls=FaultManager)
         try:
             await m.start()
             pid_file = str(tmp_path / 'child.pid')
             job = await m.start_job('fork_hang', pid_file=pid_file)
             child = int(await read_when_written(pid_file))
+            await until("the supervisor has seen the job start", lambda: job.status == 'running')  # its pid is known
             assert psutil.Process(child).ppid() == job.worker_pid
             os.kill(job.worker_pid, signal.SIGKILL)
             t0 = time.monotonic()
-            await until(lambda: job.status in TERMINAL_STATUSES, 5)
+            await until('the job ends', lambda: job.status in TERMINAL_STATUSES, 5)
             took = time.monotonic() - t0
             print(f"\n[8 n={n}] death seen {took * 1000:.0f} ms after the SIGKILL")
             assert job.status == 'failed' and 'Worker died while running the job' in job.error, job.error
@@ -446,11 +440,11 @@ def test_blocking_hook_or_resource_manager_does_not_delay_a_death(no_leftover_pr
     hook, rm_block = Blocker(), Blocker()
     async def death_while_blocked(m, blocker, what):
         hang = await m.start_job('hang')
-        await until(lambda: hang.status == 'running', 10)
+        await until('the hang job runs', lambda: hang.status == 'running', 10)
         assert blocker.entered.wait(5) and not blocker.release.is_set(), f"the {what} is not blocking"
         os.kill(hang.worker_pid, signal.SIGKILL)
         t0 = time.monotonic()
-        await until(lambda: hang.status in TERMINAL_STATUSES, 6)
+        await until('the hang job ends', lambda: hang.status in TERMINAL_STATUSES, 6)
         took = time.monotonic() - t0
         print(f"\n[9 n={n}] while the {what} blocks: death settled in {took * 1000:.0f} ms")
         assert hang.status == 'failed' and 'SIGKILL' in hang.error, hang.error
@@ -535,7 +529,7 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
                 for j in cancelled: assert await m.cancel_job(j.id)
             else:  # 20,000 terminal and submitted events wait for the broadcaster; then 3,000 progress events come
                 hangs = [await m.start_job('hang') for _ in range(n)]
-                await until(lambda: all(h.status == 'running' for h in hangs), 10)
+                await until('every hang job runs', lambda: all(h.status == 'running' for h in hangs), 10)
                 cancelled = [await m.start_job('echo', text='never') for _ in range(10000)]
                 for j in cancelled: assert await m.cancel_job(j.id)
                 for h in hangs: assert await m.cancel_job(h.id)  # their workers restart, for the progress job
@@ -556,7 +550,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
             want = {j.id: s for s, js in (('completed', jobs), ('failed', failed), ('cancelled', cancelled)) for j in js}
             def arrived(): return {d['job_id']: e.split(':')[1] for e, d in events.events
                                    if e.split(':')[1] in TERMINAL_STATUSES}
-            try: await until(lambda: len(arrived().keys() & want.keys()) == len(want), 20)
+            try: await until("every job's events",
+                             lambda: len(arrived().keys() & want.keys()) == len(want), 20)
             except AssertionError: pass
             got = arrived()
             ends = [d['job_id'] for e, d in events.events if e.split(':')[1] in TERMINAL_STATUSES]
@@ -579,7 +574,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
                 assert gap < 0.1, f"progress events behind a stalled broadcaster stalled the loop {gap * 1000:.0f} ms"
             # later events still arrive, in order
             last = await finish(m, await m.start_job('echo', text='last'), 20)
-            await until(lambda: events.of(last.id) == ['submitted', 'started', 'completed'], 10)
+            await until("the last job's events",
+                        lambda: events.of(last.id) == ['submitted', 'started', 'completed'], 10)
         finally:
             if kind == 'stalled': events.go.set()
             if ticker: await ticker.close()
@@ -600,7 +596,7 @@ def test_events_go_to_the_loop_the_manager_was_started_on(no_leftover_processes,
     thread = threading.Thread(target=first.run_forever, name='first-loop', daemon=True)
     thread.start()
     def on_first(coro, timeout=30): return asyncio.run_coroutine_threadsafe(coro, first).result(timeout)
-    m, events = make(n, events=LoopRecorder())
+    m, events = make(n, events=LoopRecorder(), cls=FaultManager)
     try:
         on_first(m.start())
         jobs = [on_first(m.start_job('sleep', seconds=0.05, text=f't{i}')) for i in range(20)]
@@ -626,12 +622,12 @@ def test_events_go_to_the_loop_the_manager_was_started_on(no_leftover_processes,
 @pytest.mark.timeout(90)
 def test_cancelling_20000_waiting_jobs_newest_first_is_prompt(no_leftover_processes, n):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         ticker = None
         try:
             await m.start()
             hangs = [await m.start_job('hang') for _ in range(n)]
-            await until(lambda: all(h.status == 'running' for h in hangs), 10)
+            await until('every hang job runs', lambda: all(h.status == 'running' for h in hangs), 10)
             t0 = time.monotonic()
             waiting = [await m.start_job('echo', text=str(i)) for i in range(20000)]
             submitted = time.monotonic() - t0
@@ -674,7 +670,7 @@ MB200 = 200 << 20
 @pytest.mark.timeout(90)
 def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, n):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         ticker = None
         try:
             await m.start()
@@ -712,7 +708,7 @@ def test_large_buffers_keep_their_types_and_identity(no_leftover_processes, n):
     "Out of band, bytes stay bytes, a bytearray a bytearray, one object twice one object; the rest of the message too."
     size = 3 << 20
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             data = {'bytes': b'x' * size, 'bytearray': bytearray(size), 'small': b'tiny'}
@@ -738,14 +734,15 @@ def test_large_buffers_keep_their_types_and_identity(no_leftover_processes, n):
 def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_processes, tmp_path, n):
     frozen = []
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             frozen.extend(pids(m))
             for p in frozen: os.kill(p, signal.SIGSTOP)  # a job reaches its pipe but cannot start
             path = str(tmp_path / 'ran')
             job = await m.start_job('mark', path=path, seconds=30)
-            await until(lambda: any(r['current_job_id'] == job.id for r in m.get_workers_info()), 5)
+            await until('the job handed to a worker',
+                        lambda: any(r['current_job_id'] == job.id for r in m.get_workers_info()), 5)
             assert job.status == 'pending'
             assert await m.cancel_job(job.id)
             assert job.status == 'cancelled' and job.error is None and job.started_at is None
@@ -772,13 +769,13 @@ def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_proces
 @pytest.mark.parametrize('kind', ['progress', 'chunks'])
 def test_cancelling_a_flood_ends_its_worker_fast_and_others_are_not_starved(no_leftover_processes, n, kind):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             flood = await (m.start_job('flood') if kind == 'progress' else m.start_job('flood_stream', stream=True))
             flooding = (lambda: flood.progress is not None) if kind == 'progress' else \
                        (lambda: len(m._book.chunks.get(flood.id, ())) > 100)
-            await until(lambda: flood.status == 'running' and flooding(), 10)
+            await until('the flood runs', lambda: flood.status == 'running' and flooding(), 10)
             await asyncio.sleep(0.3)
             if n > 1:  # another worker's job completes promptly while one floods
                 t0 = time.monotonic()
@@ -805,11 +802,11 @@ def test_cancelling_a_flood_ends_its_worker_fast_and_others_are_not_starved(no_l
 @pytest.mark.parametrize('how', ['close', 'dup2'])
 def test_closed_result_pipe_does_not_make_the_supervisor_spin(no_leftover_processes, n, how):
     async def main():
-        m, _ = make(n)
+        m, _ = make(n, cls=FaultManager)
         try:
             await m.start()
             job = await m.start_job('close_result', how=how, seconds=20)
-            await until(lambda: job.status == 'running', 10)
+            await until('the job runs', lambda: job.status == 'running', 10)
             await asyncio.sleep(0.2)  # it has closed its pipe
             me = psutil.Process()
             c0, t0 = me.cpu_times(), time.monotonic()

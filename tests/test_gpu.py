@@ -4,7 +4,7 @@ import pytest
 
 from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.extensions.resources import ResourceManager, ResourceStatus
-from test_manager import TextJobManager, run, finish, until
+from helpers import TextJobManager, finish, run, until
 from conftest import pid_gone
 
 pytestmark = pytest.mark.gpu
@@ -21,14 +21,17 @@ def _gpu_pids(rm) -> set: return {p.pid for d in rm.get_gpu_info() for p in d.pr
 def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
     rm = _require_gpu_and_torch()
     async def main():
-        m = TextJobManager('gpu', 'test', resource_manager=rm, worker_config=WorkerConfig(worker_start_timeout_seconds=120))
+        m = TextJobManager('gpu', 'test', resource_manager=rm,
+                           worker_config=WorkerConfig(worker_start_timeout_seconds=120))
         outsider = None
         try:
             held = await finish(m, await m.start_job('gpu', mib=1024), timeout=120)
             assert held.status == 'completed', held.error
             server = await finish(m, await m.start_job('gpu_server', mib=512), timeout=120)
             worker_pid, server_pid = held.result['pid'], server.result['pid']
-            await until(lambda: {worker_pid, server_pid} <= _gpu_pids(rm), timeout=120)
+            await until('the worker and its server on the GPU',
+                        lambda: {worker_pid, server_pid} <= _gpu_pids(rm),
+                        timeout=120)
             c = rm.check_gpu_availability(0)
             assert worker_pid in c.app_pids and server_pid in c.app_pids, (c.app_pids, c.external_pids)
             assert c.status == ResourceStatus.APP_BUSY, c.message
@@ -38,7 +41,8 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
                 f"import time, torch; x = torch.empty({mib << 20}, dtype=torch.uint8, device='cuda'); time.sleep(600)"])
             def outsider_memory():  # NVML lists the process with its context first, its allocation a moment later
                 return sum(p.used_memory or 0 for d in rm.get_gpu_info() for p in d.processes if p.pid == outsider.pid)
-            await until(lambda: outsider_memory() > total * 0.5, timeout=120)
+            await until("the outsider's memory on the GPU",
+                        lambda: outsider_memory() > total * 0.5, timeout=120)
             c = rm.check_gpu_availability(0)
             assert outsider.pid in c.external_pids and outsider.pid not in c.app_pids
             assert c.status == ResourceStatus.EXTERNAL_BUSY, c.message
@@ -48,4 +52,4 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
             if outsider is not None: outsider.kill(); outsider.wait()
         assert pid_gone(server_pid), "the worker's GPU server outlived shutdown"
         assert rm.get_workers_by_type('gpu') == []
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default

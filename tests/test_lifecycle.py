@@ -1,17 +1,14 @@
 """Issue 18: a manager's lifecycle under the faults code written for the documented system still hit: a dropped
 manager, a shutdown racing a busy round, a death with commands waiting, memory after clearing, events that a
 broadcaster keeps up with or lags behind. Each test ran red before its fix (the numbers are in the issue's note)."""
-import asyncio, gc, logging, os, signal, threading, time, tracemalloc, uuid, weakref
-from dataclasses import dataclass, field
-from typing import Any, Dict
+import asyncio, gc, logging, os, signal, threading, time, tracemalloc, weakref
 
 import psutil, pytest
 
-from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.core.worker import base_worker_process
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager
 from conftest import pid_gone
+from helpers import TextJobManager, make, run, until
 
 pytestmark = pytest.mark.timeout(90)
 POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
@@ -39,15 +36,10 @@ class LifecyclePlugins(ScenarioPluginManager):
 def lifecycle_worker_process(request_queue, result_queue, response_queue):
     base_worker_process(request_queue, result_queue, response_queue, LifecyclePlugins, supports_streaming=True)
 
-@dataclass
-class Job(BaseJob):
-    params: Dict[str, Any] = field(default_factory=dict)
-
-class Manager(BaseJobManager[Job]):
-    def create_job(self, plugin_id, **kwargs): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+class LifecycleManager(TextJobManager):
     def get_worker_entry_point(self): return lifecycle_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
+
+LIFE = dict(cls=LifecycleManager, worker_type='life')  # what every manager here is made with
 
 class Counting:
     "A broadcaster that keeps up: it counts, and (unless `keep` is False) joins chunks and lists the other kinds."
@@ -59,23 +51,11 @@ class Counting:
         if kind == 'chunk': self.texts[data['job_id']] = self.texts.get(data['job_id'], '') + data['chunk']
         else: self.kinds.append(kind)
 
-def make(n=1, events=None, **cfg):
-    return Manager('life', 'test', supports_streaming=True, event_broadcaster=events,
-                   worker_config=WorkerConfig(max_workers=n, **cfg))
-
-def run(coro, timeout=80): return asyncio.run(asyncio.wait_for(coro, timeout))
-
-async def until(what:str, pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"
-        await asyncio.sleep(0.005)
-
 # ----- a dropped manager --------------------------------------------------------------------------------------
 @POOLS
 def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_leftover_processes, n):
     async def main():
-        m = make(n, events=Counting())
+        m, _ = make(n, events=Counting(), **LIFE)
         await m.start()
         job = await m.start_job('sleep', seconds=30)
         await until("the job runs", lambda: job.status == 'running')
@@ -94,7 +74,7 @@ def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftove
     "The supervisor's read is held 6 s (an object slow to unpickle); shutdown's 5 s wait for the thread runs out."
     monkeypatch.setenv('CJM_TEST_SLOW_READ', str(os.getpid()))
     async def main():
-        m = make(1)
+        m, _ = make(1, events=None, **LIFE)
         await m.start()
         await m.start_job('slow_to_read', seconds=6)
         await asyncio.sleep(0.5)  # the supervisor is reading the result now
@@ -112,7 +92,7 @@ def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftove
 @pytest.mark.parametrize('n', [1, 2], ids=['pool1', 'pool2'])
 def test_a_worker_killed_while_reloads_wait_for_it_ends_its_job_at_once(no_leftover_processes, n):
     async def main():
-        m = make(n, reload_timeout_seconds=3)
+        m, _ = make(n, events=None, reload_timeout_seconds=3, **LIFE)
         try:
             await m.start()
             job = await m.start_job('sleep', seconds=5)
@@ -137,7 +117,7 @@ def test_nothing_of_a_cleared_job_remains(no_leftover_processes):
         await asyncio.sleep(0.1)
         assert m.clear_completed_jobs() == n
     async def main():
-        m = make(1, events=Counting(keep=False))
+        m, _ = make(1, events=Counting(keep=False), **LIFE)
         try:
             await m.start()
             await batch(m, 10000)
@@ -155,7 +135,7 @@ def test_nothing_of_a_cleared_job_remains(no_leftover_processes):
 def test_a_broadcaster_that_keeps_up_gets_every_chunk_of_100000(no_leftover_processes):
     async def main():
         events = Counting()
-        m = make(1, events=events)
+        m, _ = make(1, events=events, **LIFE)
         try:
             await m.start()
             job = await m.start_job('many_chunks', n=100_000, stream=True)
@@ -166,7 +146,7 @@ def test_a_broadcaster_that_keeps_up_gets_every_chunk_of_100000(no_leftover_proc
         assert events.texts[job.id] == want, "the streamed text has a hole"
         assert events.kinds == ['submitted', 'started', 'completed']
         print(f"chunks delivered: {events.n - 3}, coalesced: {m._events.coalesced}")
-    run(main())
+    run(main(), 80)  # its waits add up to more than run's default
 
 class Lagging(Counting):
     "A broadcaster that takes 1 ms per event: it cannot keep up with a stream."
@@ -177,7 +157,7 @@ class Lagging(Counting):
 def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never_a_hole(no_leftover_processes):
     async def main():
         events = Lagging()
-        m = make(1, events=events)
+        m, _ = make(1, events=events, **LIFE)
         m._events.size = 50
         try:
             await m.start()
@@ -190,4 +170,4 @@ def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never
         assert m._events.coalesced > 0, "nothing was coalesced: the broadcaster did not lag"
         assert events.kinds.count('completed') == 2 and events.kinds[-1] == 'completed'
         assert events.kinds.count('progress') < 500  # coalesced, the latest kept
-    run(main())
+    run(main(), 80)  # its waits add up to more than run's default

@@ -1,60 +1,12 @@
 "BaseJobManager under failure: crashes, cancellation, timeouts, restart policies, shutdown, soak."
-import asyncio, os, random, signal, subprocess, sys, textwrap, threading, time, uuid
-from dataclasses import dataclass, field
-from typing import Any, Dict
+import asyncio, os, random, signal, subprocess, sys, textwrap, threading, time
 
 import psutil, pytest
 
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager, TERMINAL_STATUSES
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from cjm_fasthtml_workers.managers.base import TERMINAL_STATUSES
 from conftest import pid_gone
-
-@dataclass
-class TextJob(BaseJob):
-    params: Dict[str, Any] = field(default_factory=dict)
-
-class TextJobManager(BaseJobManager[TextJob]):
-    def create_job(self, plugin_id, **kwargs): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
-
-class Recorder:
-    "Event broadcaster that records events and the thread they arrive on."
-    def __init__(self): self.events, self.threads = [], set()
-    async def broadcast(self, event_type, data):
-        self.events.append((event_type, data))
-        self.threads.add(threading.get_ident())
-    def of(self, job_id): return [e.split(':', 1)[1] for e, d in self.events if d.get('job_id') == job_id]
-    def kinds(self): return [e.split(':', 1)[1] for e, d in self.events]
-
-class RecordingResourceManager:
-    def __init__(self): self.calls = []
-    def register_worker(self, pid, worker_type): self.calls.append(('register', pid, worker_type))
-    def unregister_worker(self, pid): self.calls.append(('unregister', pid))
-    def update_worker_state(self, pid, **kw): self.calls.append(('update', pid, kw))
-
-def make(policy=RestartPolicy.ON_CANCELLATION, backend='process', **cfg):
-    events = Recorder()
-    m = TextJobManager('text', 'test', supports_streaming=True, event_broadcaster=events,
-                       worker_config=WorkerConfig(restart_policy=policy, backend=backend, **cfg))
-    return m, events
-
-def run(coro): return asyncio.run(asyncio.wait_for(coro, 120))
-
-async def until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-async def finish(m, job, timeout=30): return await m.wait_for_job(job.id, timeout=timeout)
-
-def assert_terminal(m):
-    for j in m.get_all_jobs():
-        assert j.status in TERMINAL_STATUSES and j.completed_at, (j.id, j.status)
-        if j.status == 'completed': assert j.result is not None
+from helpers import RecordingResourceManager, TextJobManager, assert_terminal, finish, make, run, until
 
 # ----- happy path -------------------------------------------------------------------------------------------
 def test_many_jobs_in_order(no_leftover_processes, backend):
@@ -74,39 +26,35 @@ def test_many_jobs_in_order(no_leftover_processes, backend):
         assert_terminal(m)
     run(main())
 
-def test_pending_until_started_then_running(no_leftover_processes, backend):
+def test_pending_until_started_then_running(manager_factory, backend):
     async def main():
-        m, _ = make(backend=backend)
-        try:
-            await m.start()
-            slow = await m.start_job('sleep', seconds=0.6)
-            behind = await m.start_job('echo', text='b')
-            await until(lambda: slow.status == 'running')
-            assert behind.status == 'pending' and behind.started_at is None
-            assert m.get_worker_info()['pending_jobs'] == 1
-            assert (await finish(m, behind)).status == 'completed'
-            assert slow.completed_at <= behind.started_at
-        finally: m.shutdown()
+        m, _ = manager_factory(backend=backend)
+        await m.start()
+        slow = await m.start_job('sleep', seconds=0.6)
+        behind = await m.start_job('echo', text='b')
+        await until('the slow job runs', lambda: slow.status == 'running')
+        assert behind.status == 'pending' and behind.started_at is None
+        assert m.get_worker_info()['pending_jobs'] == 1
+        assert (await finish(m, behind)).status == 'completed'
+        assert slow.completed_at <= behind.started_at
     run(main())
 
 # ----- cancellation -----------------------------------------------------------------------------------------
-def test_cancel_pending_leaves_worker(no_leftover_processes, backend):
+def test_cancel_pending_leaves_worker(manager_factory, backend):
     async def main():
-        m, events = make(backend=backend)
-        try:
-            await m.start()
-            pid = m.worker_process.pid
-            slow = await m.start_job('sleep', seconds=0.3)
-            victim = await m.start_job('echo', text='x')
-            after = await m.start_job('echo', text='y')
-            assert await m.cancel_job(victim.id)
-            assert (await finish(m, after)).result['text'] == 'y'
-            assert victim.status == 'cancelled' and victim.started_at is None and victim.completed_at
-            assert slow.status == 'completed' and m.worker_process.pid == pid and m.restart_count == 0
-            assert not await m.cancel_job(victim.id) and not await m.cancel_job(after.id)
-            await asyncio.sleep(0.05)
-            assert events.of(victim.id) == ['submitted', 'cancelled']
-        finally: m.shutdown()
+        m, events = manager_factory(backend=backend)
+        await m.start()
+        pid = m.worker_process.pid
+        slow = await m.start_job('sleep', seconds=0.3)
+        victim = await m.start_job('echo', text='x')
+        after = await m.start_job('echo', text='y')
+        assert await m.cancel_job(victim.id)
+        assert (await finish(m, after)).result['text'] == 'y'
+        assert victim.status == 'cancelled' and victim.started_at is None and victim.completed_at
+        assert slow.status == 'completed' and m.worker_process.pid == pid and m.restart_count == 0
+        assert not await m.cancel_job(victim.id) and not await m.cancel_job(after.id)
+        await asyncio.sleep(0.05)
+        assert events.of(victim.id) == ['submitted', 'cancelled']
     run(main())
 
 def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes, backend):
@@ -117,7 +65,7 @@ def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes, backe
             pid = m.worker_process.pid
             hang = await m.start_job('hang')
             behind = [await m.start_job('echo', text=str(i)) for i in range(5)]
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             assert await m.cancel_job(hang.id)
             done = [await finish(m, j) for j in behind]
             assert [j.result['text'] for j in done] == [str(i) for i in range(5)]
@@ -130,19 +78,17 @@ def test_cancel_running_keeps_waiting_jobs_in_order(no_leftover_processes, backe
         assert_terminal(m)
     run(main())
 
-def test_cancel_kills_grandchildren(no_leftover_processes, tmp_path, backend):
+def test_cancel_kills_grandchildren(manager_factory, tmp_path, backend):
     async def main():
-        m, _ = make(backend=backend)
-        try:
-            pid_file = tmp_path / 'child.pid'
-            job = await m.start_job('spawn', pid_file=str(pid_file))
-            await until(lambda: pid_file.exists() and pid_file.read_text())
-            grandchild = int(pid_file.read_text())
-            assert psutil.pid_exists(grandchild)
-            assert await m.cancel_job(job.id)
-            assert pid_gone(grandchild), "the plugin's own subprocess outlived the cancellation"
-            assert (await finish(m, await m.start_job('echo', text='ok'))).status == 'completed'
-        finally: m.shutdown()
+        m, _ = manager_factory(backend=backend)
+        pid_file = tmp_path / 'child.pid'
+        job = await m.start_job('spawn', pid_file=str(pid_file))
+        await until("the plugin wrote its child's pid", lambda: pid_file.exists() and pid_file.read_text())
+        grandchild = int(pid_file.read_text())
+        assert psutil.pid_exists(grandchild)
+        assert await m.cancel_job(job.id)
+        assert pid_gone(grandchild), "the plugin's own subprocess outlived the cancellation"
+        assert (await finish(m, await m.start_job('echo', text='ok'))).status == 'completed'
     run(main())
 
 # ----- crashes under every restart policy ----------------------------------------------------------------------
@@ -152,7 +98,7 @@ CRASHES = {'kill': ({}, 'SIGKILL'), 'segv': ({}, 'SIGSEGV'), 'exit': ({'code': 3
 @pytest.mark.parametrize('crash', list(CRASHES))
 def test_crash_matrix(no_leftover_processes, crash, policy, backend):
     async def main():
-        m, events = make(policy, restart_backoff_base_seconds=0.1, backend=backend)
+        m, events = make(policy=policy, restart_backoff_base_seconds=0.1, backend=backend)
         try:
             await m.start()
             pid = m.worker_process.pid
@@ -180,71 +126,64 @@ def test_crash_matrix(no_leftover_processes, crash, policy, backend):
         assert_terminal(m)
     run(main())
 
-def test_restart_budget_and_its_reset(no_leftover_processes):
+def test_restart_budget_and_its_reset(manager_factory):
     async def main():
-        m, _ = make(RestartPolicy.ALWAYS, max_restart_attempts=2)
-        try:
-            # a completed job between crashes resets the count: 3 crashes, all restarted
-            for _ in range(3):
-                assert (await finish(m, await m.start_job('kill'))).status == 'failed'
-                assert (await finish(m, await m.start_job('echo', text='ok'))).status == 'completed'
-            assert m.restart_count == 3
-            # three crashes in a row: the third is not restarted, and the job waiting behind it fails saying so
-            jobs = [await m.start_job('kill') for _ in range(3)] + [await m.start_job('echo', text='late')]
-            done = [await finish(m, j) for j in jobs]
-            assert [j.status for j in done] == ['failed'] * 4
-            assert 'gave up after 2 consecutive restarts' in done[3].error, done[3].error
-        finally: m.shutdown()
+        m, _ = manager_factory(policy=RestartPolicy.ALWAYS, max_restart_attempts=2)
+        # a completed job between crashes resets the count: 3 crashes, all restarted
+        for _ in range(3):
+            assert (await finish(m, await m.start_job('kill'))).status == 'failed'
+            assert (await finish(m, await m.start_job('echo', text='ok'))).status == 'completed'
+        assert m.restart_count == 3
+        # three crashes in a row: the third is not restarted, and the job waiting behind it fails saying so
+        jobs = [await m.start_job('kill') for _ in range(3)] + [await m.start_job('echo', text='late')]
+        done = [await finish(m, j) for j in jobs]
+        assert [j.status for j in done] == ['failed'] * 4
+        assert 'gave up after 2 consecutive restarts' in done[3].error, done[3].error
     run(main())
 
-def test_backoff_waits_on_a_timer(no_leftover_processes):
+def test_backoff_waits_on_a_timer(manager_factory):
     async def main():
-        m, events = make(RestartPolicy.BACKOFF, restart_backoff_base_seconds=0.4)
-        try:
-            await m.start()
-            await finish(m, await m.start_job('kill'))
-            info = m.get_worker_info()
-            assert info['state'] == 'restarting' and info['pid'] is None
-            t0 = time.monotonic()
-            ticks = 0
-            while m.get_worker_info()['state'] == 'restarting':  # the loop keeps running meanwhile
-                await asyncio.sleep(0.01); ticks += 1
-            assert ticks >= 10 and time.monotonic() - t0 >= 0.2
-            assert (await finish(m, await m.start_job('echo', text='x'))).status == 'completed'
-        finally: m.shutdown()
+        m, events = manager_factory(policy=RestartPolicy.BACKOFF, restart_backoff_base_seconds=0.4)
+        await m.start()
+        await finish(m, await m.start_job('kill'))
+        info = m.get_worker_info()
+        assert info['state'] == 'restarting' and info['pid'] is None
+        t0 = time.monotonic()
+        ticks = 0
+        while m.get_worker_info()['state'] == 'restarting':  # the loop keeps running meanwhile
+            await asyncio.sleep(0.01); ticks += 1
+        assert ticks >= 10 and time.monotonic() - t0 >= 0.2
+        assert (await finish(m, await m.start_job('echo', text='x'))).status == 'completed'
     run(main())
 
-def test_job_timeout(no_leftover_processes, tmp_path, backend):
+def test_job_timeout(manager_factory, tmp_path, backend):
     async def main():
-        m, _ = make(job_timeout_seconds=0.5, backend=backend)
-        try:
-            pid_file = tmp_path / 'child.pid'
-            hung = await m.start_job('spawn', pid_file=str(pid_file))
-            behind = await m.start_job('echo', text='next')
-            hung = await finish(m, hung)
-            assert hung.status == 'failed' and 'timed out after 0.5 s' in hung.error, hung.error
-            assert pid_gone(int(pid_file.read_text()))
-            assert (await finish(m, behind)).status == 'completed'
-        finally: m.shutdown()
+        m, _ = manager_factory(job_timeout_seconds=0.5, backend=backend)
+        pid_file = tmp_path / 'child.pid'
+        hung = await m.start_job('spawn', pid_file=str(pid_file))
+        behind = await m.start_job('echo', text='next')
+        hung = await finish(m, hung)
+        assert hung.status == 'failed' and 'timed out after 0.5 s' in hung.error, hung.error
+        assert pid_gone(int(pid_file.read_text()))
+        assert (await finish(m, behind)).status == 'completed'
     run(main())
 
 # ----- bad input -------------------------------------------------------------------------------------------
-def test_bad_input(no_leftover_processes):
+def test_bad_input(manager_factory):
     async def main():
-        m, _ = make()
-        try:
-            with pytest.raises(ValueError, match='no-such'): await m.start_job('no-such')
-            with pytest.raises(TypeError, match='cannot be sent'): await m.start_job('echo', text=threading.Lock())
-            with pytest.raises(TypeError): await m.start_job('echo', fn=lambda: 1)
-            assert m.get_all_jobs() == []
-            pid = m.worker_process.pid
-            job = await finish(m, await m.start_job('unpicklable'))
-            assert job.status == 'failed' and 'pickle' in job.error
-            assert (await finish(m, await m.start_job('echo', text='fine'))).status == 'completed'
-            assert m.worker_process.pid == pid
-            with pytest.raises(KeyError): await m.wait_for_job('nope')
-            with pytest.raises(KeyError): [c async for c in m.stream_job('nope')]
-        finally: m.shutdown()
+        m, _ = manager_factory()
+        with pytest.raises(ValueError, match='no-such'): await m.start_job('no-such')
+        with pytest.raises(TypeError, match='cannot be sent'):
+            await m.start_job('echo', text=threading.Lock())
+        with pytest.raises(TypeError): await m.start_job('echo', fn=lambda: 1)
+        assert m.get_all_jobs() == []
+        pid = m.worker_process.pid
+        job = await finish(m, await m.start_job('unpicklable'))
+        assert job.status == 'failed' and 'pickle' in job.error
+        assert (await finish(m, await m.start_job('echo', text='fine'))).status == 'completed'
+        assert m.worker_process.pid == pid
+        with pytest.raises(KeyError): await m.wait_for_job('nope')
+        with pytest.raises(KeyError): [c async for c in m.stream_job('nope')]
     run(main())
 
 class Registry:
@@ -263,7 +202,8 @@ def test_registry_and_resource_manager_integration(no_leftover_processes):
             job = await finish(m, await m.start_job('p-echo', text='hi'))
             assert job.result['text'] == '>> hi' and m.get_plugin_name('p-echo') == 'echo'
             pid = job.worker_pid
-            await until(lambda: any(c[0] == 'update' and c[2].get('status') == 'idle' for c in rm.calls))
+            await until('an idle update to the resource manager',
+                        lambda: any(c[0] == 'update' and c[2].get('status') == 'idle' for c in rm.calls))
             assert rm.calls[0] == ('register', pid, 'text')
             running = next(c for c in rm.calls if c[0] == 'update' and c[2].get('status') == 'running')
             assert running[2]['job_id'] == job.id and running[2]['plugin_name'] == 'echo'
@@ -275,64 +215,58 @@ def test_registry_and_resource_manager_integration(no_leftover_processes):
     run(main())
 
 # ----- plugin commands -------------------------------------------------------------------------------------
-def test_reload_and_unload(no_leftover_processes, backend):
+def test_reload_and_unload(manager_factory, backend):
     async def main():
-        m, _ = make(reload_timeout_seconds=0.3, backend=backend)
-        try:
-            assert await m.reload_plugin('echo', {'prefix': 'A:'})
-            assert (await finish(m, await m.start_job('echo', text='1'))).result['text'] == 'A:1'
-            assert not await m.reload_plugin('echo', {'fail_load': True})
-            assert not await m.reload_plugin('echo', {'prefix': 'B:', 'load_seconds': 1.0})  # times out
-            m.worker_config.reload_timeout_seconds = 10
-            assert await m.reload_plugin('echo', {'prefix': 'C:'})  # not fooled by the late answer
-            assert (await finish(m, await m.start_job('echo', text='2'))).result['text'] == 'C:2'
-            assert await m.unload_plugin('echo')
-            hist = await finish(m, await m.start_job('history'))
-            assert hist.result['events'][-2:] == ['unload echo', 'load history']
-            assert m.get_worker_info()['loaded_plugin'] == 'history'
-            # a restarted worker keeps the reloaded configuration
-            job = await m.start_job('hang')
-            await until(lambda: job.status == 'running')
-            await m.cancel_job(job.id)
-            assert (await finish(m, await m.start_job('echo', text='3'))).result['text'] == 'C:3'
-        finally: m.shutdown()
+        m, _ = manager_factory(reload_timeout_seconds=0.3, backend=backend)
+        assert await m.reload_plugin('echo', {'prefix': 'A:'})
+        assert (await finish(m, await m.start_job('echo', text='1'))).result['text'] == 'A:1'
+        assert not await m.reload_plugin('echo', {'fail_load': True})
+        assert not await m.reload_plugin('echo', {'prefix': 'B:', 'load_seconds': 1.0})  # times out
+        m.worker_config.reload_timeout_seconds = 10
+        assert await m.reload_plugin('echo', {'prefix': 'C:'})  # not fooled by the late answer
+        assert (await finish(m, await m.start_job('echo', text='2'))).result['text'] == 'C:2'
+        assert await m.unload_plugin('echo')
+        hist = await finish(m, await m.start_job('history'))
+        assert hist.result['events'][-2:] == ['unload echo', 'load history']
+        assert m.get_worker_info()['loaded_plugin'] == 'history'
+        # a restarted worker keeps the reloaded configuration
+        job = await m.start_job('hang')
+        await until('the job runs', lambda: job.status == 'running')
+        await m.cancel_job(job.id)
+        assert (await finish(m, await m.start_job('echo', text='3'))).result['text'] == 'C:3'
     run(main())
 
 # ----- streaming, progress, events -----------------------------------------------------------------------------
-def test_streaming_arrives_while_running(no_leftover_processes, backend):
+def test_streaming_arrives_while_running(manager_factory, backend):
     async def main():
-        m, events = make(backend=backend)
-        try:
-            job = await m.start_job('stream', text='a b c d e', delay=0.1, stream=True)
-            seen = []
-            async for chunk in m.stream_job(job.id):
-                seen.append((chunk, job.status))
-            assert [c for c, _ in seen] == ['a ', 'b ', 'c ', 'd ', 'e']
-            assert seen[0][1] == 'running'  # the first chunk came before the job ended
-            assert (await finish(m, job)).result == {'streamed': True}  # the documented result of a streamed job
-            assert ''.join(m.get_job_chunks(job.id)) == 'a b c d e'
-            await asyncio.sleep(0.05)
-            assert events.of(job.id) == ['submitted', 'started'] + ['chunk'] * 5 + ['completed']
-            # the same plugin without stream=True runs execute_plugin: no chunks, the text in the result
-            plain = await finish(m, await m.start_job('stream', text='x y'))
-            assert plain.result['text'] == 'x y' and m.get_job_chunks(plain.id) == []
-            assert 'chunk' not in events.of(plain.id)
-        finally: m.shutdown()
+        m, events = manager_factory(backend=backend)
+        job = await m.start_job('stream', text='a b c d e', delay=0.1, stream=True)
+        seen = []
+        async for chunk in m.stream_job(job.id):
+            seen.append((chunk, job.status))
+        assert [c for c, _ in seen] == ['a ', 'b ', 'c ', 'd ', 'e']
+        assert seen[0][1] == 'running'  # the first chunk came before the job ended
+        assert (await finish(m, job)).result == {'streamed': True}  # the documented result of a streamed job
+        assert ''.join(m.get_job_chunks(job.id)) == 'a b c d e'
+        await asyncio.sleep(0.05)
+        assert events.of(job.id) == ['submitted', 'started'] + ['chunk'] * 5 + ['completed']
+        # the same plugin without stream=True runs execute_plugin: no chunks, the text in the result
+        plain = await finish(m, await m.start_job('stream', text='x y'))
+        assert plain.result['text'] == 'x y' and m.get_job_chunks(plain.id) == []
+        assert 'chunk' not in events.of(plain.id)
     run(main())
 
-def test_progress(no_leftover_processes, backend):
+def test_progress(manager_factory, backend):
     async def main():
-        m, events = make(backend=backend)
-        try:
-            job = await m.start_job('sleep', seconds=0.4, steps=4)
-            await until(lambda: job.progress is not None)
-            assert 0 < job.progress < 1 or job.status != 'running'
-            job = await finish(m, job)
-            assert (job.progress, job.progress_message) == (1.0, 'step 4 of 4')
-            await asyncio.sleep(0.05)
-            assert events.of(job.id) == ['submitted', 'started'] + ['progress'] * 4 + ['completed']
-            assert [d['progress'] for e, d in events.events if e == 'text:progress'] == [0.25, 0.5, 0.75, 1.0]
-        finally: m.shutdown()
+        m, events = manager_factory(backend=backend)
+        job = await m.start_job('sleep', seconds=0.4, steps=4)
+        await until('a progress report', lambda: job.progress is not None)
+        assert 0 < job.progress < 1 or job.status != 'running'
+        job = await finish(m, job)
+        assert (job.progress, job.progress_message) == (1.0, 'step 4 of 4')
+        await asyncio.sleep(0.05)
+        assert events.of(job.id) == ['submitted', 'started'] + ['progress'] * 4 + ['completed']
+        assert [d['progress'] for e, d in events.events if e == 'text:progress'] == [0.25, 0.5, 0.75, 1.0]
     run(main())
 
 # ----- shutdown --------------------------------------------------------------------------------------------
@@ -344,7 +278,8 @@ def test_shutdown_with_work_in_flight(no_leftover_processes, tmp_path, backend):
         pid_file = tmp_path / 'child.pid'
         running = await m.start_job('spawn', pid_file=str(pid_file))
         waiting = [await m.start_job('echo', text=str(i)) for i in range(3)]
-        await until(lambda: running.status == 'running' and pid_file.exists() and pid_file.read_text())
+        await until("the spawn job runs and wrote its child's pid",
+                    lambda: running.status == 'running' and pid_file.exists() and pid_file.read_text())
         pid, grandchild = m.worker_process.pid, int(pid_file.read_text())
         t0 = time.monotonic()
         m.shutdown()
@@ -373,7 +308,7 @@ def test_interpreter_exit_shuts_down(no_leftover_processes, tmp_path):
     script.write_text(textwrap.dedent('''
         import asyncio, sys, uuid
         sys.path.insert(0, %r)
-        from test_manager import TextJobManager
+        from helpers import TextJobManager
         async def main():
             m = TextJobManager('text', 'test')
             job = await m.start_job('hang')
@@ -390,7 +325,7 @@ def test_interpreter_exit_shuts_down(no_leftover_processes, tmp_path):
 def test_soak_random_kills(no_leftover_processes, backend):
     "Hundreds of jobs while the worker is killed at random: every job ends exactly once, results are right."
     async def main():
-        m, events = make(RestartPolicy.ALWAYS, max_restart_attempts=1000, backend=backend)
+        m, events = make(policy=RestartPolicy.ALWAYS, max_restart_attempts=1000, backend=backend)
         rng = random.Random(1234)
         try:
             jobs = [await m.start_job(rng.choice(['echo', 'echo', 'sleep']), text=f't{i}', seconds=0.002) for i in range(400)]
@@ -430,7 +365,7 @@ def test_event_loop_never_stalls(no_leftover_processes, backend):
             t = asyncio.create_task(ticker())
             jobs = [await m.start_job('echo', text=str(i)) for i in range(300)]
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             await m.cancel_job(hang.id)
             assert await m.reload_plugin('echo', {'prefix': '>'})
             assert await m.unload_plugin('echo')
@@ -465,20 +400,18 @@ def test_hooks(no_leftover_processes):
             ok = await finish(m, await m.start_job('echo', text='fine'))
             bad = await finish(m, await m.start_job('echo', text='explode'))
             assert bad.status == 'failed' and 'extract_job_result failed: KeyError' in bad.error
-            await until(lambda: len(m.completed_hook) == 1)
+            await until('_on_job_completed called', lambda: len(m.completed_hook) == 1)
             assert m.completed_hook == [(ok.id, 'completed')]  # called once, after the status is set
         finally: m.shutdown()
     run(main())
 
-def test_many_waiters_one_result(no_leftover_processes):
+def test_many_waiters_one_result(manager_factory):
     async def main():
-        m, _ = make()
-        try:
-            job = await m.start_job('sleep', seconds=0.2, text='shared')
-            done = await asyncio.gather(*[m.wait_for_job(job.id, timeout=30) for _ in range(10)])
-            assert all(d is job and d.status == 'completed' and d.result['text'] == 'shared' for d in done)
-            assert m._book.waiters == {}  # nothing left behind
-        finally: m.shutdown()
+        m, _ = manager_factory()
+        job = await m.start_job('sleep', seconds=0.2, text='shared')
+        done = await asyncio.gather(*[m.wait_for_job(job.id, timeout=30) for _ in range(10)])
+        assert all(d is job and d.status == 'completed' and d.result['text'] == 'shared' for d in done)
+        assert m._book.waiters == {}  # nothing left behind
     run(main())
 
 # ----- a worker that cannot start ------------------------------------------------------------------------------
@@ -515,23 +448,21 @@ def test_worker_that_cannot_be_spawned(no_leftover_processes, caplog):
         finally: m.shutdown()
     run(main())
 
-def test_dispatched_job_that_never_started_runs_on_the_next_worker(no_leftover_processes):
+def test_dispatched_job_that_never_started_runs_on_the_next_worker(manager_factory):
     async def main():
-        m, events = make(RestartPolicy.ALWAYS)
-        try:
-            await m.start()
-            pid = m.worker_process.pid
-            os.kill(pid, signal.SIGSTOP)  # frozen: the job reaches its pipe but cannot start
-            job = await m.start_job('echo', text='survivor')
-            await asyncio.sleep(0.2)
-            assert job.status == 'pending' and m.get_worker_info()['current_job_id'] == job.id
-            os.kill(pid, signal.SIGKILL)
-            job = await finish(m, job)
-            assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != pid
-            await asyncio.sleep(0.05)
-            died = [d for e, d in events.events if e == 'text:worker_died']
-            assert died and 'job_id' not in died[0]  # it was not running the job: a worker event with no job_id key
-            restarted = [d for e, d in events.events if e == 'text:worker_restarted']
-            assert restarted and all('job_id' not in d for d in restarted)
-        finally: m.shutdown()
+        m, events = manager_factory(policy=RestartPolicy.ALWAYS)
+        await m.start()
+        pid = m.worker_process.pid
+        os.kill(pid, signal.SIGSTOP)  # frozen: the job reaches its pipe but cannot start
+        job = await m.start_job('echo', text='survivor')
+        await asyncio.sleep(0.2)
+        assert job.status == 'pending' and m.get_worker_info()['current_job_id'] == job.id
+        os.kill(pid, signal.SIGKILL)
+        job = await finish(m, job)
+        assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != pid
+        await asyncio.sleep(0.05)
+        died = [d for e, d in events.events if e == 'text:worker_died']
+        assert died and 'job_id' not in died[0]  # it was not running the job: a worker event, no job_id key
+        restarted = [d for e, d in events.events if e == 'text:worker_restarted']
+        assert restarted and all('job_id' not in d for d in restarted)
     run(main())

@@ -1,31 +1,19 @@
 """extensions.metrics: scrapes after a known mix of jobs, histogram buckets, several managers in one registry, GPU
 memory on a fake NVML, dropped events, and the core never importing prometheus_client."""
-import asyncio, os, subprocess, sys, time, uuid
-from dataclasses import dataclass, field
+import asyncio, os, subprocess, sys
 
 import pytest
 prometheus_client = pytest.importorskip('prometheus_client', reason="the metrics extra: pip install -e '.[metrics]'")
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
+from cjm_fasthtml_workers.core.config import RestartPolicy
 from cjm_fasthtml_workers.extensions.metrics import ManagerCollector
 from cjm_fasthtml_workers.extensions.resources import FakeNVML
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from helpers import TextJobManager, finish, make, run, until
 
-@dataclass
-class TextJob(BaseJob):
-    params: dict = field(default_factory=dict)
-
-class TextJobManager(BaseJobManager[TextJob]):
-    def create_job(self, plugin_id, **kw): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
-
-def make(worker_type='text', **cfg):
-    return TextJobManager(worker_type, 'test', worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS, **cfg))
+# the managers here count what happens: no event broadcaster, no streaming, workers always restarted
+PLAIN = dict(policy=RestartPolicy.ALWAYS, events=None, streaming=False)
 
 def scrape(registry) -> dict:
     "(name, sorted labels) -> value of every sample, read back with prometheus_client's parser."
@@ -35,20 +23,10 @@ def scrape(registry) -> dict:
 
 def value(samples, name, **labels): return samples.get((name, tuple(sorted(labels.items()))))
 
-def run(coro): return asyncio.run(asyncio.wait_for(coro, 120))
-
-async def until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-async def finish(m, job): return await m.wait_for_job(job.id, timeout=30)
-
 def test_known_mix_of_jobs(no_leftover_processes):
     "3 completed, 2 failed, a crash, a running job and a waiting one cancelled: each counted where it belongs."
     async def main():
-        m = make()
+        m, _ = make(**PLAIN)
         registry = CollectorRegistry()
         registry.register(ManagerCollector(m, nvml=FakeNVML(init_error='no GPU in this test')))
         try:
@@ -58,14 +36,16 @@ def test_known_mix_of_jobs(no_leftover_processes):
             assert crashed.status == 'failed'
             hang = await m.start_job('hang')
             behind = await m.start_job('echo', text='never')
-            await until(lambda: m.get_job(hang.id).status == 'running')
+            await until('the hang job runs', lambda: m.get_job(hang.id).status == 'running')
             s = scrape(registry)
             assert value(s, 'cjm_jobs_running', worker_type='text', plugin='hang') == 1
             assert value(s, 'cjm_jobs_waiting', worker_type='text', plugin='echo') == 1
             assert value(s, 'cjm_workers', worker_type='text', state='busy') == 1
             assert value(s, 'cjm_worker_plugin_loaded', worker_type='text', worker_id='0', plugin='hang', gpu='') == 1
             assert await m.cancel_job(behind.id) and await m.cancel_job(hang.id)
-            await until(lambda: m.get_workers_info()[0]['cancels'] == 1 and m.get_workers_info()[0]['state'] == 'idle')
+            await until('the cancel counted and the worker idle again',
+                        lambda: m.get_workers_info()[0]['cancels'] == 1
+                        and m.get_workers_info()[0]['state'] == 'idle')
             assert m.clear_completed_jobs() == 8  # what was counted outlives the jobs
             s = scrape(registry)
         finally: m.shutdown()
@@ -91,7 +71,7 @@ def test_known_mix_of_jobs(no_leftover_processes):
 def test_histogram_buckets_move(no_leftover_processes):
     "A 0.3 s job moves the run histogram's buckets from le=0.5 up, not below; a timed reload moves the load one."
     async def main():
-        m = make()
+        m, _ = make(**PLAIN)
         registry = CollectorRegistry()
         registry.register(ManagerCollector(m, nvml=FakeNVML(init_error='no GPU')))
         try:
@@ -114,7 +94,7 @@ def test_histogram_buckets_move(no_leftover_processes):
 def test_several_managers_in_one_registry(no_leftover_processes):
     "Two managers in one collector: each metric is one family, the managers told apart by worker_type."
     async def main():
-        text, image = make('text'), make('image', max_workers=2)
+        (text, _), (image, _) = make(**PLAIN), make(2, worker_type='image', **PLAIN)
         registry = CollectorRegistry()
         collector = ManagerCollector(text, nvml=FakeNVML(init_error='no GPU'))
         collector.add(image)
@@ -141,7 +121,7 @@ def test_gpu_memory_per_worker(no_leftover_processes):
     "On a fake NVML, the GPU memory of each worker's process (and its children) by GPU UUID."
     async def main():
         fake = FakeNVML([FakeNVML.gpu(), FakeNVML.gpu()])
-        m = make(max_workers=2)
+        m, _ = make(2, **PLAIN)
         registry = CollectorRegistry()
         registry.register(ManagerCollector(m, nvml=fake))
         try:
@@ -185,7 +165,7 @@ def test_metrics_route_over_http(no_leftover_processes):
     from fasthtml.common import FastHTML
     from starlette.testclient import TestClient
     from cjm_fasthtml_workers.extensions.fasthtml import metrics_route
-    m = make()
+    m, _ = make(**PLAIN)
     registry = CollectorRegistry()
     registry.register(ManagerCollector(m, nvml=FakeNVML(init_error='no GPU')))
     app = FastHTML(default_hdrs=False, canonical=False, secret_key='x')

@@ -12,24 +12,17 @@ from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.extensions.fasthtml import SSEBroadcaster, handle_queue_full, sse_response
 from cjm_fasthtml_workers.managers.base import ANY_OWNER, BaseJob, BaseJobManager, QueueFull
 from cjm_fasthtml_workers.testing import scenario_worker_process
-from conftest import free_port, kill_tree, start_web_app
-from test_fasthtml import readme_app, stop
+from conftest import free_port, kill_tree, start_web_app, stop
+from helpers import TextJob, TextJobManager as _TextJobManager, readme_app, run, until
 
-@dataclass
-class TextJob(BaseJob):
-    params: Dict[str, Any] = field(default_factory=dict)
-
-class TextJobManager(BaseJobManager[TextJob]):
+class TextJobManager(_TextJobManager):
     made = 0  # create_job calls, to tell that a refused job was never made
     def create_job(self, plugin_id, **kwargs):
         TextJobManager.made += 1
-        return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
+        return super().create_job(plugin_id, **kwargs)
 
 class Recorder:
-    "Event broadcaster that records events."
+    "Event broadcaster that records events by kind."
     def __init__(self): self.events = []
     async def broadcast(self, event_type, data): self.events.append((event_type.split(':', 1)[1], data))
 
@@ -37,14 +30,6 @@ def make(**cfg):
     events = Recorder()
     return TextJobManager('text', 'test', supports_streaming=True, event_broadcaster=events,
                           worker_config=WorkerConfig(**cfg)), events
-
-def run(coro): return asyncio.run(asyncio.wait_for(coro, 120))
-
-async def until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 # ----- reads and cancel, scoped -----------------------------------------------------------------------------------
 def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
@@ -73,7 +58,7 @@ def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
             assert [j.id for j in m.get_all_jobs(owner=None)] == [nobody.id]  # None: the jobs without an owner
             assert m.get_job(nobody.id, owner=None) is nobody and m.get_job(nobody.id, owner='ann') is None
             # cancel: another owner's job is not cancelled, and not touched
-            await until(lambda: bob.status == 'running')
+            await until("bob's job runs", lambda: bob.status == 'running')
             pid = m.get_workers_info()[0]['pid']
             assert await m.cancel_job(bob.id, owner='ann') is False
             assert await m.cancel_job(bob.id, owner=None) is False
@@ -141,9 +126,9 @@ def test_every_job_event_names_its_owner(no_leftover_processes):
             jobs.append(await m.options(owner='bob').start_job('kill'))
             await m.wait_for_job(jobs[-1].id, timeout=30)
             hang = await ann.start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until("the hang job runs", lambda: hang.status == 'running')
             await m.cancel_job(hang.id)
-            await until(lambda: any(k == 'worker_restarted' for k, _ in events.events))  # after the cancel
+            await until("a worker restarted after the cancel", lambda: any(k == 'worker_restarted' for k, _ in events.events))
         finally: m.shutdown()
         about_jobs = [(k, d) for k, d in events.events if 'job_id' in d]
         kinds = {k for k, _ in about_jobs}
@@ -166,7 +151,8 @@ def test_a_page_of_one_owner_sees_no_job_of_another(no_leftover_processes):
             await m.wait_for_job(mine.id, timeout=30)
             bobs = await m.options(owner='bob').start_job('kill')
             await m.wait_for_job(bobs.id, timeout=30)
-            await until(lambda: any(e and e.kind == 'worker_died' for e in list(all_q._queue)))
+            await until("the worker_died event on the unscoped page",
+                        lambda: any(e and e.kind == 'worker_died' for e in list(all_q._queue)))
         finally: m.shutdown()
         seen = [e for e in list(ann_q._queue) if e is not None]
         assert not [e for e in seen if bobs.id in repr(e.data) or e.data.get('owner') == 'bob'], seen
@@ -225,7 +211,7 @@ def test_queue_full_at_the_total_limit(no_leftover_processes):
         m, events = make(max_pending_jobs=3)
         try:
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running')  # running: no longer pending
+            await until("the hang job runs", lambda: hang.status == 'running')  # running: no longer pending
             waiting = [await m.options(owner=o).start_job('echo') for o in ('ann', 'bob', None)]
             e = await _full_refusal(m, events, 'cy')
             assert 'max_pending_jobs=3' in str(e)
@@ -241,7 +227,7 @@ def test_queue_full_per_owner(no_leftover_processes):
         m, events = make(max_pending_per_owner=2)
         try:
             hang = await m.options(owner='ann').start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until("the hang job runs", lambda: hang.status == 'running')
             ann = [await m.options(owner='ann').start_job('echo') for _ in range(2)]
             e = await _full_refusal(m, events, 'ann')
             assert 'max_pending_per_owner=2' in str(e)
@@ -262,7 +248,7 @@ def test_queue_full_holds_for_submissions_that_overlap(no_leftover_processes):
         m, events = make(max_pending_jobs=3)
         try:
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until("the hang job runs", lambda: hang.status == 'running')
             big = 'x' * (2 << 20)  # past the size that is pickled off the event loop
             out = await asyncio.gather(*(m.start_job('echo', text=big) for _ in range(8)), return_exceptions=True)
             assert sum(isinstance(o, QueueFull) for o in out) == 5, out

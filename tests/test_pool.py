@@ -10,11 +10,12 @@ from collections import Counter
 
 import pytest
 
-from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
+from cjm_fasthtml_workers.core.config import RestartPolicy
 from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager
-from test_manager import TERMINAL_STATUSES, Recorder, TextJobManager, assert_terminal, finish, until
+from cjm_fasthtml_workers.managers.base import TERMINAL_STATUSES
 from conftest import pid_gone
+from helpers import TextJobManager, assert_terminal, finish, make, of_kind, run, until
 
 LOG_VAR = 'POOL_LOAD_LOG'
 EXTRA_PLUGINS = ['alpha', 'beta', 'environ']
@@ -57,18 +58,9 @@ class PoolManager(TextJobManager):
     def get_worker_entry_point(self): return pool_worker_process
 
 # ----- helpers ---------------------------------------------------------------------------------------------
-def make(n, policy=RestartPolicy.ON_CANCELLATION, resource_manager=None, **cfg):
-    events = Recorder()
-    m = PoolManager('text', 'test', supports_streaming=True, event_broadcaster=events, resource_manager=resource_manager,
-                    worker_config=WorkerConfig(max_workers=n, restart_policy=policy, **cfg))
-    return m, events
-
-def run(coro, timeout=60): return asyncio.run(asyncio.wait_for(coro, timeout))
-
 def info(m): return m.get_workers_info()
 def pids(m): return [r['pid'] for r in info(m)]
 def row_of(m, pid): return next(r for r in info(m) if r['pid'] == pid)
-def of_kind(events, kind): return [d for e, d in events.events if e == f'text:{kind}']
 
 def all_idle(m): return all(r['state'] == 'idle' and r['alive'] and r['pid'] for r in info(m))
 
@@ -93,7 +85,7 @@ CRASHES = {'kill': ({}, 'SIGKILL'), 'segv': ({}, 'SIGSEGV'), 'exit': ({'code': 3
 @pytest.mark.parametrize('crash', list(CRASHES))
 def test_crash_matrix_pool(no_leftover_processes, crash):
     async def main():
-        m, events = make(3, RestartPolicy.ALWAYS)
+        m, events = make(3, RestartPolicy.ALWAYS, cls=PoolManager)
         try:
             await m.start()
             rows = info(m)
@@ -102,7 +94,7 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
             before = pids(m)
             params, reason = CRASHES[crash]
             long = [await m.start_job('sleep', seconds=2.0, text=t) for t in 'ab']
-            await until(lambda: all(j.status == 'running' for j in long))
+            await until('every long job runs', lambda: all(j.status == 'running' for j in long))
             bad = await m.start_job(crash, **params)
             behind = [await m.start_job('echo', text=f'w{i}') for i in range(4)]
             bad = await finish(m, bad)
@@ -118,7 +110,7 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
             assert [j.result['text'] for j in done] == [f'w{i}' for i in range(4)]
             assert pid_gone(bad.worker_pid)
             crashed = before.index(bad.worker_pid)
-            await until(lambda: info(m)[crashed]['state'] == 'idle')
+            await until('the crashed worker idle again', lambda: info(m)[crashed]['state'] == 'idle')
             after = info(m)
             for i, r in enumerate(after):
                 if i == crashed:
@@ -146,7 +138,7 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
 # ----- 2. cancel ends only that job's worker --------------------------------------------------------------------
 def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
     async def main():
-        m, events = make(3)
+        m, events = make(3, cls=PoolManager)
         try:
             await m.start()
             a = await m.start_job('alpha', seconds=0.6, text='1')
@@ -156,7 +148,7 @@ def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
             assert pending.status == 'pending' and all(r['current_job_id'] != pending.id for r in info(m))
             assert await m.cancel_job(pending.id)  # a cancelled pending job never runs
             assert pending.status == 'cancelled' and pending.started_at is None
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             a, b = await finish(m, a), await finish(m, b)
             assert (a.result['text'], b.result['text']) == ('alpha:1', 'beta:2')
             assert len({a.worker_pid, b.worker_pid, hang.worker_pid}) == 3
@@ -167,7 +159,7 @@ def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
             assert victim['state'] == 'busy' and victim['current_job_id'] == hang.id, victim
             assert await m.cancel_job(hang.id)
             assert pid_gone(hang.worker_pid), "the cancelled job's worker is still alive"
-            await until(lambda: all_idle(m))
+            await until('every worker idle', lambda: all_idle(m))
             after = info(m)
             for r0, r1 in zip(before, after):
                 if r0['worker_id'] == victim['worker_id']:
@@ -197,7 +189,7 @@ def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
 def test_affinity_loads_each_plugin_once(no_leftover_processes, load_log):
     "Alternating alpha/beta, two at a time on two workers: each goes to the worker that has it, one load each."
     async def main():
-        m, _ = make(2)
+        m, _ = make(2, cls=PoolManager)
         try:
             await m.start()
             jobs = []
@@ -218,7 +210,7 @@ def test_affinity_loads_each_plugin_once(no_leftover_processes, load_log):
 def test_affinity_prefers_an_empty_worker(no_leftover_processes, load_log):
     "A job whose plugin no free worker holds goes to an empty worker rather than evicting a loaded plugin."
     async def main():
-        m, _ = make(3)
+        m, _ = make(3, cls=PoolManager)
         try:
             await m.start()
             a = await finish(m, await m.start_job('alpha', text='x'))
@@ -234,7 +226,7 @@ def test_affinity_prefers_an_empty_worker(no_leftover_processes, load_log):
 # ----- 4. reload and unload across the pool ---------------------------------------------------------------
 def test_reload_reaches_every_holder(no_leftover_processes, load_log):
     async def main():
-        m, _ = make(2)
+        m, _ = make(2, cls=PoolManager)
         try:
             await m.start()
             first = [await m.start_job('echo', text=str(i), seconds=0.3) for i in range(2)]  # one per worker
@@ -259,7 +251,7 @@ def test_reload_reaches_every_holder(no_leftover_processes, load_log):
 
 def test_reload_busy_holder_no_holder_and_unload(no_leftover_processes, load_log):
     async def main():
-        m, _ = make(2)
+        m, _ = make(2, cls=PoolManager)
         try:
             await m.start()
             # with no holder, reload loads it in one worker
@@ -273,7 +265,7 @@ def test_reload_busy_holder_no_holder_and_unload(no_leftover_processes, load_log
             both = [await finish(m, j) for j in both]
             assert [r['loaded_plugin'] for r in info(m)] == ['alpha', 'alpha']
             slow = await m.start_job('alpha', seconds=0.8, text='slow')
-            await until(lambda: slow.status == 'running')
+            await until('the slow job runs', lambda: slow.status == 'running')
             t0 = time.monotonic()
             assert await m.reload_plugin('alpha', {'prefix': 'Z:'})
             assert slow.status == 'completed' and slow.result['text'] == 'alpha:slow'  # it ran with the old config
@@ -296,7 +288,7 @@ def test_reload_busy_holder_no_holder_and_unload(no_leftover_processes, load_log
 def test_reload_reaches_a_worker_that_loads_it_later(no_leftover_processes, load_log):
     "A worker that did not hold the plugin at the reload uses the new config when it next loads it."
     async def main():
-        m, _ = make(2)
+        m, _ = make(2, cls=PoolManager)
         try:
             await m.start()
             assert await m.reload_plugin('beta', {'prefix': 'N:'})  # no holder: loads it in one worker
@@ -312,7 +304,7 @@ def test_reload_reaches_a_worker_that_loads_it_later(no_leftover_processes, load
 def test_pool_soak_random_kills(no_leftover_processes):
     "Hundreds of jobs on three workers killed at random: every job ends exactly once, results are right."
     async def main():
-        m, events = make(3, RestartPolicy.ALWAYS, max_restart_attempts=1000)
+        m, events = make(3, RestartPolicy.ALWAYS, max_restart_attempts=1000, cls=PoolManager)
         rng = random.Random(4321)
         try:
             await m.start()
@@ -360,7 +352,7 @@ async def _env_per_worker(m):
 
 def test_gpu_placement_explicit(no_leftover_processes):
     async def main():
-        m, events = make(2, gpus=['GPU-aaa', 'GPU-bbb'])
+        m, events = make(2, gpus=['GPU-aaa', 'GPU-bbb'], cls=PoolManager)
         try:
             await m.start()
             assert [r['gpu'] for r in info(m)] == ['GPU-aaa', 'GPU-bbb']
@@ -374,11 +366,12 @@ def test_gpu_placement_explicit(no_leftover_processes):
                 assert d['gpu'] == info(m)[d['worker_id']]['gpu'] and d['worker_pid'] == j.worker_pid, d
             # a replacement keeps its slot's GPU
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             slot = row_of(m, hang.worker_pid)['worker_id']
             gpu = info(m)[slot]['gpu']
             assert await m.cancel_job(hang.id)
-            await until(lambda: all_idle(m) and info(m)[slot]['pid'] != hang.worker_pid)
+            await until('a new worker idle in the slot',
+                        lambda: all_idle(m) and info(m)[slot]['pid'] != hang.worker_pid)
             assert [r['gpu'] for r in info(m)] == ['GPU-aaa', 'GPU-bbb']
             envs, _ = await _env_per_worker(m)
             assert envs[info(m)[slot]['pid']]['CUDA_VISIBLE_DEVICES'] == gpu
@@ -393,7 +386,7 @@ def test_gpu_placement_auto_with_fake_nvml(no_leftover_processes):
     from cjm_fasthtml_workers.extensions.resources import ResourceManager, FakeNVML
     rm = ResourceManager(nvml=FakeNVML([FakeNVML.gpu(total=8 << 30, used=6 << 30), FakeNVML.gpu(total=8 << 30, used=1 << 30)]))
     async def main():
-        m, events = make(2, gpus='auto', resource_manager=rm)
+        m, events = make(2, gpus='auto', resource_manager=rm, cls=PoolManager)
         try:
             await m.start()
             assert [r['gpu'] for r in info(m)] == ['GPU-fake-1', 'GPU-fake-0']  # the most free first
@@ -408,7 +401,7 @@ def test_gpu_placement_auto_with_fake_nvml(no_leftover_processes):
 # ----- 7. recycling after max_jobs_per_worker -------------------------------------------------------------------
 def test_recycle_after_max_jobs(no_leftover_processes):
     async def main():
-        m, events = make(2, max_jobs_per_worker=5)
+        m, events = make(2, max_jobs_per_worker=5, cls=PoolManager)
         try:
             await m.start()
             first = set(pids(m))
@@ -432,10 +425,11 @@ def test_recycle_after_max_jobs(no_leftover_processes):
 # ----- 8. preload ---------------------------------------------------------------------------------------------
 def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
     async def main():
-        m, _ = make(2, preload_plugins=['alpha'])
+        m, _ = make(2, preload_plugins=['alpha'], cls=PoolManager)
         try:
             await m.start()
-            await until(lambda: [r['loaded_plugin'] for r in info(m)] == ['alpha', 'alpha'])
+            await until('alpha preloaded on both',
+                        lambda: [r['loaded_plugin'] for r in info(m)] == ['alpha', 'alpha'])
             before = set(pids(m))
             lines = loads(load_log)
             assert sorted(p for p, _, n in lines if n == 'alpha') == sorted(before), lines  # before any job
@@ -446,9 +440,10 @@ def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
             assert Counter(p for p, _, n in loads(load_log)) == {p: 1 for p in before}, loads(load_log)
             # a replacement preloads too
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             assert await m.cancel_job(hang.id)
-            await until(lambda: all_idle(m) and hang.worker_pid not in pids(m)
+            await until('a replacement worker idle, alpha preloaded',
+                        lambda: all_idle(m) and hang.worker_pid not in pids(m)
                         and [r['loaded_plugin'] for r in info(m)].count('alpha') == 2)
             new = (set(pids(m)) - before).pop()
             assert [n for p, _, n in loads(load_log) if p == new] == ['alpha']
@@ -462,7 +457,7 @@ def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
 # ----- 9. N=1 ---------------------------------------------------------------------------------------------------
 def test_single_worker_info_matches(no_leftover_processes):
     async def main():
-        m, events = make(1)
+        m, events = make(1, cls=PoolManager)
         try:
             rows = info(m)
             assert len(rows) == 1 and rows[0]['worker_id'] == 0 and rows[0]['state'] == 'not started', rows
@@ -484,7 +479,7 @@ def test_single_worker_info_matches(no_leftover_processes):
 # ----- more: handed back, nobody left, per-slot budget -------------------------------------------------------
 def test_handed_job_that_never_started_goes_to_another_worker(no_leftover_processes):
     async def main():
-        m, events = make(2, RestartPolicy.ALWAYS)
+        m, events = make(2, RestartPolicy.ALWAYS, cls=PoolManager)
         frozen = []
         try:
             await m.start()
@@ -511,7 +506,7 @@ def test_handed_job_that_never_started_goes_to_another_worker(no_leftover_proces
 
 def test_waiting_jobs_fail_only_when_no_worker_can_come_back(no_leftover_processes):
     async def main():
-        m, _ = make(2, RestartPolicy.ON_CANCELLATION)  # a crash is not restarted
+        m, _ = make(2, RestartPolicy.ON_CANCELLATION, cls=PoolManager)  # a crash is not restarted
         try:
             await m.start()
             slow = await m.start_job('sleep', seconds=0.8)
@@ -544,15 +539,17 @@ def test_waiting_jobs_fail_only_when_no_worker_can_come_back(no_leftover_process
 
 def test_restart_budget_is_per_worker(no_leftover_processes):
     async def main():
-        m, _ = make(2, RestartPolicy.ALWAYS, max_restart_attempts=1)
+        m, _ = make(2, RestartPolicy.ALWAYS, max_restart_attempts=1, cls=PoolManager)
         try:
             await m.start()
             p0, p1 = pids(m)
             os.kill(p0, signal.SIGKILL)
-            await until(lambda: info(m)[0]['state'] == 'idle' and info(m)[0]['pid'] not in (None, p0))
+            await until('a new worker idle',
+                        lambda: info(m)[0]['state'] == 'idle' and info(m)[0]['pid'] not in (None, p0))
             assert info(m)[0]['restart_count'] == 1
             os.kill(info(m)[0]['pid'], signal.SIGKILL)  # a second crash in a row: over its budget of 1
-            await until(lambda: not info(m)[0]['alive'] and info(m)[0]['crashes'] == 2)
+            await until('the worker dead after 2 crashes',
+                        lambda: not info(m)[0]['alive'] and info(m)[0]['crashes'] == 2)
             await asyncio.sleep(0.3)
             r0, r1 = info(m)
             assert not r0['alive'] and r0['state'] in ('stopped', 'not started') and r0['restart_count'] == 1, r0

@@ -10,7 +10,7 @@ from cjm_fasthtml_workers.backends.ray import RayWorker
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.testing import closing_worker_process, raw_writer_process, scenario_worker_process
 from conftest import RAY_MARK_ENV, assert_nothing_left_on_ray, live_hosts, pid_gone
-from test_manager import Recorder, TextJobManager, assert_terminal, finish, run, until
+from helpers import TextJobManager, assert_terminal, finish, make, run, until
 
 # ----- one local Ray instance for the module (conftest's); nothing of ours outlives a test -----------------------
 @pytest.fixture(scope='module', autouse=True)
@@ -22,11 +22,7 @@ def nothing_left(ray_instance):
     yield
     assert_nothing_left_on_ray(ray_instance)
 
-def make(policy=RestartPolicy.ON_CANCELLATION, **cfg):
-    events = Recorder()
-    m = TextJobManager('text', 'test', supports_streaming=True, event_broadcaster=events,
-                       worker_config=WorkerConfig(restart_policy=policy, backend='ray', **cfg))
-    return m, events
+RAY = dict(backend='ray')  # what every manager here is given
 
 def host_of(m):
     "The first worker's host actor."
@@ -41,20 +37,20 @@ def test_flood_of_chunks_arrives_whole_and_in_order(nothing_left, monkeypatch):
     "20000 chunks as fast as the worker makes them, the relay held back past 8 unread: none lost or reordered."
     monkeypatch.setattr(ray_backend, '_HIGH_WATER', 8)  # the supervisor lags all the time
     async def main():
-        m, _ = make()
+        m, _ = make(**RAY)
         try:
             text = ' '.join(f'w{i}' for i in range(20000))
             job = await finish(m, await m.start_job('stream', text=text, stream=True), timeout=60)
             assert job.status == 'completed' and ''.join(m.get_job_chunks(job.id)) == text
             assert (await finish(m, await m.start_job('echo', text='after'))).status == 'completed'
         finally: m.shutdown()
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 # ----- what a worker writes: unreadable objects, garbage, closed pipes -------------------------------------------------
 def test_unreadable_result_fails_only_its_job(nothing_left):
     "An object only the worker can rebuild crosses the actor as bytes: its job fails saying so, the worker goes on."
     async def main():
-        m, _ = make()
+        m, _ = make(**RAY)
         try:
             bad = await finish(m, await m.start_job('alien'))
             assert bad.status == 'failed' and bad.error_type == 'UnreadableResult', bad.error
@@ -91,7 +87,7 @@ def test_interpreter_exit_with_ray_started_by_the_manager(nothing_left, tmp_path
         import asyncio, sys
         sys.path.insert(0, %r)
         from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
-        from test_manager import TextJobManager
+        from helpers import TextJobManager
         async def main():
             options = dict(num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1',
                            runtime_env={'env_vars': {%r: %r}})
@@ -122,7 +118,7 @@ def test_interpreter_exit_with_ray_started_by_the_manager(nothing_left, tmp_path
 def test_gpu_placement_in_events_and_workers_info(nothing_left):
     "Two workers with a GPU each: Ray picks them, the worker sees its own, events and rows say which."
     async def main():
-        m, events = make(max_workers=2, ray_actor_options={'num_gpus': 1})
+        m, events = make(2, ray_actor_options={'num_gpus': 1}, **RAY)
         try:
             await m.start()
             jobs = [await m.start_job('env', keys=['CUDA_VISIBLE_DEVICES']) for _ in range(4)]
@@ -144,12 +140,13 @@ def test_gpu_placement_in_events_and_workers_info(nothing_left):
 def test_actor_death_fails_only_the_running_job(nothing_left, tmp_path, policy):
     "ray.kill of the host actor: its running job fails saying why, its tree ends, the slot restarts by policy."
     async def main():
-        m, events = make(policy)
+        m, events = make(policy=policy, **RAY)
         try:
             pid_file = tmp_path / 'child.pid'
             running = await m.start_job('spawn', pid_file=str(pid_file))
             behind = await m.start_job('echo', text='behind')
-            await until(lambda: running.status == 'running' and pid_file.exists() and pid_file.read_text())
+            await until("the spawn job runs and wrote its child's pid",
+                        lambda: running.status == 'running' and pid_file.exists() and pid_file.read_text())
             pid, grandchild = m.worker_process.pid, int(pid_file.read_text())
             ray.kill(host_of(m))
             running = await finish(m, running)
@@ -170,11 +167,11 @@ def test_actor_death_fails_only_the_running_job(nothing_left, tmp_path, policy):
 def test_actor_death_reason_is_logged(nothing_left, caplog):
     "What Ray said of the actor's death reaches the app's log, as the worker's last error."
     async def main():
-        m, _ = make()
+        m, _ = make(**RAY)
         try:
             await m.start()
             ray.kill(host_of(m))
-            await until(lambda: m.get_workers_info()[0]['state'] == 'not started')
+            await until('the worker not started', lambda: m.get_workers_info()[0]['state'] == 'not started')
             assert 'the Ray actor hosting the worker died' in caplog.text and 'ray.kill' in caplog.text
         finally: m.shutdown()
     run(main())
@@ -183,36 +180,37 @@ def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
     """Three workers asking a GPU each of two: the third waits for a node (30 s at most) while the other two run jobs,
     a cancel is handled meanwhile, and shutdown ends the waiting actor."""
     async def main():
-        m, _ = make(max_workers=3, ray_actor_options={'num_gpus': 1})
+        m, _ = make(3, ray_actor_options={'num_gpus': 1}, **RAY)
         try:
             jobs = [await m.start_job('echo', text=f'j{i}') for i in range(6)]
             done = [await finish(m, j, 30) for j in jobs]  # the 60 s wait for a node held them all before
             assert [(j.status, j.result['text']) for j in done] == [('completed', f'j{i}') for i in range(6)]
             hang = await m.start_job('hang')
-            await until(lambda: hang.status == 'running', 20)
+            await until('the hang job runs', lambda: hang.status == 'running', 20)
             assert await m.cancel_job(hang.id)
             assert (await finish(m, hang, 20)).status == 'cancelled'
             assert (await finish(m, await m.start_job('echo', text='after'), 30)).status == 'completed'
             # the cancelled worker's replacement, or the waiting one, took the freed GPU: one slot waits, whichever
             def waiting(): return [r['worker_id'] for r in m.get_workers_info() if r['state'] in ('starting', 'restarting')]
-            await until(lambda: len(waiting()) == 1, 20)
+            await until('one worker waiting', lambda: len(waiting()) == 1, 20)
             assert len(live_hosts()) == 3
         finally: m.shutdown()
         assert_terminal(m)
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 def test_the_wait_for_a_node_is_bounded_by_the_start_timeout(nothing_left, caplog):
     "`worker_start_timeout_seconds` bounds it: the waiting worker's start fails saying why; the others go on."
     async def main():
-        m, _ = make(max_workers=3, ray_actor_options={'num_gpus': 1}, worker_start_timeout_seconds=10)
+        m, _ = make(3, ray_actor_options={'num_gpus': 1}, worker_start_timeout_seconds=10, **RAY)
         try:
             done = [await finish(m, await m.start_job('echo', text=str(i)), 30) for i in range(3)]
             assert [j.status for j in done] == ['completed'] * 3
-            await until(lambda: [r["state"] for r in m.get_workers_info()].count("not started") == 1, 30)
+            await until('one worker not started',
+                        lambda: [r['state'] for r in m.get_workers_info()].count('not started') == 1, 30)
             assert "did not place its actor ({'num_gpus': 1" in caplog.text and 'within 10 s' in caplog.text
         finally: m.shutdown()
         assert_terminal(m)
-    run(main())
+    run(main(), 110)  # its waits add up to more than run's default
 
 def test_unplaceable_actor_is_a_clear_error(nothing_left):
     "More GPUs than the cluster has: start() fails after its timeout saying what was asked, and leaves no actor."

@@ -300,7 +300,7 @@ def test_memory_threshold_is_validated():
 
 # ----- plugged into BaseJobManager --------------------------------------------------------------------------
 def test_plugs_into_base_job_manager(no_leftover_processes):
-    from test_manager import TextJobManager  # the suite's minimal BaseJobManager subclass
+    from helpers import TextJobManager  # the suite's minimal BaseJobManager subclass
 
     rm = ResourceManager(nvml=FakeNVML([FakeNVML.gpu()]))
     async def main():

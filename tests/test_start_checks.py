@@ -8,7 +8,7 @@ import pytest
 
 from cjm_fasthtml_workers.core.config import WorkerConfig
 from cjm_fasthtml_workers.extensions.resources import FakeNVML, NVMLSession, ResourceManager
-from test_manager import TextJobManager, finish, run, until
+from helpers import TextJobManager, finish, readme_app, run, until
 
 # ----- gpus= on a machine without an NVIDIA GPU -----------------------------------------------------------
 def _start_fails(m) -> str:
@@ -50,9 +50,10 @@ def test_unknown_preload_is_said_once(no_leftover_processes, caplog, capfd):
             jobs = [await m.start_job('sleep', seconds=0.3) for _ in range(2)]  # one on each worker
             assert {(await finish(m, j)).worker_pid for j in jobs} == {r['pid'] for r in m.get_workers_info()}
             hang = await m.start_job('hang')  # a replacement worker is ready again
-            await until(lambda: hang.status == 'running')
+            await until('the hang job runs', lambda: hang.status == 'running')
             await m.cancel_job(hang.id)
-            await until(lambda: all(r['state'] == 'idle' and r['pid'] for r in m.get_workers_info())
+            await until('a replacement worker idle',
+                        lambda: all(r['state'] == 'idle' and r['pid'] for r in m.get_workers_info())
                         and hang.worker_pid not in {r['pid'] for r in m.get_workers_info()})
             done = await finish(m, await m.start_job('sleep', seconds=0.05))
             assert done.status == 'completed'
@@ -144,7 +145,6 @@ def test_a_second_app_process_is_told(tmp_path, no_leftover_processes):
 def test_uvicorn_workers_2_with_the_readme_app(tmp_path, no_leftover_processes):
     "The case the check is for: the README's app under `uvicorn app:app --workers 2` says so, once."
     from conftest import free_port, kill_tree, start_web_app
-    from test_fasthtml import readme_app
     (tmp_path/'app.py').write_text(readme_app())
     port = free_port()
     proc = start_web_app([sys.executable, '-m', 'uvicorn', 'app:app', '--port', str(port), '--workers', '2'],

@@ -1,8 +1,9 @@
 """The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files, custom job
 types, unstorable jobs, two processes, events behind the store, clearing and retention, the event loop.
 
-The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; its workers import this
-module by name (`runlog_worker_process`), so tests/ and the repository root go on their sys.path."""
+The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its
+workers import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the
+repository root go on their sys.path."""
 import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys, threading, time, uuid
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -11,43 +12,16 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.managers import store as store_module
 from cjm_fasthtml_workers.managers.base import BaseJob, TERMINAL_STATUSES
 from cjm_fasthtml_workers.managers.store import INTERRUPTED, JobStoreError, SQLiteJobStore
-from cjm_fasthtml_workers.testing import ScenarioPluginManager
-from test_manager import TextJobManager
+from helpers import RunLogManager, run
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PATHS = os.pathsep.join([str(TESTS), str(REPO)])
 
-# ----- a plugin that says each time it runs ---------------------------------------------------------------------------
-RUN_LOG = 'CJM_STORE_RUN_LOG'  # environment: the file a worker appends `<app run> <job id>` to each time a job runs
-APP_RUN = 'CJM_STORE_APP_RUN'  # environment: which run of the app this is (spawned workers inherit it)
-
-def append_line(path, line:str):
-    "One write on an O_APPEND descriptor: the line is in the file (the kernel's) once this returns, kill -9 or not."
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try: os.write(fd, (line + '\n').encode())
-    finally: os.close(fd)
-
-class RunLogPluginManager(ScenarioPluginManager):
-    "The scenario plugins; a job that names its `run_id` is logged to $CJM_STORE_RUN_LOG as it starts to run."
-    def execute_plugin(self, plugin_name, run_id=None, **params):
-        if run_id is not None and os.environ.get(RUN_LOG):
-            append_line(os.environ[RUN_LOG], f"{os.environ.get(APP_RUN, '-')} {run_id}")
-        return super().execute_plugin(plugin_name, **params)
-
-def runlog_worker_process(request_queue, result_queue, response_queue):
-    "Worker entry point running `RunLogPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, RunLogPluginManager, supports_streaming=True)
-
-class RunLogManager(TextJobManager):
-    "TextJobManager whose jobs are logged each time they run (the job id goes to the worker as `run_id`)."
-    def get_worker_entry_point(self): return runlog_worker_process
-    def prepare_execute_request(self, job): return {**job.params, 'run_id': job.id}
-
+# ----- a plugin that says each time it runs: helpers.RunLogManager (the app and its workers import it) ----
 def read_lines(path) -> List[str]:
     try: return Path(path).read_text().splitlines()
     except FileNotFoundError: return []
@@ -73,7 +47,7 @@ APP = r"""
 import asyncio, json, os, random, sys, time
 spec = json.loads(sys.argv[1])
 sys.path[:0] = spec['paths'].split(os.pathsep)
-from test_store_manager import APP_RUN, RUN_LOG, RunLogManager, append_line
+from helpers import APP_RUN, RUN_LOG, RunLogManager, append_line
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.managers.base import TERMINAL_STATUSES
 from cjm_fasthtml_workers.managers.store import JobStoreError, SQLiteJobStore
@@ -348,8 +322,6 @@ def test_a_second_app_process_is_refused_naming_the_first(tmp_path, no_leftover_
 
 
 # ----- in this process -----------------------------------------------------------------------------------------------
-def run(coro): return asyncio.run(asyncio.wait_for(coro, 60))
-
 def manager(db, kind=RunLogManager, broadcaster=None, worker_type='text', **store):
     return kind(worker_type, 'test', supports_streaming=True, event_broadcaster=broadcaster,
                 job_store=SQLiteJobStore(db, **store))
@@ -648,7 +620,7 @@ def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_
     with_store, without = [], []
     for k in range(3):
         for store in ((True, False) if k % 2 == 0 else (False, True)):
-            (with_store if store else without).append(run(main(store, k)))
+            (with_store if store else without).append(run(main(store, k), 60))
     print(f"\nlongest event-loop stall while 2,000 jobs were submitted: with a store "
           f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; without {', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
     assert sorted(with_store)[1] < 0.1
