@@ -563,7 +563,9 @@ def about(self:Supervisor, w:Worker, **data) -> Dict[str, Any]:
 def dispatch(self:Supervisor):
     "Send the commands that waited for a free worker, then hand out what the scheduler assigns."
     if self.closed: return
-    self.queue_moved = True
+    if not self.queue_moved:  # positions may change: the round reports them when due (woken for it)
+        self.queue_moved = True
+        self.wake()
     for w in self.workers():
         while w.pending and w.free: self.send_command(w, *w.pending.popleft())
     if not len(self.book.waiting): return

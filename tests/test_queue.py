@@ -1,0 +1,71 @@
+"""Issue 20: who goes next. Owners take turns, a higher priority starts first, each job knows its place and its
+estimated wait, and a `queued` event says when either changes."""
+import asyncio
+
+import pytest
+
+from helpers import make, run, until
+
+pytestmark = pytest.mark.timeout(120)
+
+def starts(events) -> list:
+    "Job ids in the order their `started` events came."
+    return [d['job_id'] for e, d in events.events if e == 'text:started']
+
+def test_owners_take_turns(no_leftover_processes):
+    "One worker; A submits 100 jobs, then B one: B's job starts after at most one more of A's."
+    async def main():
+        m, events = make(1, prefetch_jobs=0)
+        try:
+            await m.start()
+            a = m.options(owner='A')
+            first = await a.start_job('sleep', seconds=0.2)
+            await until("A's first job runs", lambda: first.status == 'running')
+            many = [await a.start_job('echo', text=str(i)) for i in range(100)]
+            b = await m.options(owner='B').start_job('echo', text='b')
+            await m.wait_for_job(b.id, timeout=30)
+            for j in many: await m.wait_for_job(j.id, timeout=30)
+            await until("every start announced", lambda: len(starts(events)) == 102)
+        finally: m.shutdown()
+        order = starts(events)
+        assert order.index(b.id) - order.index(first.id) <= 2, order.index(b.id)  # at most one more of A's
+    run(main())
+
+def test_a_higher_priority_starts_first_and_without_an_owner_is_one_owner(no_leftover_processes):
+    async def main():
+        m, events = make(1, prefetch_jobs=0)
+        try:
+            await m.start()
+            hold = await m.start_job('sleep', seconds=0.3)
+            await until("the first job runs", lambda: hold.status == 'running')
+            low = [await m.start_job('echo', text=f'low {i}') for i in range(3)]  # no owner: one owner
+            urgent = await m.options(priority=5).start_job('echo', text='urgent')
+            for j in low + [urgent]: await m.wait_for_job(j.id, timeout=30)
+            await until("every start announced", lambda: len(starts(events)) == 5)
+        finally: m.shutdown()
+        assert starts(events)[1:] == [urgent.id] + [j.id for j in low]
+    run(main())
+
+def test_queue_position_estimate_and_queued_events(no_leftover_processes):
+    async def main():
+        m, events = make(2, prefetch_jobs=0)
+        try:
+            await m.start()
+            for j in [await m.start_job('sleep', seconds=0.2) for _ in range(4)]: await m.wait_for_job(j.id, 30)
+            busy = [await m.start_job('sleep', seconds=0.4) for _ in range(2)]
+            await until("both workers busy", lambda: all(j.status == 'running' for j in busy))
+            waiting = [await m.options(owner='ann').start_job('sleep', seconds=0.2) for _ in range(4)]
+            assert [m.queue_position(j.id) for j in waiting] == [0, 1, 2, 3]
+            etas = [m.estimated_wait(j.id) for j in waiting]
+            assert etas[2] > etas[0] + 0.1 and etas[3] > etas[1] + 0.1, etas  # the next two wait for the first two
+            assert 0.1 < etas[-1] < 2.0, etas  # two workers, about 0.4 s left, then 0.2 s jobs two at a time
+            assert m.queue_position(busy[0].id) is None and m.estimated_wait('no such job') is None
+            await until("a queued event for the last one",
+                        lambda: any(e == 'text:queued' and d['job_id'] == waiting[-1].id for e, d in events.events))
+            for j in waiting: await m.wait_for_job(j.id, 30)
+        finally: m.shutdown()
+        queued = [d for e, d in events.events if e == 'text:queued']
+        assert all(d['owner'] == 'ann' and d['eta_seconds'] >= 0 for d in queued)
+        last = [d["position"] for d in queued if d["job_id"] == waiting[-1].id]
+        assert last and last[0] <= 3 and last == sorted(last, reverse=True), last  # its place only moves forward
+    run(main())
