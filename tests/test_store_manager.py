@@ -1,9 +1,11 @@
-"""The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files, custom job
-types, unstorable jobs, two processes, events behind the store, clearing and retention, the event loop.
+"""The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files,
+custom job types, unstorable jobs, two processes, events behind the store, clearing and retention, the event
+loop.
 
-The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; its workers import this
-module by name (`runlog_worker_process`), so tests/ and the repository root go on their sys.path."""
-import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys, threading, time, uuid
+The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; its workers import
+this module by name (`runlog_worker_process`), so tests/ and the repository root go on their sys.path."""
+import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys, threading, time
+import uuid
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,13 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PATHS = os.pathsep.join([str(TESTS), str(REPO)])
 
-# ----- a plugin that says each time it runs ---------------------------------------------------------------------------
-RUN_LOG = 'CJM_STORE_RUN_LOG'  # environment: the file a worker appends `<app run> <job id>` to each time a job runs
+# ----- a plugin that says each time it runs -----------------------------------------------------------------
+RUN_LOG = 'CJM_STORE_RUN_LOG'  # environment: the file a worker appends `<app run> <job id>` to as a job runs
 APP_RUN = 'CJM_STORE_APP_RUN'  # environment: which run of the app this is (spawned workers inherit it)
 
 def append_line(path, line:str):
-    "One write on an O_APPEND descriptor: the line is in the file (the kernel's) once this returns, kill -9 or not."
+    ("One write on an O_APPEND descriptor: the line is in the file (the kernel's) once this returns, "
+     "kill -9 or not.")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try: os.write(fd, (line + '\n').encode())
     finally: os.close(fd)
@@ -41,7 +44,8 @@ class RunLogPluginManager(ScenarioPluginManager):
 
 def runlog_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `RunLogPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, RunLogPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, RunLogPluginManager,
+                        supports_streaming=True)
 
 class RunLogManager(TextJobManager):
     "TextJobManager whose jobs are logged each time they run (the job id goes to the worker as `run_id`)."
@@ -53,20 +57,22 @@ def read_lines(path) -> List[str]:
     except FileNotFoundError: return []
 
 def stored(db, namespace='text') -> Dict[str, tuple]:
-    "job id -> (status, attempts, the unpickled record), read by a sqlite connection of its own, in submission order."
+    ("job id -> (status, attempts, the unpickled record), read by a sqlite connection of its own, "
+     "in submission order.")
     with closing(sqlite3.connect(db, timeout=10)) as c:
-        rows = c.execute('SELECT id, status, attempts, blob FROM worker_jobs WHERE namespace = ? ORDER BY seq',
-                         (namespace,)).fetchall()
+        rows = c.execute('SELECT id, status, attempts, blob FROM worker_jobs '
+                         'WHERE namespace = ? ORDER BY seq', (namespace,)).fetchall()
     return {i: (s, a, pickle.loads(b)) for i, s, a, b in rows}
 
-# ----- the app -------------------------------------------------------------------------------------------------------
-# argv[1]: a JSON spec. After recovery it appends `{run, pending: [ids]}` to recovered.jsonl, starts its workers and
-# prints `started`; its event broadcaster appends `<run> <job id>` to submitted, started or ended (an event means the
-# store has that state). Then, by `mode`:
+# ----- the app ----------------------------------------------------------------------------------------------
+# argv[1]: a JSON spec. After recovery it appends `{run, pending: [ids]}` to recovered.jsonl, starts its
+# workers and prints `started`; its event broadcaster appends `<run> <job id>` to submitted, started or ended
+# (an event means the store has that state). Then, by `mode`:
 #   loop:   submits echo and short sleep jobs until it is killed (or `deadline` s pass)
-#   hold:   once the first job it recovered as pending (or else a new `hang` job) is started, prints `running <id>`
-#           and waits to be killed
-#   submit: submits `jobs` ([plugin, params] each), prints `submitted <ids>` once all are stored, waits to be killed
+#   hold:   once the first job it recovered as pending (or else a new `hang` job) is started, prints
+#           `running <id>` and waits to be killed
+#   submit: submits `jobs` ([plugin, params] each), prints `submitted <ids>` once all are stored, waits to be
+#           killed
 #   drain:  waits for every job it recovered to end, writes every job to final.json, shuts down
 #   probe:  only makes the manager: a JobStoreError is printed, exit 3
 APP = r"""
@@ -91,13 +97,16 @@ class Recorder:
     async def broadcast(self, event, data):
         kind = event.split(':', 1)[1]
         if kind in ('submitted', 'started') or kind in TERMINAL_STATUSES:
-            append_line(os.path.join(out, kind if kind in ('submitted', 'started') else 'ended'), f"{run} {data['job_id']}")
+            append_line(os.path.join(out, kind if kind in ('submitted', 'started') else 'ended'),
+                        f"{run} {data['job_id']}")
 
 async def main():
-    store = SQLiteJobStore(spec['db'], recovery=spec.get('recovery', 'fail'), max_attempts=spec.get('max_attempts', 3))
+    store = SQLiteJobStore(spec['db'], recovery=spec.get('recovery', 'fail'),
+                           max_attempts=spec.get('max_attempts', 3))
     m = RunLogManager('text', 'test', event_broadcaster=Recorder(), job_store=store,
                       worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS))
-    try: jobs = m.get_all_jobs()  # the store opens at the first job access or await (never in a spawned worker)
+    # the store opens at the first job access or await (never in a spawned worker)
+    try: jobs = m.get_all_jobs()
     except JobStoreError as e:
         print(e, flush=True)
         sys.exit(3)
@@ -136,8 +145,9 @@ asyncio.run(main())
 """
 
 class App:
-    """One run of `APP`: `started()` waits for its `started` line; `kill()` is kill -9. With `wait`, it imports what
-    it needs, then waits for `go()` before it makes its manager (the kill test starts the next app early)."""
+    """One run of `APP`: `started()` waits for its `started` line; `kill()` is kill -9. With `wait`, it
+    imports what it needs, then waits for `go()` before it makes its manager (the kill test starts the next
+    app early)."""
     def __init__(self, out:Path, db:Path, run:int, mode:str, wait:bool=False, **spec):
         self.out = out
         spec = dict(paths=PATHS, out=str(out), db=str(db), run=run, mode=mode, wait=wait, **spec)
@@ -152,9 +162,11 @@ class App:
     def line(self, timeout:float=30.0) -> str:
         "The app's next line of output."
         r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert r, f"the app said nothing within {timeout} s; stderr:\n{(self.out / 'stderr').read_text()[-3000:]}"
+        assert r, (f"the app said nothing within {timeout} s; "
+                   f"stderr:\n{(self.out / 'stderr').read_text()[-3000:]}")
         line = self.proc.stdout.readline()
-        assert line, f"the app ended (rc {self.proc.wait()}); stderr:\n{(self.out / 'stderr').read_text()[-3000:]}"
+        assert line, (f"the app ended (rc {self.proc.wait()}); "
+                      f"stderr:\n{(self.out / 'stderr').read_text()[-3000:]}")
         return line.strip()
 
     def started(self, timeout:float=30.0):
@@ -181,18 +193,18 @@ def runs(out:Path, name:str='runs') -> List[tuple]:
     "(app run, job id) of each line of `name`: the worker's log of jobs it ran, or the app's of an event."
     return [(int(r), i) for r, i in (l.split() for l in read_lines(out / name))]
 
-# ----- 1. kill -9 of the app, again and again ------------------------------------------------------------------------
+# ----- 1. kill -9 of the app, again and again ---------------------------------------------------------------
 KILLS = int(os.environ.get('CJM_STORE_KILLS', 100))
 
 def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
-    """Issue 14's "done means": 100 kill -9 (KILLS; 41-47 s on 2 shared cores) of an app that submits echo and short
-    sleep jobs, each kill 0.05-0.3 s after the app's workers are ready, each followed by a restart of the app on the
-    same store (the next app process is started during the kill interval, for its imports; it makes its manager,
-    which reads the store back, only after the kill); a last run lets the pending jobs end.
+    """Issue 14's "done means": 100 kill -9 (KILLS; 41-47 s on 2 shared cores) of an app that submits echo and
+    short sleep jobs, each kill 0.05-0.3 s after the app's workers are ready, each followed by a restart of
+    the app on the same store (the next app process is started during the kill interval, for its imports; it
+    makes its manager, which reads the store back, only after the kill); a last run lets the pending jobs end.
 
-    Asserted: 0 jobs lost (every job whose `submitted` event was seen is stored, and has ended); no job runs twice
-    (recovery='fail': a job reaches a worker only once its handover is stored, so a job the app dies on is failed,
-    not run again); the jobs each restart recovered as pending run first, in submission order."""
+    Asserted: 0 jobs lost (every job whose `submitted` event was seen is stored, and has ended); no job runs
+    twice (recovery='fail': a job reaches a worker only once its handover is stored, so a job the app dies on
+    is failed, not run again); the jobs each restart recovered as pending run first, in submission order."""
     db, seed = tmp_path / 'jobs.db', random.randrange(1 << 30)
     rng, t0 = random.Random(seed), time.monotonic()
     app = App(tmp_path, db, 0, 'loop', seed=seed)
@@ -216,7 +228,8 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
     # 0 lost: every submission announced is in the store, and has ended
     assert set(submitted) <= set(rows) and set(submitted) <= set(final)
     assert all(final[i][0] in TERMINAL_STATUSES and rows[i][0] == final[i][0] for i in final)
-    lost_returns = set(returned) - set(rows)  # start_job returned, the app died before the submission was stored
+    # start_job returned, the app died before the submission was stored
+    lost_returns = set(returned) - set(rows)
 
     # no job runs again once its start (or end) was stored, under recovery='fail'
     first_run: Dict[str, int] = {}
@@ -237,18 +250,20 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
     for rec in recs:
         pending, ran = rec['pending'], by_run.get(rec['run'], [])
         assert pending == sorted(pending, key=order.index)
-        assert ran[:len(pending)] == pending[:len(ran)], f"run {rec['run']}: {ran[:5]} ... vs {pending[:5]} ..."
+        assert ran[:len(pending)] == pending[:len(ran)], (f"run {rec['run']}: {ran[:5]} ... "
+                                                          f"vs {pending[:5]} ...")
     print(f"\n{KILLS} kill -9 in {killed:.1f} s ({killed / KILLS * 1e3:.0f} ms a cycle), seed {seed}: "
           f"{len(rows)} jobs stored, {len(submitted)} submissions announced, 0 lost; "
-          f"{len(interrupted)} failed '{INTERRUPTED}', {len(reruns)} ran again (start not yet stored when killed), "
+          f"{len(interrupted)} failed '{INTERRUPTED}', "
+          f"{len(reruns)} ran again (start not yet stored when killed), "
           f"{len(twice)} of them completed; {len(lost_returns)} start_job returns not stored before the kill")
 
 
 def test_a_job_reaches_its_worker_only_once_its_handover_is_stored(tmp_path, no_leftover_processes):
-    """recovery='fail' is at most once: the manager sends a job to a worker only after the store has committed its
-    handover (an attempt), so a job the app dies on is known to have started. Another connection's write lock (a
-    backup, an sqlite3 shell) holds that commit back, and with it the job: it does not run while the store cannot
-    say so; after the app dies, the restart runs it, once."""
+    """recovery='fail' is at most once: the manager sends a job to a worker only after the store has committed
+    its handover (an attempt), so a job the app dies on is known to have started. Another connection's write
+    lock (a backup, an sqlite3 shell) holds that commit back, and with it the job: it does not run while the
+    store cannot say so; after the app dies, the restart runs it, once."""
     db = tmp_path / 'jobs.db'
     app = App(tmp_path, db, 0, 'submit', jobs=[['sleep', {'seconds': 0.5}], ['echo', {'text': 'once'}]])
     app.started()
@@ -269,9 +284,10 @@ def test_a_job_reaches_its_worker_only_once_its_handover_is_stored(tmp_path, no_
     assert [r for r, i in runs(tmp_path) if i == echo_id] == [1] and final[echo_id][0] == 'completed'
 
 
-# ----- 2. recovery policies through the manager ----------------------------------------------------------------------
+# ----- 2. recovery policies through the manager -------------------------------------------------------------
 def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_processes):
-    "kill -9 while a job runs: the restart fails it 'interrupted by an app restart'; a second restart changes nothing."
+    ("kill -9 while a job runs: the restart fails it 'interrupted by an app restart'; "
+     "a second restart changes nothing.")
     db = tmp_path / 'jobs.db'
     app = App(tmp_path, db, 0, 'hold')
     app.started()
@@ -292,13 +308,14 @@ def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_proce
         assert job == settled  # the second restart found it settled: same record, same completed_at
         assert recoveries(tmp_path)[-1]['pending'] == []
     assert [r for r, i in runs(tmp_path) if i == job_id] == [0]  # it never ran again
-    assert job_id not in {i for _, i in runs(tmp_path, 'ended')}  # recovery settles it quietly, before any loop
+    # recovery settles it quietly, before any loop
+    assert job_id not in {i for _, i in runs(tmp_path, 'ended')}
 
 
 def test_recovery_requeue_runs_again_until_max_attempts(tmp_path, no_leftover_processes):
-    """recovery='requeue', max_attempts=3: a job that is running at each of three kill -9 runs three times, then the
-    next restart fails it saying so. A job that kills its own worker fails in the run it kills (the supervisor settles
-    it: requeue is about app restarts) and is not run again."""
+    """recovery='requeue', max_attempts=3: a job that is running at each of three kill -9 runs three times,
+    then the next restart fails it saying so. A job that kills its own worker fails in the run it kills (the
+    supervisor settles it: requeue is about app restarts) and is not run again."""
     db, spec = tmp_path / 'jobs.db', dict(recovery='requeue', max_attempts=3)
     app = App(tmp_path, db, 0, 'submit', jobs=[['kill', {}]], **spec)
     app.started()
@@ -331,7 +348,7 @@ def test_recovery_requeue_runs_again_until_max_attempts(tmp_path, no_leftover_pr
     assert [r for r, i in runs(tmp_path) if i == killer] == [0]
 
 
-# ----- 6. two app processes on one store -----------------------------------------------------------------------------
+# ----- 6. two app processes on one store --------------------------------------------------------------------
 def test_a_second_app_process_is_refused_naming_the_first(tmp_path, no_leftover_processes):
     db = tmp_path / 'jobs.db'
     first = App(tmp_path, db, 0, 'hold')
@@ -347,14 +364,14 @@ def test_a_second_app_process_is_refused_naming_the_first(tmp_path, no_leftover_
     assert third.finish() == 0, (tmp_path / 'stderr').read_text()[-2000:]
 
 
-# ----- in this process -----------------------------------------------------------------------------------------------
+# ----- in this process --------------------------------------------------------------------------------------
 def run(coro): return asyncio.run(asyncio.wait_for(coro, 60))
 
 def manager(db, kind=RunLogManager, broadcaster=None, worker_type='text', **store):
     return kind(worker_type, 'test', supports_streaming=True, event_broadcaster=broadcaster,
                 job_store=SQLiteJobStore(db, **store))
 
-# ----- 3. a corrupt database, a locked one ---------------------------------------------------------------------------
+# ----- 3. a corrupt database, a locked one ------------------------------------------------------------------
 def _truncated_store(path):
     with closing(sqlite3.connect(path)) as c, c:
         c.execute('CREATE TABLE filler (x)')
@@ -363,7 +380,8 @@ def _truncated_store(path):
     path.write_bytes(data[:len(data) // 3] + os.urandom(4096))  # the header says more pages than there are
 
 @pytest.mark.parametrize('content', ['garbage', 'text', 'truncated'])
-def test_a_corrupt_database_file_fails_the_manager_and_is_left_as_it_is(tmp_path, content, no_leftover_processes):
+def test_a_corrupt_database_file_fails_the_manager_and_is_left_as_it_is(tmp_path, content,
+                                                                        no_leftover_processes):
     db = tmp_path / 'jobs.db'
     if content == 'garbage': db.write_bytes(os.urandom(16384))
     elif content == 'text': db.write_text('name,status\njob 1,done\n' * 100)
@@ -396,7 +414,7 @@ def test_a_database_another_connection_locks_fails_the_manager_in_bounded_time(t
     m.shutdown()
 
 
-# ----- 4. a job type of the app's own ----------------------------------------------------------------------------------
+# ----- 4. a job type of the app's own -----------------------------------------------------------------------
 @dataclass
 class TranscriptJob(BaseJob):
     "A job type with fields of its own (module level: it pickles by name)."
@@ -407,8 +425,8 @@ class TranscriptJob(BaseJob):
 
 class TranscriptManager(RunLogManager):
     def create_job(self, plugin_id, audio_path='', language=None, **options):
-        return TranscriptJob(id=uuid.uuid4().hex, plugin_id=plugin_id, audio_path=audio_path, language=language,
-                             options=options, metadata={'user': 7, 'tags': ('a', 'b')})
+        return TranscriptJob(id=uuid.uuid4().hex, plugin_id=plugin_id, audio_path=audio_path,
+                             language=language, options=options, metadata={'user': 7, 'tags': ('a', 'b')})
     def prepare_execute_request(self, job):
         if job.plugin_id == 'sleep': return {'seconds': job.options['seconds']}
         return {'text': f"{job.audio_path}|{job.language}|{sorted(job.options.items())}"}
@@ -426,7 +444,7 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
             busy = await m.start_job('sleep', seconds=5.0)
             waiting = await m.start_job('echo', audio_path='/b.wav', language='de', beam=2, vad=True)
             while busy.status != 'running': await asyncio.sleep(0.005)
-            await asyncio.sleep(0.05)  # 'submitted' of `waiting` is stored by now (flushed by shutdown anyway)
+            await asyncio.sleep(0.05)  # 'submitted' of `waiting` is stored now (flushed by shutdown anyway)
             return done, busy, waiting
         finally: m.shutdown()  # busy and waiting stay stored as running and pending
     done, busy, waiting = run(first())
@@ -439,10 +457,12 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
             assert type(back) is TranscriptJob and back == done  # every field, the segments and metadata too
             assert m.get_job_result(done.id) == {'status': 'success', 'data': done.result}
             interrupted = m.get_job(busy.id)
-            assert (interrupted.status, interrupted.error, interrupted.options) == ('failed', INTERRUPTED, {'seconds': 5.0})
+            assert ((interrupted.status, interrupted.error, interrupted.options)
+                    == ('failed', INTERRUPTED, {'seconds': 5.0}))
             pending = m.get_job(waiting.id)
             assert type(pending) is TranscriptJob and pending.status == 'pending'
-            assert (pending.audio_path, pending.language, pending.options) == ('/b.wav', 'de', {'beam': 2, 'vad': True})
+            assert ((pending.audio_path, pending.language, pending.options)
+                    == ('/b.wav', 'de', {'beam': 2, 'vad': True}))
             assert [j.id for j in m.get_all_jobs()] == [done.id, busy.id, waiting.id]
             ran = await m.wait_for_job(waiting.id, timeout=30)  # recovered, queued, run from its own fields
             assert ran.status == 'completed'
@@ -453,7 +473,7 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
     run(second())
 
 
-# ----- 4b. a record the app did not write (issue 18) ------------------------------------------------------------------
+# ----- 4b. a record the app did not write (issue 18) --------------------------------------------------------
 class Planted:
     "A record someone could plant: unpickling it runs a shell command."
     def __init__(self, command): self.command = command
@@ -467,7 +487,8 @@ def test_a_planted_record_runs_nothing_and_the_manager_works_on(tmp_path, no_lef
         finally: m.shutdown()
     kept = run(first())
     with closing(sqlite3.connect(db)) as c, c:  # what another user could write, had they the file
-        c.execute("INSERT INTO worker_jobs (namespace, id, status, blob) VALUES ('text', 'planted', 'pending', ?)",
+        c.execute("INSERT INTO worker_jobs (namespace, id, status, blob) "
+                  "VALUES ('text', 'planted', 'pending', ?)",
                   (pickle.dumps(Planted(f'touch {ran}'), 5),))
     async def second():
         m = manager(db)
@@ -483,9 +504,10 @@ def test_a_planted_record_runs_nothing_and_the_manager_works_on(tmp_path, no_lef
         assert c.execute("SELECT status FROM worker_jobs WHERE id = 'planted'").fetchall() == [('pending',)]
 
 
-# ----- 5. a job that cannot be stored -----------------------------------------------------------------------------------
+# ----- 5. a job that cannot be stored -----------------------------------------------------------------------
 class CallbackManager(RunLogManager):
-    "Keeps a callback in the job record that is never sent to the worker: the request pickles, the record does not."
+    ("Keeps a callback in the job record that is never sent to the worker: "
+     "the request pickles, the record does not.")
     def create_job(self, plugin_id, on_done=None, **kwargs):
         job = super().create_job(plugin_id, **kwargs)
         if on_done is not None: job.metadata['on_done'] = on_done
@@ -500,7 +522,8 @@ def test_a_job_that_cannot_be_stored_fails_at_start_job_and_is_not_kept(tmp_path
         try:
             with pytest.raises(TypeError, match="cannot be sent to the worker"):  # as without a store
                 await m.start_job('echo', text='x', lock=threading.Lock())
-            with pytest.raises(TypeError, match=r"job \w+ of plugin 'echo' cannot be stored: its record does not pickle"):
+            with pytest.raises(TypeError, match=r"job \w+ of plugin 'echo' cannot be stored: "
+                                                r"its record does not pickle"):
                 await m.start_job('echo', text='x', on_done=lambda job: None)
             assert m.get_all_jobs() == [] and m.get_worker_info()['pending_jobs'] == 0
             ok = await m.wait_for_job((await m.start_job('echo', text='fine')).id, timeout=30)
@@ -513,13 +536,13 @@ def test_a_job_that_cannot_be_stored_fails_at_start_job_and_is_not_kept(tmp_path
     run(main())
 
 
-# ----- 7. events and wait_for_job come after the store ---------------------------------------------------------------
+# ----- 7. events and wait_for_job come after the store ------------------------------------------------------
 RANK = {'pending': 0, 'running': 1, 'completed': 2, 'failed': 2, 'cancelled': 2}
 AT_LEAST = {'submitted': 'pending', 'started': 'running', 'progress': 'running', 'chunk': 'running'}
 
 def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypatch, no_leftover_processes):
-    """A broadcaster that reads each job's row through a connection of its own, on every event; the writer is slowed
-    (2 ms before each commit) so that an event announced ahead of its commit would be seen."""
+    """A broadcaster that reads each job's row through a connection of its own, on every event; the writer is
+    slowed (2 ms before each commit) so that an event announced ahead of its commit would be seen."""
     db, seen, behind = tmp_path / 'jobs.db', [], []
     real = store_module.commit_items
     def slow(*args, **kw):
@@ -539,7 +562,8 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
             have = status(job_id)
             seen.append(kind)
             want = AT_LEAST.get(kind, kind)
-            ok = have is not None and (have == want if kind in TERMINAL_STATUSES else RANK[have] >= RANK[want])
+            ok = have is not None and (have == want if kind in TERMINAL_STATUSES
+                                       else RANK[have] >= RANK[want])
             if not ok: behind.append((kind, job_id, have))
     async def main():
         m = manager(db, broadcaster=Checker())
@@ -547,7 +571,8 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
             await m.start()
             jobs = [await m.start_job('echo', text=str(i)) for i in range(40)]
             jobs += [await m.start_job('fail', message='no') for _ in range(5)]
-            jobs += [await m.start_job('progress', seconds=0.05, steps=5), await m.start_job('stream', text='a b c', stream=True)]
+            jobs += [await m.start_job('progress', seconds=0.05, steps=5),
+                     await m.start_job('stream', text='a b c', stream=True)]
             slow_one = await m.start_job('sleep', seconds=0.3)
             dropped = [await m.start_job('echo', text='dropped') for _ in range(3)]
             for j in dropped: assert await m.cancel_job(j.id)
@@ -566,13 +591,14 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
     assert seen.count('progress') >= 1 and seen.count('chunk') >= 1
 
 
-# ----- 8. clear_completed_jobs and retention ---------------------------------------------------------------------------
+# ----- 8. clear_completed_jobs and retention ----------------------------------------------------------------
 def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_leftover_processes):
     db = tmp_path / 'jobs.db'
     async def clear():
         m = manager(db)
         try:
-            done = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30) for i in range(5)]
+            done = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30)
+                    for i in range(5)]
             assert m.clear_completed_jobs() == 5 and m.get_all_jobs() == []
             assert m.job_store.flush() and stored(db) == {}
             kept = await m.wait_for_job((await m.start_job('echo', text='kept')).id, timeout=30)
@@ -589,20 +615,22 @@ def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_lefto
         m = manager(db, worker_type='kept', retention=3)
         try:
             await m.start()
-            jobs = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30) for i in range(8)]
+            jobs = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30)
+                    for i in range(8)]
             busy = await m.start_job('sleep', seconds=5.0)
             waiting = await m.start_job('echo', text='waiting')
             while busy.status != 'running': await asyncio.sleep(0.005)
             assert m.job_store.flush()
             assert list(stored(db, 'kept')) == [j.id for j in jobs[-3:]] + [busy.id, waiting.id]
-            assert len(m.get_all_jobs()) == 10  # retention bounds the file; the app's memory is its own to clear
+            # retention bounds the file; the app's memory is its own to clear
+            assert len(m.get_all_jobs()) == 10
             return jobs, busy, waiting
         finally: m.shutdown()
     jobs, busy, waiting = run(retained())
     async def restart_retained():
         m = manager(db, worker_type='kept', retention=3)
         try:
-            # the interrupted one is finished now: the newest 3 finished stay, the pending one is never trimmed
+            # the interrupted one is finished: the newest 3 finished stay, the pending one is never trimmed
             assert [j.id for j in m.get_all_jobs()] == [j.id for j in jobs[-2:]] + [busy.id, waiting.id]
             assert m.get_job(busy.id).error == INTERRUPTED
             assert (await m.wait_for_job(waiting.id, timeout=30)).status == 'completed'
@@ -612,9 +640,10 @@ def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_lefto
     run(restart_retained())
 
 
-# ----- 9. the event loop while 2,000 jobs are submitted -----------------------------------------------------------------
+# ----- 9. the event loop while 2,000 jobs are submitted -----------------------------------------------------
 async def longest_stall(m, n:int) -> float:
-    "Seconds of the longest gap of a 1 ms ticker (less the 1 ms) while `n` echo jobs are submitted, then awaited."
+    ("Seconds of the longest gap of a 1 ms ticker (less the 1 ms) while `n` echo jobs are submitted, "
+     "then awaited.")
     gaps, last, running = [], time.perf_counter(), True
     async def tick():
         nonlocal last
@@ -635,10 +664,10 @@ async def longest_stall(m, n:int) -> float:
     return max(gaps) - 0.001
 
 def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_leftover_processes):
-    """The longest stall of a 1 ms ticker while 2,000 echo jobs are submitted and run, with a store and without, three
-    times each, interleaved. Only a generous bound on the median is asserted: on a shared 2-core machine the stall
-    is mostly the event loop waiting for the GIL (the store's writer thread is one more busy thread); the benchmark
-    (benchmarks/store.py) reports it."""
+    """The longest stall of a 1 ms ticker while 2,000 echo jobs are submitted and run, with a store and
+    without, three times each, interleaved. Only a generous bound on the median is asserted: on a shared
+    2-core machine the stall is mostly the event loop waiting for the GIL (the store's writer thread is one
+    more busy thread); the benchmark (benchmarks/store.py) reports it."""
     async def main(store:bool, k:int) -> float:
         m = manager(tmp_path / f'jobs{k}.db') if store else RunLogManager('text', 'test')
         try:
@@ -650,24 +679,27 @@ def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_
         for store in ((True, False) if k % 2 == 0 else (False, True)):
             (with_store if store else without).append(run(main(store, k)))
     print(f"\nlongest event-loop stall while 2,000 jobs were submitted: with a store "
-          f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; without {', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
+          f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; "
+          f"without {', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
     assert sorted(with_store)[1] < 0.1
     assert len(stored(tmp_path / 'jobs0.db')) == 2000
 
 
-# ----- benchmarks/store.py keeps working ---------------------------------------------------------------------------------
+# ----- benchmarks/store.py keeps working --------------------------------------------------------------------
 def test_the_store_benchmark_runs(tmp_path, no_leftover_processes):
     "A --quick run exits 0 and prints every row with finite numbers; no timing is asserted."
     out = tmp_path / 'store.json'
-    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'store.py'), '--quick', '--json', str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'store.py'), '--quick', '--json',
+                           str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result['shapes']) == ['sequential', 'pipelined', 'stall', 'recovery']
     for sid, row in result['shapes'].items():
         assert row['title'] in proc.stdout, sid
         for side in ('with', 'without', 'overhead'):
-            assert all(isinstance(row[side][k], float) and math.isfinite(row[side][k]) for k in ('median', 'min', 'max')), (sid, side)
+            assert all(isinstance(row[side][k], float) and math.isfinite(row[side][k])
+                       for k in ('median', 'min', 'max')), (sid, side)
         assert row['with']['median'] > 0 and row['without']['median'] > 0, sid
-        assert row['ratio'] is not None and math.isfinite(row['ratio']['median']) and row['ratio']['median'] > 0, sid
+        assert (row['ratio'] is not None and math.isfinite(row['ratio']['median'])
+                and row['ratio']['median'] > 0), sid
         assert row['met'] in (True, False, None), sid
