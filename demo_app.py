@@ -1,14 +1,15 @@
-"""cjm-fasthtml-workers demo: jobs run in a pool of two supervised worker processes and show up live over Server-Sent
-Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
+"""cjm-fasthtml-workers demo: jobs run in a pool of two supervised worker processes and show up live over
+Server-Sent Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
 
     python demo_app.py [PORT]    # or PORT=8000 python demo_app.py; serves http://127.0.0.1:5001 by default
     uvicorn demo_app:app         # works too, --reload included
 
-The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the environment
-variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or `~/.local/share/...`), a folder of
-yours only (mode 0700); a job that was running when the app stopped comes back failed. The speech-recognition plugin
-needs the `speech` extra (`pip install -e '.[speech]'` from the clone's root, which brings pocketsphinx); without it
-the page says so. No internet needed: htmx and its SSE extension are served from the package."""
+The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the
+environment variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or
+`~/.local/share/...`), a folder of yours only (mode 0700); a job that was running when the app stopped comes
+back failed. The speech-recognition plugin needs the `speech` extra (`pip install -e '.[speech]'` from the
+clone's root, which brings pocketsphinx); without it the page says so. No internet needed: htmx and its SSE
+extension are served from the package."""
 import asyncio, json, logging, os, secrets, signal, stat, sys
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +19,8 @@ from fasthtml.common import *
 
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.demo import DemoJob, DemoPluginRegistry, demo_worker_process
-from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcaster, run_workers, serve_static,
-                                                      sse_response, workers_page)
+from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcaster, run_workers,
+                                                      serve_static, sse_response, workers_page)
 from cjm_fasthtml_workers.extensions.resources import ResourceManager
 from cjm_fasthtml_workers.managers.base import BaseJobManager
 from cjm_fasthtml_workers.managers.store import INTERRUPTED, SQLiteJobStore
@@ -27,16 +28,19 @@ from cjm_fasthtml_workers.managers.store import INTERRUPTED, SQLiteJobStore
 log = logging.getLogger('demo_app')
 MAX_TEXT = 2000  # characters of job text the form takes
 
-# ----- The job manager: the library as an app uses it --------------------------------------------------------------
+# ----- The job manager: the library as an app uses it -------------------------------------------------------
 class DemoJobManager(BaseJobManager[DemoJob]):
     "Runs the demo plugins in a pool of supervised worker processes."
-    def create_job(self, plugin_id, text=''): return DemoJob(id=os.urandom(4).hex(), plugin_id=plugin_id, text=text)
-    def get_worker_entry_point(self): return demo_worker_process  # from the package: the spawned worker imports it
+    def create_job(self, plugin_id, text=''):
+        return DemoJob(id=os.urandom(4).hex(), plugin_id=plugin_id, text=text)
+    # from the package: the spawned worker imports it
+    def get_worker_entry_point(self): return demo_worker_process
     # stream=True asks for streaming; the manager streams only plugins whose registry entry supports it
     def prepare_execute_request(self, job): return {'text': job.text, 'stream': True}
     def extract_job_result(self, job, result_data):
-        # a streamed job's result is {'streamed': True}: keep its text in the record, so that the store keeps it
-        if result_data.get('streamed'): return {'text': ''.join(self.get_job_chunks(job.id)), 'streamed': True}
+        # a streamed job's result is {'streamed': True}: keep its text in the record, so the store keeps it
+        if result_data.get('streamed'):
+            return {'text': ''.join(self.get_job_chunks(job.id)), 'streamed': True}
         return result_data
 
 class DataDirError(RuntimeError): "The demo's data folder is not safe to use."
@@ -50,17 +54,20 @@ def data_dir() -> Path:
     # planted database that runs their code here; refuse it, as ssh refuses such a key
     st = data.stat()
     if st.st_uid != os.getuid():
-        raise DataDirError(f"{data} belongs to another user (uid {st.st_uid}): set CJM_DEMO_DATA to a folder of yours")
+        raise DataDirError(f"{data} belongs to another user (uid {st.st_uid}): "
+                           "set CJM_DEMO_DATA to a folder of yours")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise DataDirError(f"{data} may be written by other users (mode {stat.filemode(st.st_mode)}): chmod 700 it")
+        raise DataDirError(f"{data} may be written by other users (mode {stat.filemode(st.st_mode)}): "
+                           "chmod 700 it")
     return data
 
 def open_manager() -> DemoJobManager:
-    "The manager and its job store, made in the lifespan: spawned workers run this file again; one process opens a store."
+    ("The manager and its job store, made in the lifespan: spawned workers run this file again; "
+     "one process opens a store.")
     data = data_dir()
     return DemoJobManager('demo', registry.category, supports_streaming=True, plugin_registry=registry,
                           resource_manager=resources, event_broadcaster=streams,
-                          job_store=SQLiteJobStore(data/'jobs.sqlite', retention=500),  # the newest 500 finished
+                          job_store=SQLiteJobStore(data/'jobs.sqlite', retention=500),  # newest 500 finished
                           # two workers; a crash or a cancel brings a new one
                           worker_config=WorkerConfig(max_workers=2, restart_policy=RestartPolicy.ALWAYS))
 
@@ -70,7 +77,8 @@ manager: DemoJobManager = None  # open_manager()'s, from the lifespan on
 async def lifespan(app):
     global manager
     manager = open_manager()
-    workers_page(app, manager)  # the operator's live page at /workers (open here: give it a guard in a real app)
+    # the operator's live page at /workers (open here: give it a guard in a real app)
+    workers_page(app, manager)
     async with run_workers(manager, broadcaster=streams):  # the workers start now, and stop with the app
         ticker = asyncio.create_task(send_resources())
         try: yield
@@ -82,27 +90,33 @@ htmx_config = {'responseHandling': [{'code': '204', 'swap': False}, {'code': '[2
                                     {'code': '4..', 'swap': True, 'error': True},
                                     {'code': '...', 'swap': False, 'error': True}]}
 app = FastHTML(
-    default_hdrs=False,  # FastHTML's defaults load htmx and more from a CDN: serve_static serves the package's copies
+    # FastHTML's defaults load htmx and more from a CDN: serve_static serves the package's copies
+    default_hdrs=False,
     hdrs=(Meta(charset='utf-8'), Meta(name='viewport', content='width=device-width, initial-scale=1'),
           Meta(name='htmx-config', content=json.dumps(htmx_config)), Link(rel='icon', href='data:,'),
           Link(rel='stylesheet', href=f'{STATIC_PREFIX}/demo.css')),
-    secret_key=secrets.token_hex(16),  # no sessions to keep across restarts; a key given writes no .sesskey file
+    # no sessions to keep across restarts; a key given writes no .sesskey file
+    secret_key=secrets.token_hex(16),
     canonical=False, lifespan=lifespan)
 serve_static(app)
 
-# ----- Components -------------------------------------------------------------------------------------------------
+# ----- Components -------------------------------------------------------------------------------------------
 def clock(iso): return datetime.fromisoformat(iso).strftime('%H:%M:%S') if iso else None
-def took(start, end): return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f} s"
+def took(start, end):
+    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f} s"
 def gib(n): return f"{n / 2**30:.1f} GiB"
 def mib(n): return f"{n / 2**20:.0f} MiB"
 def swap(on): return 'true' if on else None  # an out-of-band swap replaces the element with the same id
 def plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
 
 def ProgressBar(job, oob=False):
-    "The part of a card that progress events replace: small, so the card's Cancel button is never replaced mid-click."
+    ("The part of a card that progress events replace: small, so the card's Cancel button is never replaced "
+     "mid-click.")
     pct = round(100 * (job.progress or 0))
-    parts = [Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'), Span(job.progress_message or '', cls='muted')]
-    return Div(*parts if job.progress is not None else [], id=f'progress-{job.id}', cls='progress', hx_swap_oob=swap(oob))
+    parts = [Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'),
+             Span(job.progress_message or '', cls='muted')]
+    return Div(*parts if job.progress is not None else [], id=f'progress-{job.id}', cls='progress',
+               hx_swap_oob=swap(oob))
 
 def JobCard(job, shown:dict, oob=False):
     "One job, drawn again when its status changes; `shown` notes how many of its chunks the page has."
@@ -114,8 +128,10 @@ def JobCard(job, shown:dict, oob=False):
     interrupted = (job.error or '').startswith(INTERRUPTED)
     ended = None if interrupted else job.completed_at
     times = [f"created {clock(job.created_at)}", job.started_at and f"started {clock(job.started_at)}",
-             ended and f"ended {clock(ended)}", job.started_at and ended and f"ran {took(job.started_at, ended)}",
-             interrupted and "interrupted when the app stopped", job.worker_pid and f"worker {job.worker_pid}"]
+             ended and f"ended {clock(ended)}",
+             job.started_at and ended and f"ran {took(job.started_at, ended)}",
+             interrupted and "interrupted when the app stopped",
+             job.worker_pid and f"worker {job.worker_pid}"]
     return Article(
         Header(Span(job.status, cls=f'badge {job.status}'), Strong(plugin.title if plugin else job.plugin_id),
                Code(job.id, cls='muted'),
@@ -124,8 +140,10 @@ def JobCard(job, shown:dict, oob=False):
                if live else None),
         P(job.text, cls='input') if job.text else P('(no text)', cls='input muted'),  # strings are escaped
         ProgressBar(job) if live or job.progress is not None else None,
-        # chunk events append to the live output; an ended job shows its result, or what it streamed before it ended
-        Pre(text or '', id=f'output-{job.id}', cls='output') if live and plugin and plugin.supports_streaming else
+        # chunk events append to the live output; an ended job shows its result, or what it streamed before
+        # it ended
+        Pre(text or '', id=f'output-{job.id}', cls='output')
+        if live and plugin and plugin.supports_streaming else
         Pre(text if text is not None else json.dumps(job.result), cls='result') if job.result else
         Pre(text, cls='output') if text else None,
         P(job.error, cls='error') if job.error else None,
@@ -147,12 +165,14 @@ def Notice(message=None, error=True):
 def refuse(message, status=400): return HTMLResponse(to_xml(Notice(message)), status_code=status)
 
 def SubmitForm():
-    options = [Option(p.title + (' (not installed)' if p.missing else ''), value=p.id, disabled=bool(p.missing))
+    options = [Option(p.title + (' (not installed)' if p.missing else ''), value=p.id,
+                      disabled=bool(p.missing))
                for p in registry.plugins.values()]
     return Form(Select(*options, name='plugin_id', aria_label='Plugin'),
                 Input(name='text', value='Hello from the worker process', maxlength=MAX_TEXT,
                       placeholder='Text for the job', aria_label='Text'),
-                Button('Submit job'), Button('Clear finished', hx_post='/jobs/clear', cls='quiet', type='button'),
+                Button('Submit job'),
+                Button('Clear finished', hx_post='/jobs/clear', cls='quiet', type='button'),
                 hx_post='/jobs', id='submit')
 
 def WorkersPanel(workers:list, oob=False):
@@ -163,22 +183,26 @@ def WorkersPanel(workers:list, oob=False):
     return Section(H2('Workers'),
                    Table(Tr(Th(), *[Th(f"worker {w['worker_id']}") for w in workers]),
                          row('pid', 'pid'), row('state', 'state'), row('loaded_plugin', 'loaded plugin'),
-                         row('current_job_id', 'running job'), row('gpu', 'GPU'), row('last_exit', 'last exit'),
+                         row('current_job_id', 'running job'), row('gpu', 'GPU'),
+                         row('last_exit', 'last exit'),
                          # the slot's counts, whichever of its processes did the work
                          group('since the app started'), row('jobs_done', 'jobs done'),
                          row('restart_count', 'restarts'), row('crashes', 'of which crashes'),
                          row('cancels', 'of which cancels')),
-                   P(plural(manager.get_worker_info()['pending_jobs'], 'job') + ' waiting', cls='muted', id='waiting'),
+                   P(plural(manager.get_worker_info()['pending_jobs'], 'job') + ' waiting', cls='muted',
+                    id='waiting'),
                    id='workers', hx_swap_oob=swap(oob))
 
 def PluginRow(p):
     # a command waits for the job its worker runs: while the request is out, htmx marks the row (which shows
     # .waiting) and disables its buttons
-    buttons = Div(Button('Reload', hx_post=f'/plugins/{p.id}/reload', cls='small', title='Load its next configuration'),
+    buttons = Div(Button('Reload', hx_post=f'/plugins/{p.id}/reload', cls='small',
+                         title='Load its next configuration'),
                   Button('Unload', hx_post=f'/plugins/{p.id}/unload', cls='small quiet'),
                   Span('waiting for its workers (a running job ends first)…', cls='waiting'),
                   hx_indicator=f'#plugin-{p.id}', hx_disabled_elt=f'#plugin-{p.id} button', cls='actions')
-    sample = Audio(src=f'{STATIC_PREFIX}/speech-sample.wav', controls=True, preload='none') if p.name == 'speech' else None
+    sample = (Audio(src=f'{STATIC_PREFIX}/speech-sample.wav', controls=True, preload='none')
+              if p.name == 'speech' else None)
     return Tr(Td(Strong(p.title), Br(), Small(p.description), sample,
                  P('Not installed: ', Code(p.missing), cls='missing') if p.missing else None),
               Td(Code(json.dumps(registry.load_plugin_config(p.id))), None if p.missing else buttons),
@@ -199,15 +223,17 @@ def GpuRows(gpu):
     return Table(Tr(Th(f"GPU {gpu.device_index}"), Td(d['name'])),
                  Tr(Th('memory'), Td(Progress(value=d['memory_used'], max=d['memory_total']),
                                      f" {gib(d['memory_used'])} of {gib(d['memory_total'])}")),
-                 Tr(Th('utilization'), Td('–' if d['utilization_gpu'] is None else f"{d['utilization_gpu']} %")),
+                 Tr(Th('utilization'),
+                    Td('–' if d['utilization_gpu'] is None else f"{d['utilization_gpu']} %")),
                  Tr(Th('app processes'), Td(', '.join(app) or 'none')),
                  Tr(Th('other processes'), Td(len(gpu.external_pids))),
                  Tr(Th('status'), Td(gpu.message.split(': ', 1)[-1])))
 
 def Processes(reading:dict, workers:list, oob=False):
-    "The app's processes and their memory (from `reading`); who is a worker, and in what state, from `workers`."
-    # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the reading
-    # is not listed, one that started since is listed with its memory to come
+    ("The app's processes and their memory (from `reading`); who is a worker, and in what state, "
+     "from `workers`.")
+    # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the
+    # reading is not listed, one that started since is listed with its memory to come
     by_pid = {w['pid']: w for w in workers if w['pid']}
     def row(pid, worker_pid, memory):
         if worker_pid is None: return Tr(Td(pid), Td('app server'), Td(memory))
@@ -215,7 +241,8 @@ def Processes(reading:dict, workers:list, oob=False):
         if pid != worker_pid: return Tr(Td(pid), Td(f"child of worker {w['worker_id']}"), Td(memory))
         loaded = f", {w['loaded_plugin']} loaded" if w['loaded_plugin'] else ''
         return Tr(Td(pid), Td(f"worker {w['worker_id']}: {w['state']}{loaded}"), Td(memory), cls='worker')
-    procs = [r for r in reading['memory'].app_processes if r['worker_pid'] is None or r['worker_pid'] in by_pid]
+    procs = [r for r in reading['memory'].app_processes
+             if r['worker_pid'] is None or r['worker_pid'] in by_pid]
     new = [pid for pid in by_pid if pid not in {r['pid'] for r in procs}]
     return Table(Tr(Th('pid'), Th("app's processes"), Th('memory')),
                  *[row(r['pid'], r['worker_pid'], mib(r['memory_rss'])) for r in procs],
@@ -248,7 +275,8 @@ def WorkerPanels(reading:dict=None, oob=False):
                                        Processes(latest, workers, oob) if latest else None)
 
 async def send_resources(every:float=2.0):
-    "While a page is open, read the resources every 2 s (or when a worker changed), once for all pages, and send them."
+    ("While a page is open, read the resources every 2 s (or when a worker changed), once for all pages, "
+     "and send them.")
     while True:
         try: await asyncio.wait_for(read_now.wait(), every)
         except asyncio.TimeoutError: pass
@@ -263,13 +291,15 @@ def Changes(event, shown:dict):
     # and the workers: a worker that has become ready says nothing of it
     if event.kind == 'resources': return WorkerPanels(event.data, oob=True)
     if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), WorkerPanels(oob=True)
-    if event.kind == 'cleared': return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
+    if event.kind == 'cleared':
+        return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
     if job is None:  # a worker died or was restarted: its new process's memory is read at once
         read_now.set()
         return WorkerPanels(oob=True)
     if event.kind == 'progress': return ProgressBar(job, oob=True)
     if event.kind == 'chunk':
-        # the text this page has not got: chunks the card already showed are not sent again, a lost event costs none
+        # the text this page has not got: chunks the card already showed are not sent again, a lost event
+        # costs none
         chunks, had = manager.get_job_chunks(job.id), shown.get(job.id, 0)
         shown[job.id] = len(chunks)
         if len(chunks) == had: return None
@@ -278,16 +308,19 @@ def Changes(event, shown:dict):
         return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), WorkerPanels(oob=True)
     return JobCard(job, shown, oob=True), WorkerPanels(oob=True)
 
-# ----- Routes -----------------------------------------------------------------------------------------------------
+# ----- Routes -----------------------------------------------------------------------------------------------
 @app.get('/')
 async def index():
     workers_panel, resources_panel = WorkerPanels(await read_latest())
     return Titled('cjm-fasthtml-workers demo',
         P('Jobs run in a pool of two supervised worker processes; everything below updates live over '
-          'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.', cls='lead'),
-        Div('The connection to the server is lost; reconnecting…', id='offline', role='status', hidden=True),
+          'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.',
+          cls='lead'),
+        Div('The connection to the server is lost; reconnecting…', id='offline', role='status',
+            hidden=True),
         # every button's answer goes inside #answer: the notice, empty or not; a box that stays, so that two
-        # requests out at once both land in it (an answer that replaced it would leave the other's target detached)
+        # requests out at once both land in it (an answer that replaced it would leave the other's target
+        # detached)
         Div(Div(SubmitForm(), Div(Notice(), id='answer'), JobList({})),
             Div(workers_panel, PluginsPanel(), resources_panel),
             cls='grid', hx_target='#answer', hx_swap='innerHTML'),
@@ -301,7 +334,8 @@ async def submit(plugin_id:str='', text:str=''):
     if plugin is None: return refuse(f"There is no plugin {plugin_id!r}.")
     if plugin.missing: return refuse(f"{plugin.title} is not installed: {plugin.missing}")
     if len(text) > MAX_TEXT: return refuse(f"The text has {len(text)} characters; {MAX_TEXT} at most.")
-    try: await manager.start_job(plugin_id, text=text)  # its card comes to every page with its submitted event
+    # its card comes to every page with its submitted event
+    try: await manager.start_job(plugin_id, text=text)
     except ValueError as e: return refuse(str(e))
     return Notice()
 
@@ -329,7 +363,8 @@ async def plugin_action(plugin_id:str, action:str):
     if action == 'reload':
         config = registry.next_config(plugin_id)
         ok = await manager.reload_plugin(plugin.name, config)
-        note = f"{plugin.title}: reloaded with {json.dumps(config)}." if ok else f"{plugin.title}: reloading failed."
+        note = (f"{plugin.title}: reloaded with {json.dumps(config)}." if ok
+                else f"{plugin.title}: reloading failed.")
     else:
         if not any(w['loaded_plugin'] == plugin.name for w in manager.get_workers_info()):
             return Notice(f"{plugin.title} was not loaded: there was nothing to unload.", error=False)
@@ -345,18 +380,20 @@ def events():
         return JobList(shown, oob=True), PluginsPanel(oob=True), WorkerPanels(await read_latest(), oob=True)
     return sse_response(streams, lambda event: Changes(event, shown), first=everything)
 
-# ----- Serve ------------------------------------------------------------------------------------------------------
+# ----- Serve ------------------------------------------------------------------------------------------------
 if __name__ == '__main__':
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get('PORT', 5001))
-    try: print(f"job store in {data_dir()}", flush=True)  # said here, before the server starts, if it is unsafe
+    # said here, before the server starts, if it is unsafe
+    try: print(f"job store in {data_dir()}", flush=True)
     except DataDirError as e: sys.exit(f"cjm-fasthtml-workers demo: {e}")
     server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning',
-                                           timeout_graceful_shutdown=3))  # a backstop for responses that do not end
+                                           timeout_graceful_shutdown=3))  # backstop: responses that never end
     print(f"cjm-fasthtml-workers demo: http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM ends the app as Ctrl+C does
     try: server.run()
     except KeyboardInterrupt: pass  # uvicorn raises again the signal it has handled
     finally:
-        if manager is not None: manager.shutdown()  # already done by the lifespan, unless a second Ctrl+C skipped it
+        # already done by the lifespan, unless a second Ctrl+C skipped it
+        if manager is not None: manager.shutdown()
     print("demo stopped", flush=True)

@@ -1,10 +1,10 @@
 """The floor: what Python's multiprocessing costs anyway, whatever library sits on top of it.
 
-A spawned echo worker sends back every message it gets, over two `multiprocessing.Queue`s (`QueueFloor`) or over
-one duplex `multiprocessing.Pipe` (`PipeFloor`). Beside it, the standard library's own pool: a
-`ProcessPoolExecutor` of one spawned worker running `echo`, awaited from asyncio as an app would. Spawn imports this
-module in the worker, so it imports nothing but the standard library, and nothing at the top that the echo
-workers do not need: the floor's worker must start as fast as a bare echo process can."""
+A spawned echo worker sends back every message it gets, over two `multiprocessing.Queue`s (`QueueFloor`) or
+over one duplex `multiprocessing.Pipe` (`PipeFloor`). Beside it, the standard library's own pool: a
+`ProcessPoolExecutor` of one spawned worker running `echo`, awaited from asyncio as an app would. Spawn
+imports this module in the worker, so it imports nothing but the standard library, and nothing at the top that
+the echo workers do not need: the floor's worker must start as fast as a bare echo process can."""
 import multiprocessing, os, signal, time
 from multiprocessing.connection import wait
 
@@ -22,7 +22,8 @@ class QueueFloor:
     "A spawned `queue_echo` worker and its two queues."
     def __init__(self):
         self.requests, self.replies = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=queue_echo, args=(self.requests, self.replies), name='floor-queue-echo')
+        self.proc = ctx.Process(target=queue_echo, args=(self.requests, self.replies),
+                                name='floor-queue-echo')
         self.proc.start()
     def send(self, msg): self.requests.put(msg)
     def recv(self): return self.replies.get()
@@ -55,7 +56,7 @@ class PipeFloor:
         self.proc.join()
         self.conn.close()
 
-# ----- the floor's side of each shape: the same work as benchmarks/library.py does through a job manager -----------
+# ----- the floor's side of each shape: the same work as benchmarks/library.py does through a job manager ----
 def round_trips(floor, n:int, msg) -> list: # Seconds of each of `n` sequential round trips
     "Send `msg` and wait for its echo, `n` times."
     out = []
@@ -67,7 +68,8 @@ def round_trips(floor, n:int, msg) -> list: # Seconds of each of `n` sequential 
     return out
 
 def pipelined(floor, n:int, msg, window:int=64) -> float: # Messages per second
-    "Echo `n` messages with up to `window` in flight; a bounded window so that neither pipe can fill and block."
+    ("Echo `n` messages with up to `window` in flight; "
+     "a bounded window so that neither pipe can fill and block.")
     t0, sent, got = time.perf_counter(), 0, 0
     while got < n:
         while sent < n and sent - got < window: floor.send(msg); sent += 1
@@ -83,7 +85,8 @@ def cold_start(msg) -> tuple: # (seconds from spawn to the first echo, the runni
     return time.perf_counter() - t0, floor
 
 def cold_starts(n:int, msg) -> float: # Seconds for `n` cold starts in a row, each to its first echo
-    "Spawn `n` `QueueFloor`s one after the other, as a pool of `n` started by hand; all run until the last echoes."
+    ("Spawn `n` `QueueFloor`s one after the other, as a pool of `n` started by hand; "
+     "all run until the last echoes.")
     t0, floors = time.perf_counter(), []
     for _ in range(n): floors.append(cold_start(msg)[1])
     seconds = time.perf_counter() - t0
@@ -96,7 +99,8 @@ def stop_time(floor) -> float: # Seconds to stop an idle floor worker
     return time.perf_counter() - t0
 
 def memory_probe(n:int, msg, conn):
-    "Spawned by the benchmark: RSS growth per echo over `n` echoes of a fresh `QueueFloor`; sends it on `conn`."
+    ("Spawned by the benchmark: RSS growth per echo over `n` echoes of a fresh `QueueFloor`; "
+     "sends it on `conn`.")
     import psutil  # here, not at the top: the echo workers stay bare
     me, floor = psutil.Process(), QueueFloor()
     pipelined(floor, min(n, 500), msg)
@@ -105,7 +109,7 @@ def memory_probe(n:int, msg, conn):
     conn.send((me.memory_info().rss - before) / n)
     floor.stop()
 
-# ----- ProcessPoolExecutor(max_workers=1): the standard library's pool, awaited through asyncio ---------------------
+# ----- ProcessPoolExecutor(max_workers=1): the standard library's pool, awaited through asyncio -------------
 # asyncio and concurrent.futures are imported where they are used, so that the echo workers above stay bare
 def echo(msg): return msg  # the executor's job: by reference, so its worker imports this module
 

@@ -1,8 +1,9 @@
 """The library's side of each shape: the work of benchmarks/floor.py, done through a `BaseJobManager`.
 
-The manager is the one of tests/test_manager.py, running the package's scenario plugins (`echo`, `sleep`, `hang`).
-It lives only in the benchmark's process; its worker imports `cjm_fasthtml_workers.testing` by name. The affinity
-shape's manager runs `CountingPluginManager` instead, whose workers import this module by name."""
+The manager is the one of tests/test_manager.py, running the package's scenario plugins (`echo`, `sleep`,
+`hang`). It lives only in the benchmark's process; its worker imports `cjm_fasthtml_workers.testing` by name.
+The affinity shape's manager runs `CountingPluginManager` instead, whose workers import this module by
+name."""
 import asyncio, gc, os, signal, tempfile, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -18,7 +19,8 @@ class TextJob(BaseJob):
     params: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the plugin
 
 class TextJobManager(BaseJobManager[TextJob]):
-    def create_job(self, plugin_id, **kwargs): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+    def create_job(self, plugin_id, **kwargs):
+        return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
     def get_worker_entry_point(self): return scenario_worker_process
     def prepare_execute_request(self, job): return job.params
     def extract_job_result(self, job, result_data): return result_data
@@ -26,24 +28,27 @@ class TextJobManager(BaseJobManager[TextJob]):
 def make(policy:RestartPolicy=RestartPolicy.ON_CANCELLATION, kind=TextJobManager, **cfg) -> TextJobManager:
     return kind('bench', 'bench', worker_config=WorkerConfig(restart_policy=policy, **cfg))
 
-# A worker's loads, counted where they happen: spawned workers inherit os.environ, so the log's path reaches them
+# A worker's loads, counted where they happen: spawned workers inherit os.environ, so the log path gets there
 LOAD_LOG = 'CJM_BENCH_LOAD_LOG'
 
 class CountingPluginManager(ScenarioPluginManager):
-    "The scenario plugins; every load appends a line `<pid> <plugin>` to the file named by $CJM_BENCH_LOAD_LOG."
+    ("The scenario plugins; every load appends a line `<pid> <plugin>` to the file named by "
+     "$CJM_BENCH_LOAD_LOG.")
     def load_plugin(self, plugin_data, config):
         super().load_plugin(plugin_data, config)
         with open(os.environ[LOAD_LOG], 'a') as f: f.write(f"{os.getpid()} {plugin_data['name']}\n")
 
 def counting_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `CountingPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, CountingPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, CountingPluginManager,
+                        supports_streaming=True)
 
 class CountingJobManager(TextJobManager):
     def get_worker_entry_point(self): return counting_worker_process
 
 def _check(job, status='completed'):
-    if job.status != status: raise RuntimeError(f"job {job.id} ({job.plugin_id}) is {job.status}, not {status}: {job.error}")
+    if job.status != status:
+        raise RuntimeError(f"job {job.id} ({job.plugin_id}) is {job.status}, not {status}: {job.error}")
     return job
 
 async def echo(m, text:str='x') -> TextJob:
@@ -55,7 +60,8 @@ async def running(m, plugin_id:str='hang', timeout:float=30.0) -> TextJob:
     "Start a job and wait until the worker has started it."
     job, deadline = await m.start_job(plugin_id), time.monotonic() + timeout
     while job.status != 'running':
-        if time.monotonic() > deadline: raise RuntimeError(f"job {job.id} did not start within {timeout} s ({job.status})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job.id} did not start within {timeout} s ({job.status})")
         await asyncio.sleep(0.001)
     return job
 
@@ -80,7 +86,7 @@ class Ticker:
     @property
     def stall(self) -> float: return max(0.0, max(self.gaps) - 0.001)
 
-# ----- shapes ------------------------------------------------------------------------------------------------------
+# ----- shapes -----------------------------------------------------------------------------------------------
 async def round_trips(m, n:int, text:str='x') -> list: # Seconds of each of `n` sequential jobs
     "`start_job` then `wait_for_job`, `n` times."
     out = []
@@ -147,7 +153,7 @@ async def command_stall(m, command:str) -> float: # Longest event-loop stall in 
     if not ok: raise RuntimeError(f"{command} of the echo plugin failed")
     return ticker.stall
 
-async def cold_start() -> tuple: # (seconds from `start()` to the first result, seconds to shut the idle manager down)
+async def cold_start() -> tuple: # (seconds from `start()` to the 1st result, seconds to shut down when idle)
     "A fresh manager: `start()`, the first job's result, then `shutdown()` once it is idle."
     t0 = time.perf_counter()
     m = make()
@@ -190,7 +196,8 @@ async def memory(m, n:int, rss) -> tuple: # (bytes per job once cleared, bytes p
     return cleared, kept
 
 async def sleeps(m, n:int, seconds:float) -> float: # Seconds from the first submission to the last result
-    "Submit `n` jobs that sleep `seconds` each, then wait until all have ended: the pool runs them side by side."
+    ("Submit `n` jobs that sleep `seconds` each, then wait until all have ended: "
+     "the pool runs them side by side.")
     t0 = time.perf_counter()
     jobs = [await m.start_job('sleep', seconds=seconds) for _ in range(n)]
     for j in jobs: _check(await m.wait_for_job(j.id))
@@ -206,7 +213,8 @@ async def pool_start(n:int) -> tuple: # (seconds `start()` takes, the started ma
     return time.perf_counter() - t0, m
 
 async def model_loads(workers:int, n:int, pairs:bool=True) -> int: # Plugin loads in all workers together
-    "`n` jobs alternating between the echo and sleep plugins on a fresh pool: two at a time (`pairs`), or all at once."
+    ("`n` jobs alternating between the echo and sleep plugins on a fresh pool: "
+     "two at a time (`pairs`), or all at once.")
     fd, path = tempfile.mkstemp(prefix='cjm-bench-loads-')
     os.close(fd)
     os.environ[LOAD_LOG] = path
@@ -224,7 +232,8 @@ async def model_loads(workers:int, n:int, pairs:bool=True) -> int: # Plugin load
         os.unlink(path)
 
 def memory_probe(n:int, conn):
-    "Spawned by the benchmark: `memory` in a process of its own, on a heap no other shape has grown; sends the result on `conn`."
+    ("Spawned by the benchmark: `memory` in a process of its own, on a heap no other shape has grown; "
+     "sends the result on `conn`.")
     me = psutil.Process()
     async def main():
         m = make()

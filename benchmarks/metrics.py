@@ -1,6 +1,6 @@
-"""Benchmark of a Prometheus scrape (issue 23): `generate_latest` of a registry holding a `ManagerCollector` of a
-manager that holds 10,000 jobs (5,000 finished, one running, the rest waiting), against the same scrape of the same
-manager holding none, in the same run. Target: < 50 ms.
+"""Benchmark of a Prometheus scrape (issue 23): `generate_latest` of a registry holding a `ManagerCollector`
+of a manager that holds 10,000 jobs (5,000 finished, one running, the rest waiting), against the same scrape
+of the same manager holding none, in the same run. Target: < 50 ms.
 
     python benchmarks/metrics.py            # 10,000 jobs, 30 scrapes each
     python benchmarks/metrics.py --jobs 2000 --scrapes 10"""
@@ -48,7 +48,8 @@ async def main(jobs:int, scrapes:int) -> int:
         for i in range(jobs - finished - 1): await m.start_job('echo', text=str(i))
         while m.get_job(hang.id).status != 'running': await asyncio.sleep(0.01)
         held = len(m.get_all_jobs())
-        full = await asyncio.to_thread(timed_scrapes, registry, scrapes)  # as metrics_route runs it: off the loop
+        # as metrics_route runs it: off the loop
+        full = await asyncio.to_thread(timed_scrapes, registry, scrapes)
     finally: m.shutdown()
     med_empty, med_full = statistics.median(empty), statistics.median(full)
     met = med_full < 50

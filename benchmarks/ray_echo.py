@@ -1,15 +1,16 @@
-"""The Ray backend's cost (issue 12): an awaited echo through a Ray-backed manager, the local one, and bare Ray.
+"""The Ray backend's cost (issue 12): an awaited echo via a Ray-backed manager, the local one, and bare Ray.
 
     python benchmarks/ray_echo.py              # 3 repetitions of 300 awaited echoes and 1000 pipelined ones
     python benchmarks/ray_echo.py --quick      # 2 of 50 and 200: keeps the script working
     python benchmarks/ray_echo.py --json /tmp/ray_echo.json
 
-In one run, on one local Ray instance: bare Ray, `await actor.echo.remote(msg)` of a plain actor (the engine's floor:
-one Ray call and its answer); Ray's floor for any relay, a request sent without waiting and its answer yielded by a
-streaming generator that runs all along (what the Ray backend does, minus the worker and the manager); the manager
-with `backend='ray'` (a host actor relaying to its worker subprocess); and the manager with the local backend. Latency: one `start_job('echo')` then `wait_for_job` at a time (bare Ray:
-one awaited call at a time). Throughput: all submitted, then all awaited. The three take turns going first; each
-ratio (Ray-backed manager ÷ bare Ray) is taken within one repetition, then its median over repetitions reported.
+In one run, on one local Ray instance: bare Ray, `await actor.echo.remote(msg)` of a plain actor (the engine's
+floor: one Ray call and its answer); Ray's floor for any relay, a request sent without waiting and its answer
+yielded by a streaming generator that runs all along (what the Ray backend does, minus the worker and the
+manager); the manager with `backend='ray'` (a host actor relaying to its worker subprocess); and the manager
+with the local backend. Latency: one `start_job('echo')` then `wait_for_job` at a time (bare Ray: one awaited
+call at a time). Throughput: all submitted, then all awaited. The three take turns going first; each ratio
+(Ray-backed manager ÷ bare Ray) is taken within one repetition, then its median over repetitions reported.
 Target: the library's overhead over bare Ray, median latency ratio <= 1.5."""
 import argparse, asyncio, json, os, queue, statistics, sys, time, uuid
 
@@ -27,7 +28,8 @@ class Echo:
 
 @ray.remote(max_concurrency=4)
 class Relay:
-    "The floor of any relay: a request sent without waiting, its answer yielded by a generator that runs all along."
+    ("The floor of any relay: a request sent without waiting, "
+     "its answer yielded by a generator that runs all along.")
     def __init__(self): self.inbox = queue.SimpleQueue()
     def send(self, msg): self.inbox.put(msg)
     def relay(self):
@@ -39,7 +41,7 @@ def request(text:str) -> dict:
 
 def p99(xs:list) -> float: return sorted(xs)[max(0, round(0.99 * len(xs)) - 1)]
 
-# ----- the sides: each an async (latency samples in µs, throughput in echoes/s) -----------------------------------
+# ----- the sides: each an async (latency samples in µs, throughput in echoes/s) ----------------------------
 async def bare_ray(actor, n:int, burst:int):
     samples = []
     for i in range(n):
@@ -75,7 +77,7 @@ async def manager(m, n:int, burst:int):
     m.clear_completed_jobs()
     return samples, burst / (time.perf_counter() - t0)
 
-# ----- the run ---------------------------------------------------------------------------------------------------
+# ----- the run ----------------------------------------------------------------------------------------------
 SIDES = ('bare_ray', 'ray_relay_floor', 'ray_manager', 'local_manager')
 
 async def run(reps:int, n:int, burst:int) -> dict:
@@ -121,7 +123,8 @@ def summary(out:dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--quick', action='store_true', help='2 repetitions of 50 awaited and 200 pipelined echoes')
+    ap.add_argument('--quick', action='store_true',
+                    help='2 repetitions of 50 awaited and 200 pipelined echoes')
     ap.add_argument('--reps', type=int, help='repetitions (default 3)')
     ap.add_argument('--json', help='also write the results here')
     args = ap.parse_args()
@@ -131,8 +134,8 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1', log_to_driver=False)
     try: rows = summary(asyncio.run(run(reps, n, burst)))
     finally: ray.shutdown()
-    print(f"{'':18}{'latency median':>16}{'latency p99':>14}{'throughput':>14}   ({reps} reps; {n} awaited, {burst} "
-          f"pipelined; {os.cpu_count()} cores, ray {ray.__version__})")
+    print(f"{'':18}{'latency median':>16}{'latency p99':>14}{'throughput':>14}   "
+          f"({reps} reps; {n} awaited, {burst} pipelined; {os.cpu_count()} cores, ray {ray.__version__})")
     for s in SIDES:
         r = rows[s]
         print(f"{s:18}{r['median']:>13.0f} µs{r['p99']:>11.0f} µs{r['throughput']:>9.0f} /s")
@@ -141,8 +144,9 @@ def main() -> int:
     for k, v in ratios.items(): print(f"  {k:48} {v:6.2f}")
     print(f"target: Ray-backed manager latency <= 1.5x bare Ray: {'met' if met else 'NOT met'}")
     if args.json:
-        with open(args.json, 'w') as f: json.dump({**rows, 'target_met': met, 'reps': reps, 'n': n, 'burst': burst,
-                                                  'cores': os.cpu_count(), 'ray': ray.__version__}, f, indent=1)
+        with open(args.json, 'w') as f:
+            json.dump({**rows, 'target_met': met, 'reps': reps, 'n': n, 'burst': burst,
+                       'cores': os.cpu_count(), 'ray': ray.__version__}, f, indent=1)
     return 0
 
 if __name__ == '__main__':

@@ -3,10 +3,11 @@
     python benchmarks/scheduler.py            # about 30 s
     python benchmarks/scheduler.py --quick    # a smoke run
 
-1. Cost per dispatch: 10,000 waiting jobs of 100 owners taken one at a time through `scheduler.assign` (priority,
-   owners in turn, affinity), against the same jobs of one owner (plain FIFO). Target <= 2x.
-2. ETA error: 20 sleep jobs of known length on 2 workers; each job's `estimated_wait` when the previous jobs of
-   the same length had run (the averages known), against the time it really waited. Target: median error <= 25 %."""
+1. Cost per dispatch: 10,000 waiting jobs of 100 owners taken one at a time through `scheduler.assign`
+   (priority, owners in turn, affinity), against the same jobs of one owner (plain FIFO). Target <= 2x.
+2. ETA error: 20 sleep jobs of known length on 2 workers; each job's `estimated_wait` when the previous jobs
+   of the same length had run (the averages known), against the time it really waited. Target: median error
+   <= 25 %."""
 import asyncio, os, statistics, sys, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -30,7 +31,8 @@ def dispatch_cost(owners:int, n:int=10_000) -> float: # seconds per job handed o
     return (time.perf_counter() - t0) / n
 
 async def eta_errors(jobs:int=20, seconds:float=0.2) -> list:
-    "Relative errors of `estimated_wait` for `jobs` sleep jobs of `seconds` on 2 workers (after 4 to learn from)."
+    ("Relative errors of `estimated_wait` for `jobs` sleep jobs of `seconds` on 2 workers "
+     "(after 4 to learn from).")
     from cjm_fasthtml_workers.core.config import WorkerConfig
     from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
     from cjm_fasthtml_workers.testing import scenario_worker_process
@@ -65,8 +67,9 @@ def main():
     n = 2_000 if quick else 10_000
     fifo = min(dispatch_cost(1, n) for _ in range(3))
     fair = min(dispatch_cost(100, n) for _ in range(3))
-    print(f"dispatch, {n} waiting jobs: 1 owner {fifo * 1e6:.1f} µs/job, 100 owners {fair * 1e6:.1f} µs/job: "
-          f"{fair / fifo:.2f}x (target <= 2x: {'met' if fair / fifo <= 2 else 'missed'})")
+    print(f"dispatch, {n} waiting jobs: 1 owner {fifo * 1e6:.1f} µs/job, "
+          f"100 owners {fair * 1e6:.1f} µs/job: {fair / fifo:.2f}x "
+          f"(target <= 2x: {'met' if fair / fifo <= 2 else 'missed'})")
     errors = asyncio.run(eta_errors(8 if quick else 20))
     med = statistics.median(errors) if errors else float('nan')
     print(f"ETA of sleep jobs on 2 workers: median error {med * 100:.1f} % over {len(errors)} jobs "

@@ -89,7 +89,8 @@ class SpeechRecognizer:
     block_seconds = 0.25  # audio taken between two progress reports
     def __init__(self):
         try: import pocketsphinx
-        except ImportError as e: raise ImportError(f"the speech plugin needs pocketsphinx: {SPEECH_EXTRA}") from e
+        except ImportError as e:
+            raise ImportError(f"the speech plugin needs pocketsphinx: {SPEECH_EXTRA}") from e
         t0 = time.monotonic()
         self.pocketsphinx, self.decoder = pocketsphinx, pocketsphinx.Decoder(samprate=16000, loglevel='FATAL')
         self.load_seconds = time.monotonic() - t0  # How long the model took to load
@@ -127,7 +128,8 @@ def transcribe(self:SpeechRecognizer,
             talking = ep.in_speech
             if not talking and (words := self._phrase(said)): said = True; yield words
         if (i + 1) % per_report == 0:
-            report_progress(min(start + n, len(pcm)) / len(pcm), f"{min(start + n, len(pcm)) / 32000:.1f} s of {total:.1f} s")
+            report_progress(min(start + n, len(pcm)) / len(pcm),
+                            f"{min(start + n, len(pcm)) / 32000:.1f} s of {total:.1f} s")
             if pace: time.sleep(ep.frame_length * per_report / pace)
     if talking and (words := self._phrase(said)): yield words
     report_progress(1.0, f"{total:.1f} s of {total:.1f} s")
@@ -140,7 +142,8 @@ class DemoPlugin:
     name: str  # Name the worker knows the plugin by
     title: str  # Shown in the app's plugin picker
     description: str  # One line for the app
-    configs: List[Dict[str, Any]] = field(default_factory=lambda: [{}])  # Configurations to choose from; the first is the default
+    configs: List[Dict[str, Any]] = field(  # Configurations to choose from; the first is the default
+        default_factory=lambda: [{}])
     supports_streaming: bool = False  # Whether jobs of this plugin stream their output
     needs: Optional[str] = None  # A module it imports that an optional extra brings, if any
     install: Optional[str] = None  # The command that brings it
@@ -150,17 +153,22 @@ class DemoPlugin:
         return self.install if self.needs and importlib.util.find_spec(self.needs) is None else None
 
 DEMO_PLUGINS = [
-    DemoPlugin('demo-quick', 'quick', 'Quick', 'Changes the text at once.', [{'mode': 'upper'}, {'mode': 'reverse'}]),
-    DemoPlugin('demo-slow', 'slow', 'Slow, with progress', 'Counts the words step by step, reporting progress.',
+    DemoPlugin('demo-quick', 'quick', 'Quick', 'Changes the text at once.',
+               [{'mode': 'upper'}, {'mode': 'reverse'}]),
+    DemoPlugin('demo-slow', 'slow', 'Slow, with progress',
+               'Counts the words step by step, reporting progress.',
                [{'steps': 10, 'step_seconds': 0.3}, {'steps': 5, 'step_seconds': 0.6}]),
     DemoPlugin('demo-stream', 'stream', 'Streaming', 'Sends the text back word by word.',
                [{'word_seconds': 0.15}, {'word_seconds': 0.4}], supports_streaming=True),
     DemoPlugin('demo-fail', 'fail', 'Failing', 'Raises an exception: the job fails, the worker stays.'),
-    DemoPlugin('demo-crash', 'crash', 'Crashing', 'Ends its worker with os._exit: the job fails, a new worker starts.',
+    DemoPlugin('demo-crash', 'crash', 'Crashing',
+               'Ends its worker with os._exit: the job fails, a new worker starts.',
                [{'exit_code': 13}, {'exit_code': 42}]),
     DemoPlugin('demo-speech', 'speech', 'Speech recognition',
-               'Transcribes the sample recording with pocketsphinx on CPU, phrase by phrase (the text is not used).',
-               [{'pace': 1.0}, {'pace': 0.0}], supports_streaming=True, needs='pocketsphinx', install=SPEECH_EXTRA),
+               'Transcribes the sample recording with pocketsphinx on CPU, phrase by phrase '
+               '(the text is not used).',
+               [{'pace': 1.0}, {'pace': 0.0}], supports_streaming=True, needs='pocketsphinx',
+               install=SPEECH_EXTRA),
 ]
 
 # %% ../nbs/demo.ipynb #8bb9c8a4
@@ -178,7 +186,8 @@ class DemoPluginRegistry:
 
     def get_plugin(self, plugin_id:str) -> Optional[DemoPlugin]: return self.plugins.get(plugin_id)
 
-    def load_plugin_config(self, plugin_id:str) -> Dict[str, Any]: # A copy of its current configuration ({} if unknown)
+    def load_plugin_config(self, plugin_id:str
+                          ) -> Dict[str, Any]: # A copy of its current configuration ({} if unknown)
         p = self.plugins.get(plugin_id)
         return dict(p.configs[self.choice[plugin_id]]) if p else {}
 
@@ -193,10 +202,11 @@ _RUNNERS = {'quick': quick_plugin, 'slow': slow_plugin, 'fail': fail_plugin, 'cr
 _STREAMING = ('stream', 'speech')
 
 class DemoPluginManager:
-    "Plugin manager of the demo worker: discovers `DEMO_PLUGINS` and runs them with their loaded configuration."
+    ("Plugin manager of the demo worker: discovers `DEMO_PLUGINS` and runs them "
+     "with their loaded configuration.")
     def __init__(self):
         self.loaded: Dict[str, Dict[str, Any]] = {}  # plugin name -> its configuration
-        self.recognizer: Optional[SpeechRecognizer] = None  # the speech model, made at the first load of `speech`
+        self.recognizer: Optional[SpeechRecognizer] = None  # the speech model, made when `speech` first loads
 
     def discover_plugins(self) -> List[Dict[str, str]]: return [{'name': p.name} for p in DEMO_PLUGINS]
 
@@ -224,13 +234,15 @@ class DemoPluginManager:
         return _RUNNERS[plugin_name](text, self._config(plugin_name))
 
     def execute_plugin_stream(self, plugin_name:str, text:str='', **params) -> Iterator[str]:
-        if plugin_name == 'speech': yield from self.recognizer.transcribe(pace=self._config('speech').get('pace', 0.0))
+        if plugin_name == 'speech':
+            yield from self.recognizer.transcribe(pace=self._config('speech').get('pace', 0.0))
         else: yield from stream_plugin(text, self._config(plugin_name))
 
 # %% ../nbs/demo.ipynb #08f0cdde
 def demo_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running the demo plugins."
-    base_worker_process(request_queue, result_queue, response_queue, DemoPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, DemoPluginManager,
+                        supports_streaming=True)
 
 # %% ../nbs/demo.ipynb #000324fc
 STATIC_DIR = Path(cjm_fasthtml_workers.__file__).parent/'static'  # htmx, its SSE extension, the demo's files

@@ -38,7 +38,8 @@ def make_worker(no_leftover_processes):
 
 
 def pump(w:ProcessWorker, until, timeout:float=TIMEOUT) -> list:
-    "Poll the worker's pipes as a supervisor does, flushing and reading, until `until(messages)`; all messages."
+    ("Poll the worker's pipes as a supervisor does, flushing and reading, until `until(messages)`; "
+     "all messages.")
     msgs, deadline = [], time.monotonic() + timeout
     while not until(msgs):
         left = deadline - time.monotonic()
@@ -122,7 +123,7 @@ def test_env_is_in_the_child_before_its_code_runs_and_the_app_env_is_restored(ma
 
 
 def test_concurrent_starts_each_get_their_own_env_and_survive_their_starting_thread(make_worker):
-    # PDEATHSIG fires when the thread that forked a worker ends: every start runs on the spawner thread instead
+    # PDEATHSIG fires as the thread that forked a worker ends: every start runs on the spawner thread instead
     workers = {}
     def start(i): workers[i] = make_worker(env={'CJM_WHO': str(i)})
     threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]

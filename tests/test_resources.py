@@ -10,7 +10,8 @@ from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager,
 from conftest import pid_gone
 
 G = 1 << 30
-IMPOSSIBLE_PID = 2**23 + 7  # above Linux's largest pid_max: never a process here (as NVML pids from another namespace)
+# above Linux's largest pid_max: never a process here (as NVML pids from another namespace)
+IMPOSSIBLE_PID = 2**23 + 7
 
 # ----- helpers ----------------------------------------------------------------------------------------------
 SLEEPER = [sys.executable, '-c', 'import time; time.sleep(60)']
@@ -155,10 +156,13 @@ def test_update_only_changes_given_fields():
     rm.register_worker(IMPOSSIBLE_PID, 'stt', plugin_id='p', plugin_name='whisper', config={'model': 'tiny'})
     rm.update_worker_state(IMPOSSIBLE_PID, status='running')
     w = rm.get_worker_by_pid(IMPOSSIBLE_PID)
-    assert (w.plugin_id, w.plugin_name, w.config, w.loaded_plugin_resource) == ('p', 'whisper', {'model': 'tiny'}, 'tiny')
-    rm.update_worker_state(IMPOSSIBLE_PID, plugin_name=None, plugin_id=None, loaded_plugin_resource=None, config=None)
+    assert ((w.plugin_id, w.plugin_name, w.config, w.loaded_plugin_resource)
+            == ('p', 'whisper', {'model': 'tiny'}, 'tiny'))
+    rm.update_worker_state(IMPOSSIBLE_PID, plugin_name=None, plugin_id=None, loaded_plugin_resource=None,
+                           config=None)
     w = rm.get_worker_by_pid(IMPOSSIBLE_PID)
-    assert (w.status, w.plugin_id, w.plugin_name, w.config, w.loaded_plugin_resource) == ('running', None, None, None, None)
+    assert ((w.status, w.plugin_id, w.plugin_name, w.config, w.loaded_plugin_resource)
+            == ('running', None, None, None, None))
 
 def test_satisfies_protocol():
     assert isinstance(ResourceManager(), ResourceManagerProtocol)
@@ -193,22 +197,25 @@ def test_threads_hammering_update_and_get():
 def test_threads_share_one_nvml_init():
     fake = FakeNVML([FakeNVML.gpu(processes={IMPOSSIBLE_PID: G})])
     rm = ResourceManager(nvml=fake)
-    threads = [threading.Thread(target=lambda: [rm.check_gpu_availability() for _ in range(50)]) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: [rm.check_gpu_availability() for _ in range(50)])
+               for _ in range(8)]
     for th in threads: th.start()
     for th in threads: th.join(60)
     assert fake.init_calls == 1
 
 # ----- fake NVML: per-device classification -----------------------------------------------------------------
 def test_per_device_classification():
-    fake = FakeNVML([FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID: 60 * G}),          # external, over 45%
-                     FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID + 1: 20 * G}),      # an app worker's child
-                     FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID + 2: 10 * G})])     # external, under 45%
+    fake = FakeNVML([
+        FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID: 60 * G}),       # external, over 45%
+        FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID + 1: 20 * G}),   # an app worker's child
+        FakeNVML.gpu(total=100 * G, processes={IMPOSSIBLE_PID + 2: 10 * G})])  # external, under 45%
     class Plugin:
         def get_child_pids(self): return [IMPOSSIBLE_PID + 1]
     rm = ResourceManager(gpu_memory_threshold_percent=45.0, nvml=fake)
     rm.register_worker(IMPOSSIBLE_PID + 100, 'llm', plugin_instance=Plugin())
     per = [rm.check_gpu_availability(device_index=i) for i in range(3)]
-    assert [c.status for c in per] == [ResourceStatus.EXTERNAL_BUSY, ResourceStatus.APP_BUSY, ResourceStatus.AVAILABLE]
+    assert [c.status for c in per] == [ResourceStatus.EXTERNAL_BUSY, ResourceStatus.APP_BUSY,
+                                       ResourceStatus.AVAILABLE]
     assert [c.device_index for c in per] == [0, 1, 2]
     assert [c.external_pids for c in per] == [[IMPOSSIBLE_PID], [], [IMPOSSIBLE_PID + 2]]
     assert per[1].app_processes[0]['worker_pid'] == IMPOSSIBLE_PID + 100
@@ -268,7 +275,8 @@ def test_import_does_not_touch_nvml():
 
 # ----- system memory ----------------------------------------------------------------------------------------
 def fake_virtual_memory(total, used):
-    return lambda: SimpleNamespace(total=total, available=total - used, percent=100.0 * used / total, used=used)
+    return lambda: SimpleNamespace(total=total, available=total - used, percent=100.0 * used / total,
+                                   used=used)
 
 def test_memory_busy_because_of_the_app(no_leftover_processes, monkeypatch):
     worker = subprocess.Popen(SLEEPER)
@@ -277,7 +285,8 @@ def test_memory_busy_because_of_the_app(no_leftover_processes, monkeypatch):
         rm.register_worker(worker.pid, 'stt')
         app_rss = psutil.Process(worker.pid).memory_info().rss + psutil.Process().memory_info().rss
         # used = the app's memory plus a little: 37.5% used, about 12.5% of it outside the app
-        monkeypatch.setattr(resources.psutil, 'virtual_memory', fake_virtual_memory(4 * app_rss, int(1.5 * app_rss)))
+        monkeypatch.setattr(resources.psutil, 'virtual_memory',
+                            fake_virtual_memory(4 * app_rss, int(1.5 * app_rss)))
         c = rm.check_memory_availability(threshold_percent=30.0)
         assert c.status is ResourceStatus.APP_BUSY, c.message
         assert c.resource_type is ResourceType.SYSTEM_MEMORY
@@ -340,7 +349,8 @@ def test_cancel_is_no_warning(no_leftover_processes, caplog):
         try: asyncio.run(asyncio.wait_for(main(), 120))
         finally: stop.set(); reader.join()
     said = [r.getMessage() for r in caplog.records if r.name == resources.__name__]
-    assert not [r for r in caplog.records if r.name == resources.__name__ and r.levelno >= logging.WARNING], said
+    assert not [r for r in caplog.records
+                if r.name == resources.__name__ and r.levelno >= logging.WARNING], said
     assert rm.get_all_workers() == [] and rm._ended == {}
 
 # ----- a real GPU -------------------------------------------------------------------------------------------
@@ -379,7 +389,8 @@ def test_real_gpu_app_and_external_processes(no_leftover_processes):
     gpu = rm.get_gpu_info()[0]
     # the external process takes half the device when there is room: above the 45% threshold
     big = gpu.memory_total // 2 if gpu.memory_free > 0.6 * gpu.memory_total else 256 << 20
-    holders = [subprocess.Popen([sys.executable, '-c', CUDA_HOLDER, str(size)], stdout=subprocess.PIPE, text=True)
+    holders = [subprocess.Popen([sys.executable, '-c', CUDA_HOLDER, str(size)], stdout=subprocess.PIPE,
+                                text=True)
                for size in (256 << 20, big)]
     try:
         pids = [int(h.stdout.readline() or 0) for h in holders]

@@ -1,4 +1,5 @@
-"The durable job store: round trips, order, batching, recovery, retention, the lock, corrupt and locked files."
+("The durable job store: round trips, order, batching, recovery, retention, the lock, "
+ "corrupt and locked files.")
 import asyncio, logging, os, pickle, sqlite3, stat, subprocess, sys, tempfile, threading, time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ def test_custom_job_type_round_trips(tmp_path, stores):
     s, _ = reopen(stores, tmp_path/'j.db')
     j = TranscriptionJob('t1', 'whisper', status='completed', audio_path='/a.wav', language='fr',
                          segments=[{'start': 0.0, 'text': 'bonjour'}], result={'text': 'bonjour'},
-                         metadata={'user': 7}, progress=1.0, worker_pid=123, completed_at='2026-01-01T00:00:01')
+                         metadata={'user': 7}, progress=1.0, worker_pid=123,
+                         completed_at='2026-01-01T00:00:01')
     s.write([j], lambda: None)
     s.close()
     _, back = reopen(stores, tmp_path/'j.db')
@@ -345,7 +347,8 @@ def test_close_is_idempotent_and_later_writes_are_dropped(tmp_path, stores, capl
         s.write([job(2)], lambda: None)
     assert 'closed' in caplog.text and len(rows(tmp_path/'j.db')) == 1
     with pytest.raises(JobStoreError, match='opened before'): s.open('t')
-    with pytest.raises(JobStoreError, match='not open'): SQLiteJobStore(tmp_path/'k.db').write([job(1)], print)
+    with pytest.raises(JobStoreError, match='not open'):
+        SQLiteJobStore(tmp_path/'k.db').write([job(1)], print)
 
 
 _EXIT_WITHOUT_CLOSE = """
@@ -365,7 +368,7 @@ def test_what_is_queued_is_written_at_interpreter_exit(tmp_path, no_leftover_pro
     assert len(rows(tmp_path/'j.db')) == 1000
 
 
-# ----- private files, records that run no code (issue 18) ---------------------------------------------------------------
+# ----- private files, records that run no code (issue 18) ---------------------------------------------------
 def mode(path) -> int: return stat.S_IMODE(os.stat(path).st_mode)
 
 
@@ -441,7 +444,8 @@ def test_a_group_writable_directory_is_fine_only_for_the_users_private_group(tmp
         with pytest.raises(JobStoreError, match='writable by its group'): reopen(stores, folder/'jobs.db')
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user (os.chown) needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="giving a file to another user (os.chown) needs root")
 
 
 @needs_root
@@ -504,8 +508,9 @@ def test_a_planted_record_runs_nothing_and_the_store_still_opens(tmp_path, store
     assert 'job reduce cannot be read back (UnreadableRecord: it names posix.system' in caplog.text
     s.write([job(3)], lambda: None)  # the store works on
     s.close()
-    assert [r[:2] for r in rows(path)] == [('j00001', 'pending'), ('j00002', 'pending'), ('reduce', 'running'),
-                                           ('global', 'pending'), ('eval', 'pending'), ('j00003', 'pending')]
+    assert [r[:2] for r in rows(path)] == [('j00001', 'pending'), ('j00002', 'pending'),
+                                           ('reduce', 'running'), ('global', 'pending'), ('eval', 'pending'),
+                                           ('j00003', 'pending')]
     s, back = reopen(stores, path, allowed_classes=[Segment])  # nothing was lost: allowed, it reads back
     assert [j.id for j in back] == ['j00001', 'j00002', 'j00003']
     assert back[1].metadata == {'segment': Segment('hi')} and list(tmp_path.glob('ran*')) == []
@@ -514,9 +519,11 @@ def test_a_planted_record_runs_nothing_and_the_store_still_opens(tmp_path, store
 def test_what_a_job_holds_of_the_safe_types_reads_back(tmp_path, stores):
     import datetime, decimal, uuid
     from collections import OrderedDict, deque
-    held = {'when': datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc), 'day': datetime.date(2026, 1, 2),
+    held = {'when': datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc),
+            'day': datetime.date(2026, 1, 2),
             'took': datetime.timedelta(seconds=3), 'price': decimal.Decimal('1.10'), 'id': uuid.UUID(int=7),
-            'path': Path('/a/b.wav'), 'set': {1, 2}, 'frozen': frozenset({3}), 'bytes': b'x', 'raw': bytearray(b'y'),
+            'path': Path('/a/b.wav'), 'set': {1, 2}, 'frozen': frozenset({3}), 'bytes': b'x',
+            'raw': bytearray(b'y'),
             'complex': 1 + 2j, 'tuple': (1, (2, None)), 'ordered': OrderedDict(a=1), 'deque': deque([1, 2])}
     s, _ = reopen(stores, tmp_path/'j.db')
     s.write([TranscriptionJob('t1', 'whisper', metadata=held)], lambda: None)

@@ -1,5 +1,6 @@
-"""The workers page (extensions.fasthtml.workers_page) in headless Chromium: one row per worker, a progress bar that
-moves, a cancel and a recycle from the page, the guard's 403; screenshots are kept in tests/artifacts/."""
+"""The workers page (extensions.fasthtml.workers_page) in headless Chromium: one row per worker, a progress
+bar that moves, a cancel and a recycle from the page, the guard's 403; screenshots are kept in
+tests/artifacts/."""
 import os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -10,15 +11,16 @@ pytest.importorskip('prometheus_client', reason="the metrics extra: pip install 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent/'artifacts'
 CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-                 '--disable-sync', '--no-first-run', '--disable-quic']
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic']
 
 def cell(page, worker:int, what:str): return page.locator(f'#wp-w{worker}-{what}')
 
 def record_progress(page, worker:int):
     "Record in `window.__progress` every value worker `worker`'s progress bar takes from now on."
     page.evaluate('''w => { window.__progress = [];
-        const note = () => { const v = document.querySelector(`#wp-w${w}-progress progress`)?.getAttribute('value');
+        const note = () => { const v = document.querySelector(`#wp-w${w}-progress progress`)'''
+                  '''?.getAttribute('value');
                              if (v != null && window.__progress.at(-1) !== v) window.__progress.push(v); };
         new MutationObserver(note).observe(document.body, {subtree: true, childList: true, attributes: true});
         note(); }''', worker)
@@ -39,7 +41,8 @@ def test_workers_page_in_browser(tmp_path, no_leftover_processes):
     port = free_port()
     base = f'http://127.0.0.1:{port}'
     app = start_web_app([sys.executable, str(ROOT/'tests'/'workers_app.py'), str(port)], tmp_path, port,
-                        {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])})
+                        {**os.environ,
+                         'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])})
     requests = []
     try:
         # the guard: no operator cookie, no page, no stream, no control
@@ -52,7 +55,8 @@ def test_workers_page_in_browser(tmp_path, no_leftover_processes):
             context.add_cookies([{'name': 'operator', 'value': 'yes', 'url': base}])
             context.on('request', lambda r: requests.append(r.url))
             page = context.new_page()
-            page.add_init_script("document.addEventListener('htmx:sseOpen', () => { window.__sseOpen = true })")
+            page.add_init_script(
+                "document.addEventListener('htmx:sseOpen', () => { window.__sseOpen = true })")
             page.goto(f'{base}/workers')
             page.wait_for_function('window.__sseOpen === true')
             expect(page.locator('table.workers tbody tr')).to_have_count(2)
@@ -100,7 +104,8 @@ def test_workers_page_in_browser(tmp_path, no_leftover_processes):
             # both busy, one more waiting: the picture in the README (docs/workers-page.png)
             for _ in range(3): submit(base, 'progress', seconds=6, steps=60)
             expect(page.locator('#wp-queue')).to_contain_text('progress')
-            page.wait_for_function("() => ['#wp-w0-progress', '#wp-w1-progress'].every(s => document.querySelector("
+            page.wait_for_function("() => ['#wp-w0-progress', '#wp-w1-progress']"
+                                   ".every(s => document.querySelector("
                                    "`${s} progress`)?.getAttribute('value') >= 20)")
             page.locator('main').screenshot(path=str(ARTIFACTS/'workers-page-busy.png'))
             browser.close()

@@ -16,7 +16,8 @@ from fastcore.basics import patch
 
 from .transport import readable, spawner
 from ..core.protocol import WorkerRequest, WorkerRequestType
-from ..core.wire import (  # CorruptStream, Unreadable, loads_message: importable from here as before
+# CorruptStream, Unreadable, loads_message: importable from here as before
+from ..core.wire import (
     CorruptStream, Inbox, Outbox, PipeEnd, Unreadable, dumps_message, loads_message)
 from ..core.worker import TOKEN_ENV, worker_main
 
@@ -27,15 +28,16 @@ log = logging.getLogger(__name__)
 _all_ = ['CorruptStream', 'Unreadable', 'loads_message']
 
 # %% ../../nbs/backends/process.ipynb #fa71ee22
-def describe_exit(exitcode:Optional[int], # A process's exit code; negative: the signal that killed it; None: none
-                  ended:bool=False # Whether the process is known to have ended (then None: its status was lost)
+def describe_exit(exitcode:Optional[int], # A process's exit code; negative: the killing signal; None: none
+                  ended:bool=False # Whether the process is known to have ended (then None: status was lost)
                  ) -> str: # How the worker ended
     "Say how a worker process ended, from its `exitcode`."
     if exitcode is None:
         if not ended: return "worker did not exit"
         if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
             return "worker ended; its exit status is unknown because the app ignores SIGCHLD"
-        return "worker ended; its exit status is unknown (something else in the app collected it, e.g. os.wait())"
+        return ("worker ended; its exit status is unknown "
+                "(something else in the app collected it, e.g. os.wait())")
     if exitcode < 0:
         try: name = signal.Signals(-exitcode).name
         except ValueError: name = f"signal {-exitcode}"
@@ -105,7 +107,7 @@ def _close_fds(fds:list): # fds still open; emptied
 class ProcessWorker:
     "One spawned worker process and its pipes: a `backends.transport.Transport`."
     def __init__(self,
-                 entry_point:Callable, # `entry_point(request_queue, result_queue, response_queue)`, importable
+                 entry_point:Callable, # importable; takes (request_queue, result_queue, response_queue)
                  name:str, # The process's name, for logs
                  env:Optional[Dict[str, str]]=None): # In the worker's environment before any of its code runs
         self.entry_point, self.name, self.env = entry_point, name, dict(env or {})
@@ -113,7 +115,7 @@ class ProcessWorker:
         self.process: Optional[multiprocessing.process.BaseProcess] = None  # the multiprocessing Process
         self.pid: Optional[int] = None
         self.exitcode: Optional[int] = None  # set by reap()
-        self.exit_reason: Optional[str] = None  # always None: the exit code says how it ended (see `describe_exit`)
+        self.exit_reason: Optional[str] = None  # always None: `describe_exit(exitcode)` says how it ended
         self.death_fd: Optional[int] = None  # readable once the process has exited; None once reaped
         self.write_fd: Optional[int] = None  # the request pipe's write end, non-blocking
         self._pidfd = False  # death_fd is a pidfd (ours to close), not the process sentinel
@@ -129,27 +131,32 @@ class ProcessWorker:
     def wants_write(self) -> bool: return self._outbox is not None and self._outbox.pending
     def buffered(self) -> bool:
         "Whether `read` has more now without a poll: frames read but not returned, or bytes left unread."
-        return any(ib.more or ib.frames for ib in self._inboxes)  # garbage is raised by the read that finds it
+        # garbage is raised by the read that finds it
+        return any(ib.more or ib.frames for ib in self._inboxes)
     def at_eof(self) -> bool:
         "Whether both pipes from the worker have reached end of file and every message was read."
         return bool(self._inboxes) and all(ib.eof and not ib.frames for ib in self._inboxes)
     def pipe_closed(self) -> bool:
-        "Whether either pipe from the worker has reached end of file, every message read: it can no longer report."
+        ("Whether either pipe from the worker has reached end of file, every message read: "
+         "it can no longer report.")
         return any(ib.eof and not ib.frames for ib in self._inboxes)
 
     def placement(self) -> Dict[str, Any]: return {}  # it runs here: nothing to say where
     def alive(self) -> bool:
         "Whether the process runs: started, and its death fd has not fired."
         if self.death_fd is None: return False
-        if readable(self.death_fd): return False  # a sentinel fires as the process exits, before it is reapable
-        return self._pidfd or self.process.is_alive()  # a grandchild holding the sentinel hides a death from it
+        # a sentinel fires as the process exits, before it is reapable
+        if readable(self.death_fd): return False
+        # a grandchild holding the sentinel hides a death from it
+        return self._pidfd or self.process.is_alive()
 
     def close(self) -> None:
         "Release the pipes and fds; idempotent. A worker still running sees end of file on its request pipe."
         _close_fds(self._open_fds)
         self.death_fd = self.write_fd = self._outbox = None
         self._inboxes = []
-        # the Process object stays usable (`worker_process.exitcode` after shutdown); its own finalizer frees it
+        # the Process object stays usable (`worker_process.exitcode` after shutdown);
+        # its own finalizer frees it
 
 # %% ../../nbs/backends/process.ipynb #83655217
 def _conn(fd:int, readable:bool) -> multiprocessing.connection.Connection:
@@ -241,7 +248,7 @@ def _ended(self:ProcessWorker, timeout:float) -> bool:
 
 @patch
 def reap(self:ProcessWorker, timeout:float=1.0 # Seconds to wait for the process to end
-        ) -> Optional[int]: # Its exit code; None if it still runs, or if its status was lost (`alive()` False)
+        ) -> Optional[int]: # Its exit code; None if it still runs or its status was lost (`alive()` False)
     "Collect the ended worker's exit code and end what is left of its tree: its group, orphans, daemons."
     if self.process is None or self.exitcode is not None: return self.exitcode
     if not self._ended(timeout): return None

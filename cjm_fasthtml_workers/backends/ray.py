@@ -34,8 +34,10 @@ def ensure_ray(address:Optional[str]=None, # The cluster to join (None: `ray.ini
         if ray.is_initialized(): initialised = False
         elif _ray_seen: raise RuntimeError("Ray was shut down in this process: no Ray worker can start")
         else:
-            os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')  # a library does not opt an app into telemetry
-            # a local instance's processes die with the thread that started them (PDEATHSIG): the spawner's lasts
+            # a library does not opt an app into telemetry
+            os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+            # a local instance's processes die with the thread that started them (PDEATHSIG):
+            # the spawner's lasts
             spawner.run(lambda: ray.init(address=address, **(init_options or {})))
             log.debug("ray initialised (address %s)", address)
             initialised = True
@@ -51,15 +53,16 @@ def _here() -> dict: # `node` (Ray's node id) and `gpu` (the GPU ids Ray gave th
     return {'node': ray.get_runtime_context().get_node_id(), 'gpu': list(ray.get_gpu_ids())}
 
 class RayWorkerHost:
-    "Runs one worker process on its Ray node with `ProcessWorker` and relays its messages (a Ray actor's class)."
+    ("Runs one worker process on its Ray node with `ProcessWorker` and relays its messages "
+     "(a Ray actor's class).")
     def __init__(self):
         self.worker: Optional[ProcessWorker] = None  # made by start()
         self.lock = threading.Lock()  # one call into the ProcessWorker at a time; kill() takes none
-        self.next_seq, self.early = 0, {}  # the next request in the app's order; seq -> request that came early
+        self.next_seq, self.early = 0, {}  # next request in the app's order; seq -> a request that came early
         self.corrupt: Optional[str] = None  # why the worker's stream is unreadable, once it is
         self.reported_closed = False  # read() said a pipe closed while the worker ran
-        self.reported_corrupt = False  # read() said the stream is corrupt (news once; said again in every reply)
-        self.wake_r, self.wake_w = os.pipe()  # a send wakes a waiting read(), to write what the pipe did not take
+        self.reported_corrupt = False  # read() said the stream is corrupt (news once; repeated in each reply)
+        self.wake_r, self.wake_w = os.pipe()  # a send wakes a waiting read(), to write what the pipe left
         for fd in (self.wake_r, self.wake_w): os.set_blocking(fd, False)
 
     def start(self,
@@ -96,7 +99,7 @@ class Relayed(NamedTuple):
     "What one `RayWorkerHost.read` brings back to the app."
     messages: tuple = ()  # The worker's messages (bytes), each pickled on its own
     corrupt: Optional[str] = None  # Why the worker's stream cannot be read further (once it cannot)
-    pipe_closed: bool = False  # A pipe from the worker is at end of file, every message read, and it still runs
+    pipe_closed: bool = False  # A pipe from the worker is at EOF, every message read, and it still runs
     at_eof: bool = False  # Both pipes are, every message read
     exitcode: Optional[int] = None  # The worker's exit code, once it has ended and been reaped
 
@@ -173,7 +176,8 @@ def stop(self:RayWorkerHost,
 
 # %% ../../nbs/backends/ray.ipynb #d6616a41
 class RemoteProcess:
-    "What `BaseJobManager.worker_process` shows of a worker on a Ray node: its pid, exit code and whether it runs."
+    ("What `BaseJobManager.worker_process` shows of a worker on a Ray node: "
+     "its pid, exit code and whether it runs.")
     def __init__(self, worker:'RayWorker'): self.worker, self.pid, self.name = worker, worker.pid, worker.name
     @property
     def exitcode(self) -> Optional[int]: return self.worker.exitcode
@@ -184,13 +188,13 @@ class RemoteProcess:
 class RayWorker:
     "One worker process on a Ray node, run by a `RayWorkerHost` actor: a `backends.transport.Transport`."
     def __init__(self,
-                 entry_point:Callable, # `entry_point(request_queue, result_queue, response_queue)`, importable
+                 entry_point:Callable, # importable; takes (request_queue, result_queue, response_queue)
                  name:str, # The worker's name, for logs
                  env:Optional[Dict[str, str]]=None, # In the worker's environment, on top of its actor's
-                 address:Optional[str]=None, # The Ray cluster to join if Ray is not initialised (see `ensure_ray`)
+                 address:Optional[str]=None, # The Ray cluster to join if Ray isn't initialised (`ensure_ray`)
                  init_options:Optional[Dict[str, Any]]=None, # More `ray.init` options, then
                  actor_options:Optional[Dict[str, Any]]=None, # The host actor's `.options()`: `num_gpus`...
-                 start_timeout:float=60.0): # Seconds for Ray to place the actor and for it to spawn the worker
+                 start_timeout:float=60.0): # Seconds for Ray to place the actor and it to spawn the worker
         self.entry_point, self.name, self.env = entry_point, name, dict(env or {})
         self.address, self.init_options = address, dict(init_options or {})
         self.actor_options, self.start_timeout = dict(actor_options or {}), start_timeout
@@ -199,7 +203,7 @@ class RayWorker:
         self.process: Optional[RemoteProcess] = None
         self.exitcode: Optional[int] = None  # set once the worker ended (or its actor died)
         self.exit_reason: Optional[str] = None  # why the actor died, when it did
-        self.death_fd: Optional[int] = None  # readable once the worker ended or its actor died; None once reaped
+        self.death_fd: Optional[int] = None  # readable once the worker or its actor died; None once reaped
         self.write_fd = None  # sends never wait here: each goes to the actor at once
         self._placement: Dict[str, Any] = {}  # node and GPU ids, from the actor
         self._lock = threading.Lock()  # the relay's findings below, and the fds' lifetime
@@ -215,7 +219,8 @@ class RayWorker:
         self._wake_r = self._wake_w = self._death_r = self._death_w = None  # local pipes, made by start()
 
     def fds(self) -> List[int]: # Poll these for POLLIN
-        "The wake pipe until every message was read at end of file, then the death fd until the worker is reaped."
+        ("The wake pipe until every message was read at end of file, "
+         "then the death fd until the worker is reaped.")
         if self._closed or self._wake_r is None: return []
         return ([] if self.at_eof() else [self._wake_r]) + ([] if self.death_fd is None else [self.death_fd])
 
@@ -255,7 +260,8 @@ def start(self:RayWorker) -> int: # The worker's pid, on its node
     options = {**self.actor_options, 'max_restarts': 0, 'max_task_retries': 0,
                'max_concurrency': max(_CONCURRENCY, self.actor_options.get('max_concurrency', 0))}
     self.actor = _host_class().options(**options).remote()
-    try: info = ray.get(self.actor.start.remote(self.entry_point, self.name, self.env), timeout=self.start_timeout)
+    try: info = ray.get(self.actor.start.remote(self.entry_point, self.name, self.env),
+                        timeout=self.start_timeout)
     except BaseException as e:
         self._end_actor()
         raise _start_error(self, options, e) from e
@@ -287,7 +293,8 @@ _HIGH_WATER = 4096  # messages in the inbox, not yet read by the supervisor: the
 
 @patch
 def _wait_for_room(self:RayWorker):
-    "Wait while the supervisor lags `_HIGH_WATER` messages behind: a worker that floods is held back, as by a pipe."
+    ("Wait while the supervisor lags `_HIGH_WATER` messages behind: "
+     "a worker that floods is held back, as by a pipe.")
     while len(self._inbox) >= _HIGH_WATER and not (self._closed or self._ending):
         self._room.wait(0.1)
         self._room.clear()
@@ -298,7 +305,8 @@ def _relay(self:RayWorker, actor):
     unreachable_since = None
     while True:
         try:
-            news = actor.relay.options(num_returns='streaming', _generator_backpressure_num_objects=_IN_FLIGHT)
+            news = actor.relay.options(num_returns='streaming',
+                                       _generator_backpressure_num_objects=_IN_FLIGHT)
             for ref in news.remote(_READ_WAIT):
                 self._wait_for_room()
                 if not self._deliver(ray.get(ref)): return
@@ -340,13 +348,15 @@ def _settle(self:RayWorker, exitcode:Optional[int], reason:Optional[str]=None):
     self.exitcode, self.exit_reason = exitcode, reason
     self._ended.set()
     _poke(self._death_w)
-    log.debug("%s (pid %s) ended: exit code %s%s", self.name, self.pid, exitcode, f" ({reason})" if reason else '')
+    log.debug("%s (pid %s) ended: exit code %s%s", self.name, self.pid, exitcode,
+              f" ({reason})" if reason else '')
 
 # %% ../../nbs/backends/ray.ipynb #92422a36
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')  # Ray colours the names in its errors
 
 def _death_reason(e:BaseException) -> str:
-    "Say in a line why an actor is gone: Ray's first line and its last (the cause), or what its method raised."
+    ("Say in a line why an actor is gone: Ray's first line and its last (the cause), "
+     "or what its method raised.")
     if isinstance(e, ray.exceptions.RayTaskError):  # alive, but relay raised: it is ended, and the worker too
         return f"the worker's Ray actor failed: {describe_error(getattr(e, 'cause', None) or e)}"
     lines = [l.strip() for l in _ANSI.sub('', str(e)).splitlines() if l.strip()]
@@ -430,7 +440,7 @@ def read(self:RayWorker, limit:int=64 # At most this many messages
     return msgs
 
 # %% ../../nbs/backends/ray.ipynb #5606b703
-_STOP_SLACK = 10.0  # seconds a stop may take on top of its grace: SIGTERM, SIGKILL, the reap, Ray's round trip
+_STOP_SLACK = 10.0  # seconds a stop may take beyond its grace: SIGTERM, SIGKILL, the reap, Ray's round trip
 
 @patch
 def kill(self:RayWorker, sig:int=signal.SIGKILL # The signal for every process of the worker's tree

@@ -34,7 +34,8 @@ def default_result_adapter(
 ) -> Dict[str, Any]: # Dictionary with text and metadata
     "Default adapter for converting plugin results to dictionaries."
     if isinstance(result, dict): return result
-    if hasattr(result, 'text'): return {'text': result.text, 'metadata': dict(getattr(result, 'metadata', None) or {})}
+    if hasattr(result, 'text'):
+        return {'text': result.text, 'metadata': dict(getattr(result, 'metadata', None) or {})}
     return {'text': '' if result is None else str(result), 'metadata': {}}
 
 # %% ../../nbs/core/adapters.ipynb #e64f4ba2
@@ -50,13 +51,15 @@ class _SimpleAdapter:
         return result if self.adapt is None else self.adapt(result)
 
     def execute_plugin_stream(self, plugin_name, **params) -> Iterator[str]:
-        if hasattr(self.pm, 'execute_plugin_stream'): yield from self.pm.execute_plugin_stream(plugin_name, **params)
+        if hasattr(self.pm, 'execute_plugin_stream'):
+            yield from self.pm.execute_plugin_stream(plugin_name, **params)
         else:
             text = default_result_adapter(self.execute_plugin(plugin_name, **params)).get('text')
             yield '' if text is None else str(text)
 
     def check_streaming_support(self, plugin_name) -> bool:
-        if hasattr(self.pm, 'check_streaming_support'): return bool(self.pm.check_streaming_support(plugin_name))
+        if hasattr(self.pm, 'check_streaming_support'):
+            return bool(self.pm.check_streaming_support(plugin_name))
         return hasattr(self.pm, 'execute_plugin_stream')
 
     def unload_plugin(self, plugin_name):

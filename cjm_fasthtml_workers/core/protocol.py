@@ -20,8 +20,8 @@ class WorkerRequestType(Enum):
     UNLOAD = "unload"
     GET_STATE = "get_state"
     STOP = "stop"
-    EXECUTE_BATCH = "execute_batch"  # Ours: the EXECUTEs of these job ids follow; run them in one batch call
-    CANCEL = "cancel"  # Drop a handed job unstarted, or stop it running (ours; a documented worker never gets one)
+    EXECUTE_BATCH = "execute_batch"  # Ours: the EXECUTEs of these job ids follow; run them in one call
+    CANCEL = "cancel"  # Drop a handed job unstarted or stop it running (ours; a documented worker gets none)
 
 class WorkerResponseType(Enum):
     "Types of responses from worker process."
@@ -170,10 +170,11 @@ class WorkerProgress:
 
 # %% ../../nbs/core/protocol.ipynb #ed1b4411
 _JOB_MESSAGES = {WorkerResponseType.RESULT: WorkerResult, WorkerResponseType.STREAM_CHUNK: WorkerStreamChunk,
-                 WorkerResponseType.JOB_STARTED: WorkerJobStarted, WorkerResponseType.PROGRESS: WorkerProgress}
+                 WorkerResponseType.JOB_STARTED: WorkerJobStarted,
+                 WorkerResponseType.PROGRESS: WorkerProgress}
 
 def decode_message(d:Dict[str, Any] # A message dict received from the result or response queue
-                  ): # `WorkerResult`, `WorkerStreamChunk`, `WorkerJobStarted`, `WorkerProgress` or `WorkerResponse`
+                  ): # WorkerResult, WorkerStreamChunk, WorkerJobStarted, WorkerProgress or WorkerResponse
     "Build the typed message for a wire dict from the worker."
     cls = _JOB_MESSAGES.get(WorkerResponseType(d['type']))
     return cls.from_dict(d) if cls else WorkerResponse.from_dict(d)

@@ -49,7 +49,7 @@ class ResourceManagerProtocol(Protocol):
                             job_id:Optional[str]=None, # Current job ID (None if idle)
                             plugin_name:Optional[str]=None, # Currently loaded plugin name
                             plugin_id:Optional[str]=None, # Currently loaded plugin ID
-                            loaded_plugin_resource:Optional[str]=None, # Currently loaded plugin resource identifier
+                            loaded_plugin_resource:Optional[str]=None, # Currently loaded plugin resource ID
                             config:Optional[Dict[str, Any]]=None, # Current plugin configuration
                            ) -> None:
         "Update worker state information."

@@ -240,7 +240,8 @@ def connect(path, # the database file (made if missing)
 
 # %% ../../nbs/managers/store.ipynb #st000024
 Queued = namedtuple('Queued', 'rows ids finished then')
-Queued.__doc__ = "What one write() (upserts) or delete() ((namespace, id) pairs) queued; `finished`: a row is."
+Queued.__doc__ = ("What one write() (upserts) or delete() ((namespace, id) pairs) queued; "
+                  "`finished`: a row is.")
 
 _UPSERT = ("INSERT INTO worker_jobs (namespace, id, status, created_at, completed_at, attempts, blob) "
            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, id) DO UPDATE SET status = excluded.status, "
@@ -258,8 +259,10 @@ def trim(db:sqlite3.Connection, # inside a transaction
     where = f"WHERE namespace = ? AND {_FINISHED}"
     n = db.execute(f"SELECT count(*) FROM worker_jobs {where}", (namespace,)).fetchone()[0]
     if n <= keep: return []
-    return [r[0] for r in db.execute(f"DELETE FROM worker_jobs WHERE seq IN (SELECT seq FROM worker_jobs {where} "
-                                     "ORDER BY completed_at, seq LIMIT ?) RETURNING id", (namespace, n - keep))]
+    return [r[0] for r in db.execute("DELETE FROM worker_jobs WHERE seq IN "
+                                     f"(SELECT seq FROM worker_jobs {where} "
+                                     "ORDER BY completed_at, seq LIMIT ?) RETURNING id",
+                                     (namespace, n - keep))]
 
 # %% ../../nbs/managers/store.ipynb #st000025
 def _upsert_or_log(db, row):
@@ -303,8 +306,8 @@ def commit_retrying(db:sqlite3.Connection, # the writer's connection
                 continue
             if last is None or str(e) != str(last):
                 level = logging.WARNING if is_busy(e) else logging.ERROR
-                log.log(level, "%s: writing %d queued job updates failed (%s); retrying; nothing is announced "
-                        "until it is stored", namespace, len(items), e)
+                log.log(level, "%s: writing %d queued job updates failed (%s); retrying; "
+                        "nothing is announced until it is stored", namespace, len(items), e)
             last = e
             failing(e)
             if stop.wait(delay) if stop is not None else time.sleep(delay): return None
@@ -393,7 +396,8 @@ def load_jobs(db:sqlite3.Connection, # a connection from `connect`
              ) -> Loaded:
     "Read back the jobs of `namespace`, settle the ones the last run left started, apply retention."
     jobs, known, changed, unreadable = [], {}, [], {}
-    # `+namespace`: scan the table in rowid (= seq) order rather than sort what the (namespace, id) index finds
+    # `+namespace`: scan the table in rowid (= seq) order rather than sort what the (namespace, id) index
+    # finds
     query = "SELECT seq, id, attempts, blob FROM worker_jobs WHERE +namespace = ? ORDER BY seq"
     with transaction(db):
         for seq, job_id, attempts, blob in db.execute(query, (namespace,)).fetchall():
@@ -419,7 +423,7 @@ def load_jobs(db:sqlite3.Connection, # a connection from `connect`
 # %% ../../nbs/managers/store.ipynb #st000040
 class BatchWriter:
     "A thread that commits all that is queued in one call, then runs the items' callbacks in order."
-    max_batch = 2000  # items one commit takes at most: bounds how long the first of a burst waits for its commit
+    max_batch = 2000  # most items one commit takes: bounds how long the first of a burst waits for its commit
     def __init__(self, commit:Callable[[list], bool], # commits a batch; False: given up, nothing committed
                  name:str): # the thread's name
         self.commit, self.name = commit, name
@@ -492,14 +496,16 @@ class SQLiteJobStore:
     "Jobs of one manager in a SQLite file (WAL), written by one thread of its own, in batches."
     lock_timeout = 5.0  # seconds sqlite waits on another connection's lock (then open fails, a write retries)
     close_timeout = 10.0  # seconds close() waits for what is queued to be committed
-    synchronous = 'NORMAL'  # survives the app being killed; 'FULL' survives a power cut too (an fsync a batch)
+    synchronous = 'NORMAL'  # survives the app being killed; 'FULL' survives a power cut too (fsync per batch)
     def __init__(self, path, # str or Path of the database file (created if missing)
-                 retention:Optional[int]=None, # keep at most this many finished jobs (oldest go first); None: all
-                 recovery:str='fail', # what a job that was running when the app died becomes: 'fail', 'requeue'
+                 retention:Optional[int]=None, # finished jobs to keep at most (oldest go first); None: all
+                 recovery:str='fail', # what a job running when the app died becomes: 'fail', 'requeue'
                  max_attempts:int=3, # with 'requeue': a job started this many times is failed instead
                  allowed_classes:Iterable=()): # what records may name besides SAFE_TYPES and job classes
-        if recovery not in ('fail', 'requeue'): raise ValueError(f"recovery: 'fail' or 'requeue', not {recovery!r}")
-        if retention is not None and retention < 0: raise ValueError(f"retention: None or >= 0, not {retention}")
+        if recovery not in ('fail', 'requeue'):
+            raise ValueError(f"recovery: 'fail' or 'requeue', not {recovery!r}")
+        if retention is not None and retention < 0:
+            raise ValueError(f"retention: None or >= 0, not {retention}")
         if max_attempts < 1: raise ValueError(f"max_attempts is at least 1, not {max_attempts}")
         self.path, self.retention = Path(path), retention
         self.recovery, self.max_attempts = recovery, max_attempts
@@ -578,7 +584,7 @@ _open_stores = weakref.WeakSet()  # stores open in this process, closed at exit
 @patch
 def write(self:SQLiteJobStore, jobs:List[Any], # job records whose current state to store
           then:Callable[[], None], # called on the writer thread once that state is committed
-          handed:bool=False # the jobs are being handed to a worker: count an attempt (recovery treats it as started)
+          handed:bool=False # jobs being handed to a worker: count an attempt (recovery treats it as started)
          ) -> None:
     "Queue the current state of `jobs` for one transaction; `then()` runs after the commit."
     if self._writer is None: raise JobStoreError(f"the job store {self.path} is not open")
