@@ -48,6 +48,7 @@ class BaseJob:
     progress_message: Optional[str] = None  # Latest reported progress message
     error_type: Optional[str] = None  # Type name of the exception that failed the job, when there was one
     traceback: Optional[str] = None  # Worker-side traceback of that exception
+    attempts: int = 0  # How many times it started: a retry after its worker died starts it again
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
@@ -119,6 +120,20 @@ def job_started(self:_Hooks, job, plugin:str, config:dict, pid:int) -> List[Call
     return self.resource('update_worker_state', pid, status='running', job_id=job.id, plugin_name=plugin,
                          plugin_id=job.plugin_id, config=config,
                          loaded_plugin_resource=m._extract_plugin_resource_identifier(config))
+
+# %% ../../nbs/managers/base.ipynb #gm000201
+@patch
+def gpu_probe(self:_Hooks) -> list: # `extensions.resources.GPUDevice`s; [] without NVML (or once the manager is gone)
+    "The GPUs NVML sees, for the supervisor's memory rules: the resource manager's reading, else the manager's own."
+    m = self.ref()
+    if m is None: return []
+    rm = m.resource_manager
+    if rm is not None and hasattr(rm, 'get_gpu_info'): return rm.get_gpu_info()
+    session = getattr(m, '_nvml_session', None)
+    if session is None:
+        from cjm_fasthtml_workers.extensions.resources import NVMLSession
+        session = m._nvml_session = NVMLSession()
+    return session.probe()[0]
 
 # %% ../../nbs/managers/base.ipynb #ev000002
 def _weakly(obj, name:str, gone:Optional[Callable]=None) -> Callable:
@@ -782,6 +797,14 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
     with self._lock:
         return self._book.clear(keep=self._supervisor.holding() if self._supervisor else set())
 
+# %% ../../nbs/managers/base.ipynb #gm000202
+@patch
+def job_wait_reason(self:BaseJobManager,
+                    job_id:str # A job that waits to start
+                   ) -> Optional[str]: # e.g. 'waiting for GPU memory'; None if no rule holds it back
+    "Why a waiting job did not start at the last decision: GPU memory (`scheduler.WAIT_MEMORY`), or max_concurrency."
+    with self._lock: return self._supervisor.waits.get(job_id) if self._supervisor is not None else None
+
 # %% ../../nbs/managers/base.ipynb #0c35ad29
 @patch
 def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per worker of the pool
@@ -790,7 +813,8 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
         if self._supervisor is None:
             return [{'worker_id': i, 'pid': None, 'alive': False, 'state': 'stopped' if self._closed else 'not started',
                      'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0, 'crashes': 0,
-                     'cancels': 0, 'jobs_done': 0, 'last_exit': None} for i in range(self.worker_config.max_workers)]
+                     'cancels': 0, 'jobs_done': 0, 'last_exit': None, 'idle_seconds': None, 'gpu_memory_mb': None}
+                    for i in range(self.worker_config.max_workers)]
         return [self._supervisor.row(s) for s in self._supervisor.slots]
 
 @patch

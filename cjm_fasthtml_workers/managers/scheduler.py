@@ -197,19 +197,20 @@ def schedule(waiting:WaitingJobs, workers:List[WorkerView], # The queue (the job
     "Decide which waiting jobs go where, which models leave for memory, which jobs fail or wait."
     plan, limits = Plan(), limits or {}
     if memory is None and not limits: plan.hand = assign(waiting, workers); return plan
-    held, blocked = Counter(p for w in workers for p in w.running), False
+    held, blocked, stuck = Counter(p for w in workers for p in w.running), False, {}  # stuck: plugin -> why
     for job_id in list(waiting.order()):
         takers = [w for w in workers if w.free and not w.unloading] or [w for w in workers if w.room > 0]
-        if not takers: break
+        if not takers or waiting.wanted.keys() <= stuck.keys(): break
         plugin = waiting.info[job_id][0]
-        if plugin in limits and held[plugin] >= limits[plugin]:
-            plan.waits[job_id] = f"max_concurrency: {limits[plugin]} jobs of {plugin} run"; continue
+        if plugin not in stuck and plugin in limits and held[plugin] >= limits[plugin]:
+            stuck[plugin] = f"max_concurrency: {limits[plugin]} jobs of {plugin} run"
+        if plugin in stuck: plan.waits[job_id] = stuck[plugin]; continue
         if memory is not None and memory.fresh and (error := too_big(memory, plugin, [w.gpu for w in workers])):
             waiting.remove(job_id); plan.fail.append((job_id, error)); continue
-        ok = [w for w in takers if memory is None or fits(memory, plugin, w, workers)]
-        if blocked: ok = [w for w in ok if w.loaded == plugin]
+        ok = [w for w in takers if (not blocked or w.loaded == plugin)
+              and (memory is None or fits(memory, plugin, w, workers))]
         if not ok:
-            plan.waits[job_id] = WAIT_MEMORY
+            plan.waits[job_id] = stuck[plugin] = WAIT_MEMORY  # nothing frees memory within one decision
             if not blocked and memory.fresh:
                 for w in evict(memory, plugin, takers, workers, waiting.wanted):
                     w.unloading = True; plan.unload.append(w.worker_id)
