@@ -147,7 +147,7 @@ def pending_mb(m:Memory, w:WorkerView) -> float: # MiB `w`'s plugin will still t
 def fits(m:Memory, plugin:str, w:WorkerView, workers:List[WorkerView]) -> bool:
     "Whether a job of `plugin` may start on `w` now."
     if w.gpu is None or w.gpu not in m.gpus or w.loaded == plugin and not w.unloading: return True
-    if not m.fresh: return False
+    if not m.fresh or m.coming.get(w.gpu): return False  # memory in motion there: wait for NVML's word
     others = sum(pending_mb(m, o) for o in workers if o.gpu == w.gpu and o is not w)
     mine = max(0.0, m.need(plugin) - w.gpu_mb)  # a swap: the memory `w` holds now is given back before the load
     return m.gpus[w.gpu].free_mb - others - mine >= m.margin_mb
