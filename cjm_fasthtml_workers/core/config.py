@@ -24,7 +24,7 @@ class RestartPolicy(Enum):
 @dataclass
 class PluginPolicy:
     "How one plugin is treated by the pool: keep-alive, GPU memory, concurrency, retries."
-    keep_alive_seconds: Optional[float] = None  # Seconds loaded after its last job (None: the config's; 0: unload at once)
+    keep_alive_seconds: Optional[float] = None  # Seconds loaded after its last job (None: the config's)
     gpu_memory_mb: Optional[int] = None  # Its need on a GPU, in MiB (None: what was seen)
     max_concurrency: Optional[int] = None  # Most of its jobs running at once across the pool (None: no limit)
     max_retries: int = 0  # Runs again after a worker death or a timeout, at most this many times
@@ -33,7 +33,8 @@ class PluginPolicy:
     batch_wait_ms: float = 10  # How long a batch waits for more jobs when fewer wait
 
     def __post_init__(self):
-        for name in ('keep_alive_seconds', 'gpu_memory_mb', 'max_concurrency', 'max_retries', 'batch_wait_ms'):
+        for name in ('keep_alive_seconds', 'gpu_memory_mb', 'max_concurrency', 'max_retries',
+                     'batch_wait_ms'):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
                 raise ValueError(f"PluginPolicy.{name} must be a non-negative number or None, got {v!r}")
@@ -44,7 +45,7 @@ class PluginPolicy:
 
 # %% ../../nbs/core/config.ipynb #c7ea3fc6
 _NOT_NUMBERS = ('restart_policy', 'gpus', 'preload_plugins', 'backend', 'ray_address', 'ray_init_options',
-                'ray_actor_options', 'plugin_policies', 'idle_unload')  # the fields __post_init__ does not range-check
+                'ray_actor_options', 'plugin_policies', 'idle_unload')  # not range-checked by __post_init__
 
 @dataclass
 class WorkerConfig:
@@ -73,10 +74,10 @@ class WorkerConfig:
     ray_init_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': more `ray.init` options
     ray_actor_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': e.g. {'num_gpus': 1}
     keep_alive_seconds: Optional[float] = None  # Idle seconds before a plugin is unloaded (None: kept loaded)
-    plugin_policies: Dict[str, PluginPolicy] = field(default_factory=dict)  # Plugin name -> its `PluginPolicy`
+    plugin_policies: Dict[str, PluginPolicy] = field(default_factory=dict)  # Plugin name -> its policy
     gpu_memory_margin_mb: int = 512  # MiB a GPU keeps free beyond what a job's plugin needs
     idle_unload: str = 'unload'  # How an idle plugin leaves: 'unload' (UNLOAD) or 'exit' (its worker ends)
-    max_worker_memory_mb: Optional[int] = None  # A worker whose process tree's RSS passed this is replaced between jobs
+    max_worker_memory_mb: Optional[int] = None  # A worker whose tree's RSS passed this is replaced
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)

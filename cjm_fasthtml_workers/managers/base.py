@@ -123,8 +123,8 @@ def job_started(self:_Hooks, job, plugin:str, config:dict, pid:int) -> List[Call
 
 # %% ../../nbs/managers/base.ipynb #gm000201
 @patch
-def gpu_probe(self:_Hooks) -> list: # `extensions.resources.GPUDevice`s; [] without NVML (or once the manager is gone)
-    "The GPUs NVML sees, for the supervisor's memory rules: the resource manager's reading, else the manager's own."
+def gpu_probe(self:_Hooks) -> list: # `resources.GPUDevice`s; [] without NVML (or once the manager is gone)
+    "The GPUs NVML sees, for the memory rules: the resource manager's reading, else the manager's own."
     m = self.ref()
     if m is None: return []
     rm = m.resource_manager
@@ -802,7 +802,7 @@ def clear_completed_jobs(self:BaseJobManager) -> int: # Number of jobs cleared
 def job_wait_reason(self:BaseJobManager,
                     job_id:str # A job that waits to start
                    ) -> Optional[str]: # e.g. 'waiting for GPU memory'; None if no rule holds it back
-    "Why a waiting job did not start at the last decision: GPU memory (`scheduler.WAIT_MEMORY`), or max_concurrency."
+    "Why a waiting job did not start at the last decision: GPU memory (`WAIT_MEMORY`), or max_concurrency."
     with self._lock: return self._supervisor.waits.get(job_id) if self._supervisor is not None else None
 
 # %% ../../nbs/managers/base.ipynb #0c35ad29
@@ -813,7 +813,8 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
         if self._supervisor is None:
             return [{'worker_id': i, 'pid': None, 'alive': False, 'state': 'stopped' if self._closed else 'not started',
                      'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0, 'crashes': 0,
-                     'cancels': 0, 'jobs_done': 0, 'last_exit': None, 'idle_seconds': None, 'gpu_memory_mb': None}
+                     'cancels': 0, 'jobs_done': 0, 'last_exit': None, 'idle_seconds': None,
+                     'gpu_memory_mb': None}
                     for i in range(self.worker_config.max_workers)]
         return [self._supervisor.row(s) for s in self._supervisor.slots]
 

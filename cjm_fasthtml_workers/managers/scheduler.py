@@ -91,11 +91,11 @@ class WorkerView:
     free: bool = False  # It can start a job now
     room: int = 0  # Jobs it may be handed ahead while busy (prefetch)
     gpu: Optional[str] = None  # The GPU it is pinned to
-    running: List[str] = field(default_factory=list)  # Plugins of the jobs it holds (running or handed), in order
+    running: List[str] = field(default_factory=list)  # Plugins of the jobs it holds (running or handed)
     idle_since: Optional[float] = None  # When its plugin last ended a job or was loaded (the caller's clock)
     gpu_mb: float = 0.0  # GPU memory its process tree uses, MiB, as last measured (0: none or unknown)
     rss_mb: Optional[float] = None  # Resident memory of its process tree, MiB (None: not measured)
-    unloading: bool = False  # Its plugin is being unloaded (or it is exiting): not a taker, its memory comes back
+    unloading: bool = False  # Its plugin is being unloaded (or it exits): not a taker; its memory comes back
 
 def pick(takers:List[WorkerView], plugin:str, wanted:Counter) -> WorkerView:
     "Model affinity: a worker with `plugin` loaded, else an empty one, else the one whose plugin waits least."
@@ -129,11 +129,11 @@ class GpuView:
 
 @dataclass
 class Memory:
-    "What the GPU-memory rules know: the GPUs by UUID, each plugin's need, the margin, what is being given back."
+    "What the GPU-memory rules know: the GPUs by UUID, the plugins' needs, the margin, what is given back."
     gpus: Dict[str, GpuView]  # GPU UUID -> its memory
     needs: Dict[str, float] = field(default_factory=dict)  # plugin -> MiB it needs (declared, else seen)
     margin_mb: float = 512  # MiB kept free beyond a need
-    coming: Dict[str, float] = field(default_factory=dict)  # GPU UUID -> MiB being unloaded, not yet seen free
+    coming: Dict[str, float] = field(default_factory=dict)  # GPU UUID -> MiB given back, not yet seen free
     fresh: bool = True  # The reading is recent enough to start loads on
 
     def need(self, plugin:Optional[str]) -> float: return (self.needs.get(plugin) or 0.0) if plugin else 0.0
@@ -149,7 +149,7 @@ def fits(m:Memory, plugin:str, w:WorkerView, workers:List[WorkerView]) -> bool:
     if w.gpu is None or w.gpu not in m.gpus or w.loaded == plugin and not w.unloading: return True
     if not m.fresh or m.coming.get(w.gpu): return False  # memory in motion there: wait for NVML's word
     others = sum(pending_mb(m, o) for o in workers if o.gpu == w.gpu and o is not w)
-    mine = max(0.0, m.need(plugin) - w.gpu_mb)  # a swap: the memory `w` holds now is given back before the load
+    mine = max(0.0, m.need(plugin) - w.gpu_mb)  # a swap: what `w` holds now is given back before the load
     return m.gpus[w.gpu].free_mb - others - mine >= m.margin_mb
 
 # %% ../../nbs/managers/scheduler.ipynb #gm000005
@@ -162,7 +162,7 @@ def evict(m:Memory, plugin:str, takers:List[WorkerView], workers:List[WorkerView
         here = [w for w in workers if w.gpu == gpu]
         room = m.gpus[gpu].free_mb - sum(pending_mb(m, w) for w in here)
         if room + m.coming.get(gpu, 0.0) >= need: return []  # what is being given back will do
-        idle = sorted((w for w in here if w.loaded and not w.running and not w.unloading and not wanted[w.loaded]),
+        idle = sorted((w for w in here if w.loaded and not (w.running or w.unloading or wanted[w.loaded])),
                       key=lambda w: w.idle_since or 0.0)
         chosen = []
         for w in idle:
@@ -176,7 +176,8 @@ def too_big(m:Memory, plugin:str, gpus:List[str]) -> Optional[str]: # Why no GPU
     sizes = [m.gpus[g].total_mb for g in dict.fromkeys(gpus) if g in m.gpus]
     if not sizes or m.need(plugin) + m.margin_mb <= max(sizes): return None
     have = ', '.join(f"{g}: {m.gpus[g].total_mb:.0f} MiB" for g in dict.fromkeys(gpus) if g in m.gpus)
-    return (f"{plugin} needs {m.need(plugin):.0f} MiB of GPU memory (+{m.margin_mb:.0f} MiB margin), more than "
+    return (f"{plugin} needs {m.need(plugin):.0f} MiB of GPU memory (+{m.margin_mb:.0f} MiB margin), "
+            f"more than "
             f"any GPU of the pool has ({have})")
 
 # %% ../../nbs/managers/scheduler.ipynb #gm000008
@@ -187,10 +188,11 @@ class Plan:
     "One decision: jobs to hand over, models to unload for memory, jobs to fail, and why jobs wait."
     hand: List[Tuple[str, int]] = field(default_factory=list)  # (job id, worker id), in order
     unload: List[int] = field(default_factory=list)  # Worker ids whose idle plugin to unload for memory
-    fail: List[Tuple[str, str]] = field(default_factory=list)  # (job id, error): no GPU of the pool can hold it
-    waits: Dict[str, str] = field(default_factory=dict)  # Job id -> why it waits, for the jobs a rule holds back
+    fail: List[Tuple[str, str]] = field(default_factory=list)  # (job id, error): no GPU of the pool holds it
+    waits: Dict[str, str] = field(default_factory=dict)  # Job id -> why a rule holds it back
 
-def schedule(waiting:WaitingJobs, workers:List[WorkerView], # The queue (the jobs handed or failed leave it), the pool
+def schedule(waiting:WaitingJobs, # The queue (the jobs handed or failed leave it)
+             workers:List[WorkerView], # The pool
              memory:Optional[Memory]=None, # The GPU-memory rule's data (None: no rule)
              limits:Optional[Dict[str, int]]=None # plugin -> max_concurrency
             ) -> Plan:
@@ -205,7 +207,8 @@ def schedule(waiting:WaitingJobs, workers:List[WorkerView], # The queue (the job
         if plugin not in stuck and plugin in limits and held[plugin] >= limits[plugin]:
             stuck[plugin] = f"max_concurrency: {limits[plugin]} jobs of {plugin} run"
         if plugin in stuck: plan.waits[job_id] = stuck[plugin]; continue
-        if memory is not None and memory.fresh and (error := too_big(memory, plugin, [w.gpu for w in workers])):
+        error = memory is not None and memory.fresh and too_big(memory, plugin, [w.gpu for w in workers])
+        if error:
             waiting.remove(job_id); plan.fail.append((job_id, error)); continue
         ok = [w for w in takers if (not blocked or w.loaded == plugin)
               and (memory is None or fits(memory, plugin, w, workers))]
@@ -225,8 +228,8 @@ def schedule(waiting:WaitingJobs, workers:List[WorkerView], # The queue (the job
     return plan
 
 # %% ../../nbs/managers/scheduler.ipynb #gm000013
-def _idle(w:WorkerView, keep_alive:Dict[str, Optional[float]], wanted:Counter) -> Optional[float]: # when it falls due
-    if not (w.free and w.loaded and not w.running and not w.unloading and w.idle_since is not None): return None
+def _idle(w:WorkerView, keep_alive:Dict[str, Optional[float]], wanted:Counter) -> Optional[float]: # when due
+    if not (w.free and w.loaded and not (w.running or w.unloading) and w.idle_since is not None): return None
     seconds = keep_alive.get(w.loaded)
     return None if seconds is None or wanted[w.loaded] else w.idle_since + seconds
 
@@ -239,7 +242,7 @@ def next_unload(workers:List[WorkerView], keep_alive:Dict[str, Optional[float]],
                 wanted:Counter) -> Optional[float]: # The earliest time a keep-alive falls due (None: none)
     return min((d for w in workers if (d := _idle(w, keep_alive, wanted)) is not None), default=None)
 
-def over_memory(workers:List[WorkerView], limit_mb:Optional[float]) -> List[int]: # Ids of the workers to replace
+def over_memory(workers:List[WorkerView], limit_mb:Optional[float]) -> List[int]: # The workers to replace
     "The free workers whose process tree's resident memory passed `limit_mb`."
     if limit_mb is None: return []
     return [w.worker_id for w in workers if w.free and not w.running and (w.rss_mb or 0) > limit_mb]

@@ -40,8 +40,8 @@ class Worker:
     stopped: bool = False  # It said STOPPED: a clean exit follows
     announces_starts: bool = True  # It sends JOB_STARTED (a worker of the documented protocol does not)
     known_plugins: Optional[set] = None  # Plugin names it discovered (None: it did not say)
-    kill_reason: Optional[str] = None  # Why the supervisor ends it: cancel, timeout, start, corrupt, recycle, command,
-                                      # idle (keep-alive) or memory (evicted), with idle_unload='exit'
+    # kill reasons with idle_unload='exit' also: idle (keep-alive), memory (evicted)
+    kill_reason: Optional[str] = None  # Why the supervisor ends it: cancel, timeout, start, corrupt, recycle, command
     kill_sent: bool = False  # The kill (or the STOP of a recycle) went out
     kill_deadline: Optional[float] = None  # A recycled worker that has not exited by then is killed
     last_error: Optional[str] = None  # What it reported before dying (ERROR), or why it was ended
@@ -60,7 +60,7 @@ class Worker:
     idle_since: Optional[float] = None  # time.monotonic() when its plugin last ended a job or was loaded
     gpu_mb: float = 0.0  # GPU memory of its process tree at the last reading, MiB
     rss_mb: Optional[float] = None  # Resident memory of its process tree at the last reading, MiB
-    unloads: Dict[str, str] = field(default_factory=dict)  # UNLOADs sent: rid -> why ('idle', 'memory', 'request')
+    unloads: Dict[str, str] = field(default_factory=dict)  # UNLOADs sent: rid -> 'idle', 'memory', 'request'
     freeing: Optional[list] = None  # Its entry of `Supervisor.freeing` while its memory is being given back
 
     @property
@@ -104,7 +104,7 @@ class SupervisorHooks(Protocol):
     def job_started(self, job, plugin:str, config:dict, pid:int) -> List[Callable]: ... # Effects of a start
     def resource(self, method:str, *args, **kw) -> List[Callable]: ... # A resource-manager call, as an effect
     def effects(self, calls:List[Callable]) -> None: ... # Run these on the manager's effects thread, in order
-    def gpu_probe(self) -> list: ... # The GPUs NVML sees (`extensions.resources.GPUDevice`); slow: off the lock
+    def gpu_probe(self) -> list: ... # The GPUs NVML sees (`resources.GPUDevice`s); slow: off the lock
 
 # %% ../../nbs/managers/supervisor.ipynb #373af48a
 class Supervisor:
@@ -129,10 +129,10 @@ class Supervisor:
         self.preload_warned = False  # it said once that preload_plugins names a plugin the workers lack
         self.thread: Optional[threading.Thread] = None
         self.starters: set = set()  # the threads starting a worker now, one per slot
-        self.waits: Dict[str, str] = {}  # job id -> why the last decision held it back (GPU memory, concurrency)
+        self.waits: Dict[str, str] = {}  # job id -> why the last decision held it back (memory, concurrency)
         self.retries: Dict[str, float] = {}  # job id -> time.monotonic() when it is queued again (a retry)
         self.attempt_errors: Dict[str, List[str]] = {}  # job id -> why each of its runs ended, while retried
-        self.seen: Dict[str, float] = {}  # plugin -> most GPU memory (MiB) a worker holding it was seen to use
+        self.seen: Dict[str, float] = {}  # plugin -> most GPU memory (MiB) its worker was seen to use
         self.freeing: List[list] = []  # [gpu, MiB, done at] of unloads and exits NVML has not seen done yet
         self.last_sample: Optional['Sample'] = None  # the last reading of NVML and the workers' trees
         self.sample_wanted = False  # a reading is wanted (a job ended, a model left, a worker died)
@@ -167,7 +167,8 @@ def ensure(self:Supervisor):
 @patch
 def ready_future(self:Supervisor, loop, every:bool): # every: all the pool's workers, else one
     "A future resolved once every worker (or one) is ready; None if that holds already (under the lock)."
-    ready = [s.parked or s.worker is not None and s.worker.ready and s.worker.kill_reason is None for s in self.slots]
+    ready = [s.parked or s.worker is not None and s.worker.ready and s.worker.kill_reason is None
+             for s in self.slots]
     if all(ready) if every else any(ready): return None
     fut = loop.create_future()
     self.ready_waiters.append((loop, fut, every))
@@ -333,7 +334,8 @@ def wait_plan(self:Supervisor):
             if t.wants_write(): want[t.write_fd] = want.get(t.write_fd, 0) | select.POLLOUT
             due += [d for d in (w.job_deadline, w.kill_deadline, None if w.ready else w.start_deadline) if d]
             due += [c[2] for c in w.commands.values() if c[2] is not None]
-            if w.kill_reason and not w.kill_sent and (w.kill_reason not in _GRACEFUL or w.job_id is None): due.append(0)
+            if w.kill_reason and not w.kill_sent and (w.kill_reason not in _GRACEFUL or w.job_id is None):
+                due.append(0)
         due += self.rule_dues()  # retries, keep-alives, readings of NVML
     for fd in [fd for fd in self._registered if fd not in want]:
         self._poll.unregister(fd)
@@ -583,7 +585,7 @@ def dispatch(self:Supervisor):
     for job_id, error in plan.fail: self.book.finish(self.book.jobs[job_id], 'failed', error=error)
     for worker_id in plan.unload: self.unload(by_id[worker_id], 'memory')
     for job_id, worker_id in plan.hand: self.hand(by_id[worker_id], job_id)
-    if memory is not None and not memory.fresh and len(self.book.waiting): self.wake()  # the thread reads NVML
+    if memory is not None and not memory.fresh and len(self.book.waiting): self.wake()  # reads NVML first
     self.unpark()
 
 @patch
@@ -601,7 +603,7 @@ def view(self:Supervisor, w:Worker) -> WorkerView:
                       w.rss_mb, bool(w.unloads) or w.kill_reason in _EXITS)
 
 @patch
-def memory(self:Supervisor) -> Optional[Memory]: # None: no GPU rule (no pinning, or NVML sees none of the GPUs)
+def memory(self:Supervisor) -> Optional[Memory]: # None: no GPU rule (no pinning, or NVML sees none of them)
     "What the GPU-memory rule knows now: the last reading, the needs, what is being given back."
     if not self.memory_on: return None
     s = self.last_sample
@@ -613,15 +615,16 @@ def memory(self:Supervisor) -> Optional[Memory]: # None: no GPU rule (no pinning
                   fresh=time.monotonic() - s.at < _FRESH)
 
 @patch
-def needs(self:Supervisor) -> Dict[str, float]: # plugin -> MiB: its gpu_memory_mb, else the most it was seen to use
+def needs(self:Supervisor) -> Dict[str, float]: # plugin -> MiB: its gpu_memory_mb, else the most seen
     out = dict(self.seen)
-    out.update({n: p.gpu_memory_mb for n, p in self.config.plugin_policies.items() if p.gpu_memory_mb is not None})
+    policies = self.config.plugin_policies.items()
+    out.update({n: p.gpu_memory_mb for n, p in policies if p.gpu_memory_mb is not None})
     return out
 
 # %% ../../nbs/managers/supervisor.ipynb #gm000102
 @patch
 def unload(self:Supervisor, w:Worker, reason:str): # 'idle' (keep-alive) or 'memory' (evicted)
-    "Have `w`'s plugin leave as `idle_unload` says: an UNLOAD, or the worker's exit (its slot waits for a job)."
+    "Have `w`'s plugin leave as `idle_unload` says: an UNLOAD, or the worker's exit (its slot then waits)."
     if self.config.idle_unload == 'exit':
         self.freeing_started(w)
         return self.end(w, reason)
@@ -630,7 +633,7 @@ def unload(self:Supervisor, w:Worker, reason:str): # 'idle' (keep-alive) or 'mem
 
 @patch
 def unpark(self:Supervisor):
-    "Start again the slots whose worker exited idle, for waiting jobs that no free worker on their GPU can take."
+    "Start again the slots whose worker exited idle, for waiting jobs no free worker on their GPU takes."
     parked = [s for s in self.slots if s.parked]
     if not parked or not len(self.book.waiting) or self.closed: return
     coming = sum(s.spawn_due is not None or s.worker is not None and not s.worker.ready for s in self.slots)
@@ -780,7 +783,8 @@ def plan_restart(self:Supervisor, slot:Slot, reason:Optional[str], what:str):
 @patch
 def give_up_if_none(self:Supervisor, err:str):
     "If no worker runs or is coming in any slot, fail the waiting jobs and start() with `err`."
-    if any(s.worker is not None or s.spawn_due is not None or s.parked for s in self.slots): return self.check_ready()
+    if any(s.worker is not None or s.spawn_due is not None or s.parked for s in self.slots):
+        return self.check_ready()
     while (job_id := self.book.waiting.take()) is not None:
         self.book.finish(self.book.jobs[job_id], 'failed', error=err)
     for loop, fut, _ in self.ready_waiters: resolve(loop, fut, exc=RuntimeError(err))
@@ -829,7 +833,7 @@ def expire_commands(self:Supervisor, w:Worker, now:float) -> List[Worker]: # [w]
     return kills
 
 # %% ../../nbs/managers/supervisor.ipynb #gm000104
-_FRESH, _GAP, _BUSY = 0.25, 0.05, 1.0  # seconds: a reading is fresh; between readings asked for; while jobs run
+_FRESH, _GAP, _BUSY = 0.25, 0.05, 1.0  # seconds: a reading is fresh; between readings asked; while jobs run
 _MB = float(1 << 20)
 
 @dataclass
@@ -864,7 +868,7 @@ def take_sample(devices:list, # `extensions.resources.GPUDevice`s, as NVML repor
 # %% ../../nbs/managers/supervisor.ipynb #gm000106
 @patch
 def sample(self:Supervisor):
-    "Read NVML and the workers' trees if a rule needs it now: outside the lock; the reading is applied under it."
+    "Read NVML and the workers' trees if a rule needs it now: outside the lock; applied under it."
     now = time.monotonic()
     with self.lock:
         due = self.sample_due()
@@ -876,7 +880,7 @@ def sample(self:Supervisor):
     with self.lock: self.apply_sample(s)
 
 @patch
-def sample_due(self:Supervisor) -> Optional[float]: # time.monotonic() of the next reading (None: none is needed)
+def sample_due(self:Supervisor) -> Optional[float]: # time.monotonic() of the next reading (None: none needed)
     if not (self.memory_on or self.config.max_worker_memory_mb is not None): return None
     last = self.last_sample.at if self.last_sample else float('-inf')
     if self.sample_wanted: return last + _GAP
@@ -936,7 +940,7 @@ def keep_alives(self:Supervisor, views:List[WorkerView]) -> Dict[str, Optional[f
 
 @patch
 def housekeep(self:Supervisor):
-    "Unload the plugins idle past their keep-alive; replace, between jobs, the workers past max_worker_memory_mb."
+    "Unload the plugins idle past their keep-alive; replace the workers past max_worker_memory_mb."
     limit = self.config.max_worker_memory_mb
     if self.closed or not (self.keep_alive_on or limit is not None): return
     by_id = {w.slot.id: w for w in self.workers()}
@@ -955,7 +959,8 @@ def rule_dues(self:Supervisor) -> List[float]: # time.monotonic() values (under 
     due = list(self.retries.values())
     if self.keep_alive_on:
         views = [self.view(w) for w in self.workers()]
-        if (t := next_unload(views, self.keep_alives(views), self.book.waiting.wanted)) is not None: due.append(t)
+        t = next_unload(views, self.keep_alives(views), self.book.waiting.wanted)
+        if t is not None: due.append(t)
     if (t := self.sample_due()) is not None: due.append(t)
     return due
 
@@ -969,28 +974,32 @@ def retry(self:Supervisor, job, error:str) -> bool: # False: no retry left (or n
     self.attempt_errors.setdefault(job.id, []).append(error)
     if plugin is None or self.closed or runs > self.config.policy(plugin).max_retries: return False
     delay = min(_RETRY_BASE * 2 ** (runs - 1), _RETRY_MAX)
-    job.status, job.started_at, job.worker_pid, job.progress, job.progress_message = 'pending', None, None, None, None
+    job.status, job.started_at, job.worker_pid = 'pending', None, None
+    job.progress = job.progress_message = None
     self.retries[job.id] = time.monotonic() + delay
     log.info("%s job %s runs again in %s s (attempt %s): %s", self.name, job.id, delay, runs + 1, error)
-    self.book.changed(job, 'retrying', {'job_id': job.id, 'attempt': runs + 1, 'error': error, 'delay_seconds': delay})
+    data = {'job_id': job.id, 'attempt': runs + 1, 'error': error, 'delay_seconds': delay}
+    self.book.changed(job, 'retrying', data)
     return True
 
 @patch
-def failure(self:Supervisor, job, error:str) -> str: # The error a job fails with: each attempt's, if it ran again
+def failure(self:Supervisor, job, error:str) -> str: # The error it fails with: each attempt's if it ran again
     errors = self.attempt_errors.pop(job.id, None) or [error]
     if len(errors) == 1: return errors[0]
-    return f"Failed on each of its {len(errors)} attempts: " + '; '.join(f"{i}) {e}" for i, e in enumerate(errors, 1))
+    each = '; '.join(f"{i}) {e}" for i, e in enumerate(errors, 1))
+    return f"Failed on each of its {len(errors)} attempts: {each}"
 
 @patch
 def due_retries(self:Supervisor):
-    "Queue again, at the head, the jobs whose retry delay has passed; start a worker if none runs or is coming."
+    "Queue again, at the head, the jobs whose retry delay passed; start a worker if none runs or comes."
     if not self.retries or self.closed: return
     now = time.monotonic()
     for job_id in [j for j, t in self.retries.items() if now >= t]:
         del self.retries[job_id]
         job = self.book.jobs.get(job_id)
         if job is not None and job.status == 'pending': self.book.queue(job_id, front=True)
-    if len(self.book.waiting) and not any(s.worker or s.spawn_due is not None for s in self.slots): self.ensure()
+    if len(self.book.waiting) and not any(s.worker or s.spawn_due is not None for s in self.slots):
+        self.ensure()
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000029
 @patch
