@@ -858,7 +858,10 @@ def take_sample(devices:list, # `extensions.resources.GPUDevice`s, as NVML repor
                 pids:List[int], rss:bool, at:float) -> Sample: # The workers' pids; whether to sum their RSS
     "Read the process trees of `pids` and add up, for each, its processes' GPU memory (and resident memory)."
     used = {p.pid: p.used_memory or 0 for d in devices for p in d.processes}
-    out = Sample(at, {d.uuid: GpuView(d.memory_free / _MB, d.memory_total / _MB) for d in devices}, {}, {})
+    # NVML answers free memory and each process's memory in separate queries, which a load between them makes
+    # disagree: the smaller free wins, so that a process seen holding memory is never counted free as well
+    free = {d.uuid: min(d.memory_free, d.memory_total - sum(p.used_memory or 0 for p in d.processes)) for d in devices}
+    out = Sample(at, {d.uuid: GpuView(free[d.uuid] / _MB, d.memory_total / _MB) for d in devices}, {}, {})
     for pid in pids:
         tree = _tree(pid)
         out.gpu_mb[pid] = sum(used.get(p.pid, 0) for p in tree) / _MB
@@ -885,7 +888,7 @@ def sample_due(self:Supervisor) -> Optional[float]: # time.monotonic() of the ne
     last = self.last_sample.at if self.last_sample else float('-inf')
     if self.sample_wanted: return last + _GAP
     if not self.memory_on: return None
-    if len(self.book.waiting) and any(w.free for w in self.workers()): return last + _FRESH
+    if len(self.book.waiting): return last + _FRESH  # a decision may wait for a fresh reading
     if any(w.job_id for w in self.workers()): return last + _BUSY
     return None
 
