@@ -51,6 +51,7 @@ class BaseJob:
     traceback: Optional[str] = None  # Worker-side traceback of that exception
     owner: Optional[str] = None  # Who the job belongs to (`manager.options(owner=...)`)
     priority: int = 0  # A job of higher priority starts first (`manager.options(priority=...)`)
+    attempts: int = 0  # How many times it started: a retry after its worker died starts it again
 
 JobType = TypeVar('JobType', bound=BaseJob)
 
@@ -185,6 +186,20 @@ def job_started(self:_Hooks, job, plugin:str, config:dict, pid:int) -> List[Call
     return self.resource('update_worker_state', pid, status='running', job_id=job.id, plugin_name=plugin,
                          plugin_id=job.plugin_id, config=config,
                          loaded_plugin_resource=m._extract_plugin_resource_identifier(config))
+
+# %% ../../nbs/managers/base.ipynb #gm000201
+@patch
+def gpu_probe(self:_Hooks) -> list: # `resources.GPUDevice`s; [] without NVML (or once the manager is gone)
+    "The GPUs NVML sees, for the memory rules: the resource manager's reading, else the manager's own."
+    m = self.ref()
+    if m is None: return []
+    rm = m.resource_manager
+    if rm is not None and hasattr(rm, 'get_gpu_info'): return rm.get_gpu_info()
+    session = getattr(m, '_nvml_session', None)
+    if session is None:
+        from cjm_fasthtml_workers.extensions.resources import NVMLSession
+        session = m._nvml_session = NVMLSession()
+    return session.probe()[0]
 
 # %% ../../nbs/managers/base.ipynb #ev000002
 def _weakly(obj, name:str, gone:Optional[Callable]=None) -> Callable:
@@ -891,6 +906,14 @@ def clear_completed_jobs(self:BaseJobManager,
         if owner is not ANY_OWNER: held |= {i for i, j in self.jobs.items() if not owned_by(j, owner)}
         return self._book.clear(keep=held)
 
+# %% ../../nbs/managers/base.ipynb #gm000202
+@patch
+def job_wait_reason(self:BaseJobManager,
+                    job_id:str # A job that waits to start
+                   ) -> Optional[str]: # e.g. 'waiting for GPU memory'; None if no rule holds it back
+    "Why a waiting job did not start at the last decision: GPU memory (`WAIT_MEMORY`), or max_concurrency."
+    with self._lock: return self._supervisor.waits.get(job_id) if self._supervisor is not None else None
+
 # %% ../../nbs/managers/base.ipynb #0c35ad29
 @patch
 def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per worker of the pool
@@ -899,7 +922,9 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
         if self._supervisor is None:
             return [{'worker_id': i, 'pid': None, 'alive': False, 'state': 'stopped' if self._closed else 'not started',
                      'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0, 'crashes': 0,
-                     'cancels': 0, 'jobs_done': 0, 'last_exit': None} for i in range(self.worker_config.max_workers)]
+                     'cancels': 0, 'jobs_done': 0, 'last_exit': None, 'idle_seconds': None,
+                     'gpu_memory_mb': None}
+                    for i in range(self.worker_config.max_workers)]
         return [self._supervisor.row(s) for s in self._supervisor.slots]
 
 @patch
