@@ -17,7 +17,7 @@ from cjm_fasthtml_workers.core.worker import base_worker_process
 from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager
 from cjm_fasthtml_workers.managers.scheduler import WAIT_MEMORY
 from cjm_fasthtml_workers.testing import PLUGIN_NAMES, ScenarioPluginManager
-from test_manager import Recorder, TextJobManager, finish, until
+from helpers import Recorder, TextJobManager, finish, until
 
 DIR_ENV, TOTALS_ENV = 'FAKE_GPU_DIR', 'FAKE_GPU_TOTALS'
 SIZED = ['g1000', 'g1200', 'g1400', 'g2000', 'g3000', 'g4096a', 'g4096b', 'g4096c', 'g4096d']
@@ -143,7 +143,7 @@ def test_keep_alive_on_cpu_unloads_after_the_time_and_not_before(no_leftover_pro
             await asyncio.sleep(0.5)
             assert sorted(filter(None, loaded(m))) == ['progress', 'sleep']  # not before its time
             assert all(0.3 < r['idle_seconds'] < 1.0 for r in m.get_workers_info()), m.get_workers_info()
-            await until(lambda: loaded(m) == [None, None], timeout=3.0)
+            await until('no plugin loaded', lambda: loaded(m) == [None, None], timeout=3.0)
             assert time.monotonic() - ended < 3.0  # no plugin loaded 3 s after the last job
             await asyncio.sleep(0.05)
             assert sorted(u[1:] for u in unloads(events)) == [('progress', 'idle'), ('sleep', 'idle')], unloads(events)
@@ -158,13 +158,13 @@ def test_keep_alive_never_unloads_a_busy_or_awaited_plugin(no_leftover_processes
         try:
             jobs = [await m.start_job('echo', text=str(i)) for i in range(5)]  # keep-alive 0: unloaded after each job
             assert [(await finish(m, j)).status for j in jobs] == ['completed'] * 5
-            await until(lambda: loaded(m) == [None])
+            await until('the plugin unloaded', lambda: loaded(m) == [None])
             long = await m.start_job('g1000', seconds=1.0)
-            await until(lambda: long.status == 'running')
+            await until('the long job runs', lambda: long.status == 'running')
             await asyncio.sleep(0.6)  # past its keep-alive, but busy
             assert loaded(m) == ['g1000'] and long.status == 'running'
             assert (await finish(m, long)).status == 'completed'
-            await until(lambda: loaded(m) == [None], timeout=3)
+            await until('the plugin unloaded', lambda: loaded(m) == [None], timeout=3)
             await asyncio.sleep(0.05)
             # the 5 echo jobs waited for the plugin: it was unloaded once, after the last
             assert unloads(events) == [(0, 'echo', 'idle'), (0, 'g1000', 'idle')], unloads(events)
@@ -199,7 +199,7 @@ def test_jobs_wait_rather_than_overcommit_and_too_big_fails(no_leftover_processe
         try:
             await m.start()
             hold = await m.start_job('g3000', seconds=1.5)
-            await until(lambda: hold.status == 'running')
+            await until('the holding job runs', lambda: hold.status == 'running')
             small = await m.start_job('g2000')
             await asyncio.sleep(0.5)
             assert small.status == 'pending' and m.job_wait_reason(small.id) == WAIT_MEMORY
@@ -237,7 +237,7 @@ def test_learned_need(no_leftover_processes, gpus, tmp_path):
         try:
             await m.start()
             assert (await finish(m, await m.start_job('g3000'))).status == 'completed'
-            await until(lambda: m._supervisor.seen.get('g3000') == 3000)
+            await until('the need of g3000 learned', lambda: m._supervisor.seen.get('g3000') == 3000)
             assert await m.unload_plugin('g3000')
             await asyncio.sleep(0.1)
             first = await m.start_job('g3000', seconds=1.0)
@@ -256,8 +256,8 @@ def test_idle_exit_gives_the_worker_back(no_leftover_processes, gpus, tmp_path):
         try:
             await m.start()
             pid = (await finish(m, await m.start_job('g1000'))).worker_pid
-            await until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-            await until(lambda: m.get_workers_info()[0]['pid'] is None)  # its slot waits for a job
+            await until('the idle worker exited', lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+            await until('its slot is empty', lambda: m.get_workers_info()[0]['pid'] is None)  # its slot waits for a job
             await asyncio.sleep(0.05)
             assert of_kind(events, 'worker_died') == [] and unloads(events) == [(0, 'g1000', 'idle')]
             again = await finish(m, await m.start_job('g1000'))  # the other worker takes it, or the slot restarts
@@ -273,7 +273,7 @@ def test_max_concurrency(no_leftover_processes):
             await m.start()
             sleeps = [await m.start_job('sleep', seconds=0.3) for _ in range(3)]
             echo = await m.start_job('echo', text='x')
-            await until(lambda: sleeps[0].status == 'running')
+            await until('the first sleep job runs', lambda: sleeps[0].status == 'running')
             assert m.job_wait_reason(sleeps[1].id) == 'max_concurrency: 1 jobs of sleep run'
             assert (await finish(m, echo)).status == 'completed'
             done = [await finish(m, j) for j in sleeps]
@@ -290,7 +290,7 @@ def test_memory_recycling(no_leftover_processes):
             await m.start()
             pid = m.get_workers_info()[0]['pid']
             assert (await finish(m, await m.start_job('rss', mb=400))).status == 'completed'
-            await until(lambda: m.get_workers_info()[0]['pid'] not in (None, pid), timeout=10)
+            await until('a new worker in the slot', lambda: m.get_workers_info()[0]['pid'] not in (None, pid), timeout=10)
             after = await finish(m, await m.start_job('echo', text='x'))
             assert after.status == 'completed' and after.worker_pid != pid
             assert m.get_workers_info()[0]['crashes'] == 0
