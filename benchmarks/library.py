@@ -242,3 +242,42 @@ def memory_probe(n:int, conn):
             return await memory(m, n, lambda: me.memory_info().rss)
         finally: m.shutdown()
     conn.send(asyncio.run(main()))
+
+async def burst(m, n:int) -> tuple: # (longest event-loop stall in seconds during the burst, seconds to the last result)
+    "`n` `start_job` calls from one coroutine, back to back with no await between them that suspends; then the last."
+    async with Ticker() as ticker:
+        t0 = time.perf_counter()
+        jobs = [await m.start_job('echo', text='x') for _ in range(n)]
+    await m.wait_for_job(jobs[-1].id)
+    seconds = time.perf_counter() - t0
+    for j in jobs: _check(j)
+    m.clear_completed_jobs()
+    return ticker.stall, seconds
+
+class CountingBroadcaster:
+    "A broadcaster that keeps up: it counts events and chunks, and notes when a job's end arrives."
+    def __init__(self): self.events, self.chunks, self.ended = 0, 0, {}
+    async def broadcast(self, event:str, data:dict):
+        self.events += 1
+        if event.endswith(':chunk'): self.chunks += len(data['chunk'].split())  # joined chunks count one by one
+        elif event.endswith((':completed', ':failed', ':cancelled')) and (f := self.ended.get(data['job_id'])):
+            f.set_result(time.perf_counter())
+
+async def event_rate(n:int) -> tuple: # (events per second, chunks per second, events coalesced)
+    "A streaming job of `n` one-word chunks to a broadcaster that only counts: from `start_job` to its end event."
+    b = CountingBroadcaster()
+    m = TextJobManager('bench', 'bench', worker_config=WorkerConfig(), supports_streaming=True, event_broadcaster=b)
+    text = ' '.join(['x'] * n)
+    try:
+        await m.start()
+        _check(await m.wait_for_job((await m.start_job('stream', text='a b', stream=True)).id))  # plugin loaded
+        await asyncio.sleep(0.05)
+        b.events = b.chunks = 0
+        t0 = time.perf_counter()
+        job = await m.start_job('stream', text=text, stream=True)
+        b.ended[job.id] = asyncio.get_running_loop().create_future()
+        t1 = await asyncio.wait_for(b.ended[job.id], 120)
+        _check(job)
+        if b.chunks != n: raise RuntimeError(f"{b.chunks} chunks of {n} reached the broadcaster")
+        return b.events / (t1 - t0), b.chunks / (t1 - t0), m._events.coalesced
+    finally: m.shutdown()

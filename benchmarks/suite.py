@@ -41,6 +41,10 @@ SHAPES = [
           base='ppe'),
     Shape('stall_submissions', 'event-loop stall: submissions', 'ms', IDLE_LOOP, ('abs', '<=', 5),
           ratio=False),
+    Shape('stall_burst', 'event-loop hold: a burst of start_job from one coroutine (3,000 jobs)', 'ms',
+          'none: the hold itself', ('abs', '<=', 30), ratio=False),
+    Shape('event_rate', 'events delivered per second: a 100,000-chunk stream, a broadcaster that only counts',
+          'events/s', 'none: the rate itself', ('abs', '>=', 100_000), ratio=False),
     Shape('stall_cancel', 'event-loop stall: cancel', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
     Shape('stall_reload', 'event-loop stall: reload', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
     Shape('stall_unload', 'event-loop stall: unload', 'ms', IDLE_LOOP, ('abs', '<=', 5), ratio=False),
@@ -75,9 +79,11 @@ SHAPES = [
 
 # How much of each shape one repetition does: the issue's sizes, and a quick run's
 FULL = dict(reps=5, latency=2000, throughput=5000, payload_1mb=10, payload_10mb=4, payload_200mb=2, cancel=3,
-            commands=5, cold=3, crash=5, memory=10000, idle=0.3, pool_jobs=40, affinity=100)
+            commands=5, cold=3, crash=5, memory=10000, idle=0.3, pool_jobs=40, affinity=100, burst=3000,
+            events=100_000)
 QUICK = dict(reps=2, latency=200, throughput=500, payload_1mb=2, payload_10mb=1, payload_200mb=1, cancel=1,
-             commands=1, cold=1, crash=1, memory=1000, idle=0.1, pool_jobs=8, affinity=100)
+             commands=1, cold=1, crash=1, memory=1000, idle=0.1, pool_jobs=8, affinity=100, burst=500,
+             events=10_000)
 SLEEP = 0.05  # seconds each job of the pool shapes sleeps
 MB = 1_000_000
 
@@ -162,6 +168,12 @@ async def floor_throughput(r:Rig):
     idle = await library.idle_stall(r.sizes['idle']) * 1e3
     r.put('floor', stall_submissions=idle, stall_cancel=idle, stall_reload=idle, stall_unload=idle)
 
+async def library_overhead(r:Rig):  # issue 22's rows: the loop's hold in a burst; issue 18's event rate
+    await library.burst(r.manager, 200)
+    stall, _ = await library.burst(r.manager, r.sizes['burst'])
+    rate, _, _ = await library.event_rate(r.sizes['events'])
+    r.put('library', stall_burst=stall * 1e3, event_rate=rate)
+
 async def library_payload(r:Rig):
     for key, size in (('payload_1mb', MB), ('payload_10mb', 10 * MB)):
         r.put('library',
@@ -228,7 +240,8 @@ async def floor_affinity(r:Rig):
     r.put('floor', affinity_loads=await library.model_loads(1, r.sizes['affinity']))
 
 GROUPS = [(library_memory, floor_memory), (library_latency, floor_latency),
-          (library_throughput, floor_throughput), (library_payload, floor_payload), (library_commands, None),
+          (library_throughput, floor_throughput), (library_overhead, None), (library_payload, floor_payload),
+          (library_commands, None),
           (library_lifecycle, floor_lifecycle),
           (library_crash, floor_crash), (library_pool, floor_pool), (library_affinity, floor_affinity)]
 

@@ -164,7 +164,8 @@ def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never
             job = await m.start_job('many_chunks', n=20_000, stream=True)
             slow = await m.start_job('progress', seconds=0.5, steps=500)
             await m.wait_for_job(slow.id, timeout=60)
-            await until("every event delivered", lambda: m._events.waiting == 0, 60)
+            # `waiting` leaves out the event being broadcast: the lagging broadcaster records it 1 ms later
+            await until("every event delivered", lambda: m._events.waiting == 0 and m._events.started is None, 60)
         finally: m.shutdown()
         assert events.texts[job.id] == ''.join(f'{i} ' for i in range(20_000)), "the streamed text has a hole"
         assert m._events.coalesced > 0, "nothing was coalesced: the broadcaster did not lag"

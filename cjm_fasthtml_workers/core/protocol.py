@@ -172,11 +172,14 @@ class WorkerProgress:
 _JOB_MESSAGES = {WorkerResponseType.RESULT: WorkerResult, WorkerResponseType.STREAM_CHUNK: WorkerStreamChunk,
                  WorkerResponseType.JOB_STARTED: WorkerJobStarted,
                  WorkerResponseType.PROGRESS: WorkerProgress}
+_JOB_BY_VALUE = {t.value: cls for t, cls in _JOB_MESSAGES.items()}
 
 def decode_message(d:Dict[str, Any] # A message dict received from the result or response queue
                   ): # WorkerResult, WorkerStreamChunk, WorkerJobStarted, WorkerProgress or WorkerResponse
     "Build the typed message for a wire dict from the worker."
-    cls = _JOB_MESSAGES.get(WorkerResponseType(d['type']))
+    t = d['type']  # a plain string on the hot path: one dict lookup, not an Enum call (which validates the rest)
+    cls = _JOB_BY_VALUE.get(t) if type(t) is str else None
+    if cls is None: cls = _JOB_MESSAGES.get(WorkerResponseType(t))
     return cls.from_dict(d) if cls else WorkerResponse.from_dict(d)
 
 # %% ../../nbs/core/protocol.ipynb #b6b51108

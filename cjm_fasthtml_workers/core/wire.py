@@ -56,7 +56,7 @@ def _holds_big(obj, depth:int=4) -> bool:
     if t is bytes or t is bytearray: return len(obj) >= OOB_MIN
     if t is dict: obj = obj.values()
     elif t is not list and t is not tuple: return False
-    for o in itertools.islice(obj, 64):  # no call for what cannot hold one: a message's hot path
+    for o in (obj if len(obj) <= 64 else itertools.islice(obj, 64)):  # no call for what cannot hold one: hot path
         t = type(o)
         if (t is bytes or t is bytearray) and len(o) >= OOB_MIN: return True
         if (t is dict or t is list or t is tuple) and depth > 1 and _holds_big(o, depth - 1): return True
@@ -351,6 +351,10 @@ def loads_message(payload:bytes, # One frame's payload, or the pickle of one wit
                   objs:tuple=() # Those buffers, as the objects they become
                  ) -> dict: # The message; `'_unreadable'` says what `Unreadable` stand-ins replaced
     "Unpickle a worker's message, replacing only what cannot be rebuilt; `CorruptStream` if it is no message."
+    if not objs:  # the common message, nothing out of band: a plain load; the careful one below only if it fails
+        try: msg = pickle.loads(payload)
+        except Exception: msg = None
+        if type(msg) is dict and 'type' in msg: return msg
     replace, rebuilt = set(), []
     for _ in range(_MAX_REPLACED + 1):
         u = _Unpickler(payload, replace, kinds, objs)
