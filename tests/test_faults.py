@@ -767,9 +767,11 @@ def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_proces
 # ----- 15. a job that floods the manager ------------------------------------------------------------------------
 @POOLS
 @pytest.mark.parametrize('kind', ['progress', 'chunks'])
-def test_cancelling_a_flood_ends_its_worker_fast_and_others_are_not_starved(no_leftover_processes, n, kind):
+@pytest.mark.parametrize('grace', [0.0, 2.0], ids=['kill', 'stop'])
+def test_cancelling_a_flood_ends_it_fast_and_others_are_not_starved(no_leftover_processes, n, kind, grace):
+    "Killed (grace 0), its worker is gone within 1 s; asked to stop, it stops within 1 s and its worker lives on."
     async def main():
-        m, _ = make(n, cls=FaultManager)
+        m, _ = make(n, cls=FaultManager, cancel_grace_seconds=grace)
         try:
             await m.start()
             flood = await (m.start_job('flood') if kind == 'progress' else m.start_job('flood_stream', stream=True))
@@ -786,11 +788,17 @@ def test_cancelling_a_flood_ends_its_worker_fast_and_others_are_not_starved(no_l
                 assert other_took < 1.0, f"an echo on another worker took {other_took:.2f} s during the flood"
             pid, t0 = flood.worker_pid, time.monotonic()
             assert await m.cancel_job(flood.id)
-            seconds_until_gone(pid, 5)
-            took = time.monotonic() - t0
-            print(f"\n[15 {kind} n={n}] flooding worker gone {took * 1000:.0f} ms after cancel_job")
+            if grace == 0:
+                seconds_until_gone(pid, 5)
+                took = time.monotonic() - t0
+                print(f"\n[15 {kind} n={n}] flooding worker gone {took * 1000:.0f} ms after cancel_job")
+                assert took < 1.0, f"the flooding worker was still alive {took:.2f} s after the cancel"
+            else:
+                took = time.monotonic() - t0
+                print(f"\n[15 {kind} n={n}] flood stopped {took * 1000:.0f} ms after cancel_job")
+                assert took < 1.0, f"the flood was still running {took:.2f} s after the cancel"
+                assert pid in [r['pid'] for r in m.get_workers_info()], "the stopped flood's worker was ended"
             assert flood.status == 'cancelled' and flood.error is None
-            assert took < 1.0, f"the flooding worker was still alive {took:.2f} s after the cancel"
             after = await finish(m, await m.start_job('echo', text='after'), 20)
             assert after.status == 'completed' and after.result['text'] == 'after'
         finally: m.shutdown()
