@@ -6,7 +6,7 @@
 __all__ = ['log', 'TERMINAL_STATUSES', 'STREAM_END', 'now_iso', 'call_soon', 'resolve', 'result_envelope', 'JobBook']
 
 # %% ../../nbs/managers/jobs.ipynb #jb000003
-import asyncio, logging, threading
+import asyncio, logging, threading, time
 from collections import Counter
 from datetime import datetime
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -89,7 +89,7 @@ class JobBook:
         "Put a job (back) in the waiting queue; `front` for one that a dead worker never started."
         job = self.jobs[job_id]
         self.waiting.push(job_id, self.requests[job_id][0], getattr(job, 'owner', None), getattr(job, 'priority', 0),
-                          front)
+                          front, at=time.monotonic())
 
 # %% ../../nbs/managers/jobs.ipynb #jb000017
 @patch

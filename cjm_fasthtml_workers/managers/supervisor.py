@@ -21,8 +21,9 @@ from cjm_fasthtml_workers.core.protocol import (
 from ..backends.process import CorruptStream, describe_exit
 from ..backends.transport import Transport
 from .jobs import TERMINAL_STATUSES, JobBook, now_iso, resolve
-from .scheduler import (
-    WAIT_MEMORY, GpuView, Memory, WorkerView, assign, forecast, idle_unloads, next_unload, over_memory, schedule)
+from cjm_fasthtml_workers.managers.scheduler import (
+    WAIT_MEMORY, GpuView, Memory, WorkerView, assign, batch_holds, forecast, idle_unloads, next_unload, over_memory,
+    schedule)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Worker:
     last_error: Optional[str] = None  # What it reported before dying (ERROR), or why it was ended
     job_id: Optional[str] = None  # The job handed to it (pending until it starts)
     queued: Deque[str] = field(default_factory=deque)  # Jobs handed after that one (prefetch), to start next
+    batch: List[str] = field(default_factory=list)  # The jobs of the batch it runs, that one first (or empty)
     cancelled: set = field(default_factory=set)  # Jobs handed to it, then cancelled before they started
     dispatched_at: Optional[str] = None  # When that job was handed over
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
@@ -132,6 +134,7 @@ class Supervisor:
         self.preload_warned = False  # it said once that preload_plugins names a plugin the workers lack
         self.positions: Dict[str, int] = {}  # job id -> the queue position its last `queued` event said
         self.queue_moved, self.next_queue_report = False, 0.0  # positions may have changed; when to say so
+        self.batch_due: Optional[float] = None  # when a plugin held back for a batch is due anyway
         self.thread: Optional[threading.Thread] = None
         self.starters: set = set()  # the threads starting a worker now, one per slot
         self.waits: Dict[str, str] = {}  # job id -> why the last decision held it back (memory, concurrency)
@@ -203,6 +206,9 @@ def cancel(self:Supervisor, job) -> Optional[str]: # None: it had ended; 'ended'
     if job.status in TERMINAL_STATUSES: return None
     self.retries.pop(job.id, None); self.attempt_errors.pop(job.id, None)
     holder = self.holder(job.id)
+    if holder is not None and len(holder.batch) > 1 and job.id in holder.batch:  # the rest of its batch runs on
+        self.book.finish(job, 'cancelled', how='stopped')  # its result, when it comes, is let go
+        return 'ended'
     running = holder is not None and job.status == 'running' and holder.job_id == job.id
     if running and self.may_stop(holder):
         if holder.stop_deadline is None:
@@ -358,6 +364,7 @@ def wait_plan(self:Supervisor):
                 due.append(0)
         due += self.rule_dues()  # retries, keep-alives, readings of NVML
         if self.queue_moved: due.append(self.next_queue_report)
+        if self.batch_due is not None: due.append(self.batch_due)
     for fd in [fd for fd in self._registered if fd not in want]:
         self._poll.unregister(fd)
         del self._registered[fd]
@@ -432,7 +439,8 @@ def job_started(self:Supervisor, w:Worker, job_id:str):
     # cancelled while in its pipe, it started before the CANCEL reached it: it must not run on
     if job_id in w.cancelled: return self.end(w, 'cancel')
     job = self.book.jobs.get(job_id)
-    if job is not None and w.job_id == job_id and job.status == 'pending': self.mark_started(w, job)
+    if job is not None and (w.job_id == job_id or job_id in w.batch) and job.status == 'pending':
+        self.mark_started(w, job)
 
 @patch
 def job_stopped(self:Supervisor, w:Worker, job_id:str):
@@ -550,7 +558,12 @@ def settle_result(self:Supervisor, w:Worker, raw:dict):
     w.cancelled.discard(raw.get('job_id'))
     self.attempt_errors.pop(raw.get('job_id'), None)
     stopping = job is not None and w.job_id == job.id and w.stop_deadline is not None
-    if job is not None and w.job_id == job.id:
+    if job is not None and job.id in w.batch:  # one job of a batch: the worker is free once all are in
+        w.batch.remove(job.id)
+        if job.status == 'pending': self.mark_started(w, job)
+        if not w.batch: self.release(w)
+        if job.status in TERMINAL_STATUSES: return  # cancelled in the batch: its result is let go
+    elif job is not None and w.job_id == job.id:
         if job.status == 'pending': self.mark_started(w, job)  # a worker that never says it started
         self.release(w)
     if stopping: return self.book.finish(job, 'cancelled', how='stopped')  # it ended before it saw the cancel
@@ -618,18 +631,28 @@ def dispatch(self:Supervisor):
         self.waits = {}
         return
     by_id, memory = {w.slot.id: w for w in self.workers()}, self.memory()
-    plan = schedule(self.book.waiting, [self.view(w) for w in by_id.values()], memory, self.limits)
+    batching = self.batching()
+    holds, self.batch_due = batch_holds(self.book.waiting, batching, time.monotonic())
+    if holds and threading.current_thread() is not self.thread: self.wake()  # its wait must see the hold's end
+    plan = schedule(self.book.waiting, [self.view(w) for w in by_id.values()], memory, self.limits, holds,
+                    {p: size for p, (size, _) in batching.items()})
     self.waits = plan.waits
     for job_id, error in plan.fail: self.book.finish(self.book.jobs[job_id], 'failed', error=error)
     for worker_id in plan.unload: self.unload(by_id[worker_id], 'memory')
-    for job_id, worker_id in plan.hand: self.hand(by_id[worker_id], job_id)
+    for job_id, worker_id in plan.hand: self.hand(by_id[worker_id], job_id, plan.batches.get(job_id, ()))
     if memory is not None and not memory.fresh and len(self.book.waiting): self.wake()  # reads NVML first
     self.unpark()
 
 @patch
+def batching(self:Supervisor) -> Dict[str, tuple]: # plugin -> (max_batch_size, batch_wait seconds)
+    "The waiting plugins that run in batches."
+    policies = {p: self.config.policy(p) for p in self.book.waiting.wanted}
+    return {p: (pol.max_batch_size, pol.batch_wait_ms / 1000) for p, pol in policies.items() if pol.max_batch_size > 1}
+
+@patch
 def room(self:Supervisor, w:Worker) -> int:
     "How many jobs `w` may be handed ahead of its own (prefetch): none while commands wait for it."
-    if not (w.ready and w.kill_reason is None and w.announces_starts and not w.pending): return 0
+    if not (w.ready and w.kill_reason is None and w.announces_starts and not w.pending) or w.batch: return 0
     return max(0, self.prefetch - len(w.queued))
 
 # %% ../../nbs/managers/supervisor.ipynb #gm000101
@@ -685,19 +708,28 @@ def unpark(self:Supervisor):
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000023
 @patch
-def hand(self:Supervisor, w:Worker, job_id:str):
+def hand(self:Supervisor, w:Worker, job_id:str, mates=()): # mates: the jobs of its batch after it
     "Send a job to `w`; a worker holding an older configuration of its plugin gets the current one first."
     name, payload = self.book.requests[job_id]
     config = self.hooks.config_for(name)
     if (w.configs.get(name) or {}) != config:  # what the worker would load it with
         self.send_command(w, WorkerRequest(WorkerRequestType.RELOAD, {'plugin_name': name, 'config': config},
                                            uuid.uuid4().hex), None)
+    if mates and not w.announces_starts:  # a worker of the documented protocol knows no batch: one at a time
+        for j in reversed(mates): self.book.queue(j, front=True)
+        mates = ()
+    batch = [job_id, *mates]
+    if len(batch) > 1:  # the jobs' own EXECUTEs follow the header
+        w.batch = batch
+        w.transport.send(WorkerRequest(WorkerRequestType.EXECUTE_BATCH, {'plugin_name': name,
+                                                                         'job_ids': batch}).to_dict())
     if w.job_id is not None: w.queued.append(job_id)
     else: w.job_id, w.dispatched_at = job_id, now_iso()
-    store = self.book.store
-    if store is None: self.send_job(w, job_id, payload)
-    # with a store, the handover is committed first: a job the app dies on is known to have started
-    else: store.write([self.book.jobs[job_id]], lambda: self.send_job(w, job_id, payload), handed=True)
+    for j in batch:
+        store, payload = self.book.store, self.book.requests[j][1]
+        if store is None: self.send_job(w, j, payload)
+        # with a store, the handover is committed first: a job the app dies on is known to have started
+        else: store.write([self.book.jobs[j]], lambda j=j, payload=payload: self.send_job(w, j, payload), handed=True)
     if w.job_id == job_id and not w.announces_starts:  # it will not say when it starts: it runs from now
         self.mark_started(w, self.book.jobs[job_id])
         self.wake()  # the resource manager's update is run by the next round
@@ -706,7 +738,7 @@ def hand(self:Supervisor, w:Worker, job_id:str):
 def send_job(self:Supervisor, w:Worker, job_id:str, payload:bytes):
     "Send a job's EXECUTE to `w`, unless (after a store's commit) it was taken back or `w` is gone meanwhile."
     with self.lock:
-        if w.slot.worker is not w or not (w.job_id == job_id or job_id in w.queued): return
+        if w.slot.worker is not w or not (w.job_id == job_id or job_id in w.queued or job_id in w.batch): return
         w.transport.send_pickled(payload)
         if w.transport.wants_write(): self.wake()
 
@@ -729,7 +761,7 @@ def withdraw(self:Supervisor, w:Worker, job_id:str):
 @patch
 def holder(self:Supervisor, job_id:str) -> Optional[Worker]:
     "The worker a job was handed to (None if none holds it)."
-    return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued), None)
+    return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued or job_id in w.batch), None)
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000033
 @patch
@@ -804,16 +836,16 @@ def settle_death(self:Supervisor, slot:Slot):
     if w.transport.exit_reason: what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
     if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
     elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
-    job = self.book.jobs.get(w.job_id) if w.job_id else None
-    running_id = job.id if job is not None and job.status != 'pending' else None  # running, or just cancelled
-    unstarted = ([job.id] if job is not None and job.status == 'pending' else []) + list(w.queued)
+    handed = [self.book.jobs[j] for j in dict.fromkeys([w.job_id, *w.batch]) if j in self.book.jobs]  # a batch too
+    running_id = next((j.id for j in handed if j.status != 'pending'), None)  # running, or just cancelled
+    unstarted = [j.id for j in handed if j.status == 'pending'] + list(w.queued)
     for job_id in reversed(unstarted): self.book.queue(job_id, front=True)  # back to the head, in order
-    if job is not None and job.status == 'running' and w.stop_deadline is not None:
-        self.book.finish(job, 'cancelled', how='killed')  # asked to stop, it did not in time (or it died)
-    elif job is not None and job.status == 'running':
-        error = (f"Job timed out after {w.job_timeout} s; the worker was ended" if reason == 'timeout'
-                 else f"Worker died while running the job: {what}")
-        if not self.retry(job, error): self.book.finish(job, 'failed', error=self.failure(job, error))
+    error = (f"Job timed out after {w.job_timeout} s; the worker was ended" if reason == 'timeout'
+             else f"Worker died while running the job: {what}")
+    for job in (j for j in handed if j.status == 'running'):
+        if job.id == w.job_id and w.stop_deadline is not None:
+            self.book.finish(job, 'cancelled', how='killed')  # asked to stop, it did not in time (or it died)
+        elif not self.retry(job, error): self.book.finish(job, 'failed', error=self.failure(job, error))
     for waiter in [c[0] for c in w.commands.values()] + [p[1] for p in w.pending]:
         if waiter is not None: resolve(*waiter, None)
     w.transport.close()
