@@ -139,6 +139,18 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(card.locator('pre.result')).to_have_text('HELLO BROWSER')
             assert 'quick' in workers(page, 'loaded_plugin')
 
+            # another browser is another visitor (session): neither sees, nor may cancel, the other's jobs
+            other_context = browser.new_context(viewport={'width': 1280, 'height': 1000})
+            other_context.on('request', lambda r: requests.append(r.url))
+            other = open_page(other_context, url)
+            expect(other.locator('#jobs')).to_have_text('No jobs yet: pick a plugin and submit one.')
+            theirs = submit(other, 'demo-quick', 'from the other visitor')
+            expect(theirs).to_have_class(status('completed'))
+            mine = card.get_attribute('id').removeprefix('job-')
+            answer = other.request.post(f'{url}jobs/{mine}/cancel')
+            assert answer.status == 404 and f'There is no job {mine}.' in answer.text(), answer.text()
+            assert re.fullmatch(r'job-[0-9a-f]{32}', theirs.get_attribute('id'))  # uuid4().hex: not guessed
+
             # while a job runs, the panels follow it: its worker is busy with it, the resources are read again
             card = submit(page, 'demo-slow', 'count these words')
             record_progress(page, card)  # from now on, whatever the checks below take on a loaded machine
@@ -160,15 +172,17 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             card = submit(page, 'demo-slow', 'to cancel while it counts')
             expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))  # 10 % .. 90 %
             n = runs_on(page, card)
-            cancels, pid = int(worker(page, 'cancels', n).inner_text()), worker(page, 'pid', n).inner_text()
+            cancels, pid = worker(page, 'cancels', n).inner_text(), worker(page, 'pid', n).inner_text()
             button = card.get_by_role('button', name='Cancel').element_handle()
             page.wait_for_function("c => c.querySelector('progress').value >= 30", arg=card.element_handle())
             assert button.evaluate('b => b.isConnected'), "a progress event replaced the Cancel button"
             button.click()
             expect(card).to_have_class(status('cancelled'))
-            expect(worker(page, 'cancels', n)).to_have_text(str(cancels + 1))
-            expect(worker(page, 'pid', n)).not_to_have_text(pid)  # the cancelled job's worker was replaced
+            # the plugin stopped at its next check: its worker, with the plugin loaded, stays (issue 22)
+            expect(card.locator('.how')).to_have_text('Stopped: its worker and model stay for the next job.')
             expect(worker(page, 'state', n)).to_have_text('idle')
+            assert (worker(page, 'pid', n).inner_text(), worker(page, 'cancels', n).inner_text()) == (pid, cancels)
+            expect(worker(page, 'loaded_plugin', n)).to_have_text('slow')
 
             # streamed text grows word by word, appended to the same element
             words = 'one two three four five six seven eight nine ten eleven twelve'
@@ -182,22 +196,35 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             assert all(mark == 'the output' for t, mark in texts if t), "a chunk drew the output again"
             expect(card.locator('pre.result')).to_have_text(words)
 
-            # a waiting job is cancelled without touching a worker; a running one ends its worker
+            # a waiting job shows its place in the queue, and is cancelled without touching a worker; a running
+            # streaming one stops between two chunks, and its worker stays
             long_stream = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
             slow = submit(page, 'demo-slow', 'keeps the other worker busy')
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
+            second = submit(page, 'demo-quick', 'second in line')
             expect(long_stream.locator('pre.output')).to_contain_text('long long')
             expect(pending).to_have_class(status('pending'))
-            expect(page.locator('#waiting')).to_have_text('1 job waiting')
+            expect(page.locator('#waiting')).to_have_text('2 jobs waiting')
+            expect(pending.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line, about \d+ s$'))
+            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: 2nd in line, about \d+ s$'))
             pids = workers(page, 'pid')
             pending.get_by_role('button', name='Cancel').click()
             expect(pending).to_have_class(status('cancelled'))
+            expect(pending.locator('.queue, .how')).to_have_count(0)  # it never ran: nothing to say of how
+            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line'))  # it moved up
             assert workers(page, 'pid') == pids and 'running' in long_stream.get_attribute('class').split()
             n = runs_on(page, long_stream)
+            # the other visitor's workers panel shows that a job runs, not whose or which
+            expect(worker(other, 'current_job_id', n)).to_have_text("another visitor's job")
+            assert page.locator('#jobs article', has_text='from the other visitor').count() == 0
+            other_context.close()
             long_stream.get_by_role('button', name='Cancel').click()
             expect(long_stream).to_have_class(status('cancelled'))
+            expect(long_stream.locator('.how')).to_contain_text('Stopped')
             assert 0 < long_stream.locator('pre.output').inner_text().count('long') < 100
-            expect(worker(page, 'pid', n)).not_to_have_text(pids[n])
+            expect(worker(page, 'state', n)).not_to_have_text('busy')  # free for the second job, or idle
+            assert worker(page, 'pid', n).inner_text() == pids[n]  # the same process, its plugin still loaded
+            expect(second).to_have_class(status('completed'))
             expect(slow).to_have_class(status('completed'))
 
             # the crash plugin fails its job with the exit code; its worker comes back, its crash counted
@@ -299,7 +326,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
 
             # many jobs: each comes as one card, the list is never drawn again, every message stays small
             before = page.locator('#jobs article.completed').count()
-            for i in range(200): httpx.post(url + 'jobs', data={'plugin_id': 'demo-quick', 'text': f'job {i}'}, timeout=10)
+            # posted in the page's session (cookie): a visitor's jobs come to that visitor's pages only
+            for i in range(200): page.request.post(url + 'jobs', form={'plugin_id': 'demo-quick', 'text': f'job {i}'})
             expect(page.locator('#jobs article.completed')).to_have_count(before + 200, timeout=60_000)
             assert page.evaluate("document.getElementById('jobs').__mark") == 'the list'
             sizes = page.evaluate('window.__messages')[1:]  # after the first, which catches the page up
@@ -327,6 +355,7 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             page.screenshot(path=tmp_path/'demo.png', full_page=True)
             # on a phone (390 px wide) the page fits: nothing is cut off on the right
             phone_context = browser.new_context(viewport={'width': 390, 'height': 844})
+            phone_context.add_cookies(context.cookies())  # the same visitor, on a phone: its jobs
             phone = open_page(phone_context, url)
             expect(phone.locator('#jobs article').first).to_be_visible()
             width = phone.evaluate('document.documentElement.scrollWidth')
