@@ -442,38 +442,65 @@ def test_answers_say_what_is_so(tmp_path, no_leftover_processes):
     "A cancel that is done already is no error; a plugin not loaded is said to be; one job is one job."
     port = free_port()
     app = start_app(tmp_path, port, tmp_path/'data')
-    base = f'http://127.0.0.1:{port}'
+    # one visitor (its session cookie kept): a page shows that visitor's jobs only
+    visitor = httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=5)
     try:
-        assert '0 jobs waiting' in httpx.get(base, timeout=5).text
-        r = httpx.post(f'{base}/plugins/demo-fail/unload', timeout=5)
+        assert '0 jobs waiting' in visitor.get('/').text
+        r = visitor.post('/plugins/demo-fail/unload')
         assert r.status_code == 200 and 'Failing was not loaded: there was nothing to unload.' in r.text, r.text
-        for _ in range(3): httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'}, timeout=5)
-        page = httpx.get(base, timeout=5).text  # two run (3 s each), one waits
+        for _ in range(3): visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'})
+        page = visitor.get('/').text  # two run (3 s each), one waits
         assert '1 job waiting' in page, re.findall(r'\d+ jobs? waiting', page)
         running = job_ids(page)[-1]
         for _ in range(2):  # a double click: the second finds it cancelled, which is what was asked
-            r = httpx.post(f'{base}/jobs/{running}/cancel', timeout=5)
+            r = visitor.post(f'/jobs/{running}/cancel')
             assert r.status_code == 200 and 'class="notice' not in r.text, r.text
         stop_app(app)
-    finally: kill_tree(app)
+    finally:
+        visitor.close()
+        kill_tree(app)
 
 def test_interrupted_job_shows_no_run_time(tmp_path, no_leftover_processes):
     "A job the app's end cut short says so, and not a run time that counts the time the app was down."
     port, data = free_port(), tmp_path/'data'
     app = start_app(tmp_path, port, data)
-    base = f'http://127.0.0.1:{port}'
+    visitor = httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=5)  # keeps its session cookie
     try:
-        httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'cut short'}, timeout=5)
+        visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'cut short'})
         deadline = time.monotonic() + 20
-        while 'badge running' not in httpx.get(base, timeout=5).text: assert time.monotonic() < deadline
+        while 'badge running' not in visitor.get('/').text: assert time.monotonic() < deadline
         kill_tree(app)  # SIGKILL, its workers too: the job is left running in the store
         time.sleep(1.5)  # down for a while
         app = start_app(tmp_path, port, data)
-        card = re.search(r'<article [^>]*>.*?</article>', httpx.get(base, timeout=5).text, re.S).group(0)
+        # the same cookie still names the visitor: the key that signs it was kept in the data folder
+        assert stat.S_IMODE((data/'session.key').stat().st_mode) == 0o600
+        card = re.search(r'<article [^>]*>.*?</article>', visitor.get('/').text, re.S).group(0)
         assert 'interrupted by an app restart' in card and 'interrupted when the app stopped' in card, card
         assert not re.search(r'ran \d|ended \d', card), card
         stop_app(app)
-    finally: kill_tree(app)
+    finally:
+        visitor.close()
+        kill_tree(app)
+
+def test_queue_full_is_said(tmp_path, no_leftover_processes):
+    "A visitor with 200 jobs waiting is asked to wait: a 429 with Retry-After, in the notice; others are not."
+    port = free_port()
+    app = start_app(tmp_path, port, tmp_path/'data')
+    base = f'http://127.0.0.1:{port}'
+    visitor, other = httpx.Client(base_url=base, timeout=10), httpx.Client(base_url=base, timeout=10)
+    try:
+        job = {'plugin_id': 'demo-slow', 'text': 'x'}
+        codes = [visitor.post('/jobs', data=job).status_code for _ in range(202)]  # 2 run, 200 wait
+        assert codes == [200] * 202, codes
+        r = visitor.post('/jobs', data=job)
+        assert r.status_code == 429 and int(r.headers['Retry-After']) >= 1, r.headers
+        assert re.search(r'<div [^>]*id="notice"[^>]*>[^<]*try again in about \d+ s', r.text), r.text
+        assert other.post('/jobs', data=job).status_code == 200  # the limit is per visitor
+        stop_app(app)
+    finally:
+        visitor.close()
+        other.close()
+        kill_tree(app)
 
 def load_demo_app():
     "demo_app.py as a module: it builds the app; its manager is made by the lifespan only."
@@ -509,6 +536,28 @@ def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     run = subprocess.run([sys.executable, str(ROOT/'demo_app.py'), str(free_port())], capture_output=True, text=True,
                          env={**os.environ, 'CJM_DEMO_DATA': str(shared)}, timeout=60)
     assert run.returncode == 1 and 'chmod 700' in run.stderr and 'Traceback' not in run.stderr, run.stderr
+
+def test_workers_panel_rows():
+    "What the manager says of its workers: another visitor's job by no id; idle time and GPU memory when given."
+    from types import SimpleNamespace
+    from fasthtml.common import to_xml
+    demo_app = load_demo_app()
+    row = dict(worker_id=0, pid=11, state='busy', gpu=None, loaded_plugin='slow', current_job_id='a' * 32,
+               last_exit=None, jobs_done=1, restart_count=0, crashes=0, cancels=0)
+    mine = {'b' * 32}
+    demo_app.manager = SimpleNamespace(get_worker_info=lambda: {'pending_jobs': 3},
+                                       get_job=lambda i, owner: i in mine or None)
+    def panel(rows): return re.sub(r'>\s+<', '><', to_xml(demo_app.WorkersPanel(rows, 'me')))
+    html = panel([row, {**row, 'worker_id': 1, 'current_job_id': 'b' * 32}])
+    assert "<td>another visitor's job</td>" in html and 'a' * 32 not in html and 'b' * 32 in html, html
+    assert 'idle for' not in html and 'GPU memory' not in html and '3 jobs waiting' in html
+    # a manager that says how long a plugin has been idle and what each worker holds on its GPU
+    html = panel([{**row, 'idle_seconds': 42.4, 'gpu_memory_mb': 1536}, {**row, 'idle_seconds': None, 'gpu_memory_mb': None}])
+    assert re.search(r'idle for</th><td>42 s</td><td>–', html) and re.search(r'GPU memory</th><td>1,536 MiB</td>', html)
+    parts = [to_xml(demo_app.QueueNote('j', p, eta)) for p, eta in [(0, 0.2), (1, 4.6), (2, None), (10, 30), (None, 1)]]
+    assert [re.sub(r'<[^>]+>', '', p).strip() for p in parts] == [
+        'waiting: next in line, about 1 s', 'waiting: 2nd in line, about 5 s', 'waiting: 3rd in line',
+        'waiting: 11th in line, about 30 s', ''], parts
 
 # ----- the GPU rows, with a fake NVML (this machine may have no GPU) ---------------------------------------------
 def test_resources_panel_shows_gpus():
