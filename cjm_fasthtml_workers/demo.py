@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from fastcore.basics import patch
 
 import cjm_fasthtml_workers
-from .core.worker import base_worker_process, report_progress
+from .core.worker import base_worker_process, check_cancelled, report_progress
 from .managers.base import BaseJob
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class DemoJob(BaseJob):
     "A demo job: what the user typed comes with it."
     text: str = ''  # The job's input text
+    how: Optional[str] = None  # A cancel while it ran: 'stopped' (its worker and model stayed) or 'killed'
 
 # %% ../nbs/demo.ipynb #917436e3
 def quick_plugin(
@@ -45,7 +46,7 @@ def slow_plugin(
     "Count the words of `text` slowly, reporting progress after each step."
     steps, pause = int(config.get('steps', 10)), float(config.get('step_seconds', 0.3))
     for i in range(1, steps + 1):
-        time.sleep(pause)
+        for _ in range(10): time.sleep(pause / 10); check_cancelled()  # a cancel stops it within a tenth of a step
         report_progress(i / steps, f"step {i} of {steps}")
     return {'text': f"{len(text.split())} words, {len(text)} characters, counted in {steps} steps"}
 

@@ -139,6 +139,18 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(card.locator('pre.result')).to_have_text('HELLO BROWSER')
             assert 'quick' in workers(page, 'loaded_plugin')
 
+            # another browser is another visitor (session): neither sees, nor may cancel, the other's jobs
+            other_context = browser.new_context(viewport={'width': 1280, 'height': 1000})
+            other_context.on('request', lambda r: requests.append(r.url))
+            other = open_page(other_context, url)
+            expect(other.locator('#jobs')).to_have_text('No jobs yet: pick a plugin and submit one.')
+            theirs = submit(other, 'demo-quick', 'from the other visitor')
+            expect(theirs).to_have_class(status('completed'))
+            mine = card.get_attribute('id').removeprefix('job-')
+            answer = other.request.post(f'{url}jobs/{mine}/cancel')
+            assert answer.status == 404 and f'There is no job {mine}.' in answer.text(), answer.text()
+            assert re.fullmatch(r'job-[0-9a-f]{32}', theirs.get_attribute('id'))  # uuid4().hex: not guessed
+
             # while a job runs, the panels follow it: its worker is busy with it, the resources are read again
             card = submit(page, 'demo-slow', 'count these words')
             record_progress(page, card)  # from now on, whatever the checks below take on a loaded machine
@@ -160,15 +172,17 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             card = submit(page, 'demo-slow', 'to cancel while it counts')
             expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))  # 10 % .. 90 %
             n = runs_on(page, card)
-            cancels, pid = int(worker(page, 'cancels', n).inner_text()), worker(page, 'pid', n).inner_text()
+            cancels, pid = worker(page, 'cancels', n).inner_text(), worker(page, 'pid', n).inner_text()
             button = card.get_by_role('button', name='Cancel').element_handle()
             page.wait_for_function("c => c.querySelector('progress').value >= 30", arg=card.element_handle())
             assert button.evaluate('b => b.isConnected'), "a progress event replaced the Cancel button"
             button.click()
             expect(card).to_have_class(status('cancelled'))
-            expect(worker(page, 'cancels', n)).to_have_text(str(cancels + 1))
-            expect(worker(page, 'pid', n)).not_to_have_text(pid)  # the cancelled job's worker was replaced
+            # the plugin stopped at its next check: its worker, with the plugin loaded, stays (issue 22)
+            expect(card.locator('.how')).to_have_text('Stopped: its worker and model stay for the next job.')
             expect(worker(page, 'state', n)).to_have_text('idle')
+            assert (worker(page, 'pid', n).inner_text(), worker(page, 'cancels', n).inner_text()) == (pid, cancels)
+            expect(worker(page, 'loaded_plugin', n)).to_have_text('slow')
 
             # streamed text grows word by word, appended to the same element
             words = 'one two three four five six seven eight nine ten eleven twelve'
@@ -182,22 +196,35 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             assert all(mark == 'the output' for t, mark in texts if t), "a chunk drew the output again"
             expect(card.locator('pre.result')).to_have_text(words)
 
-            # a waiting job is cancelled without touching a worker; a running one ends its worker
+            # a waiting job shows its place in the queue, and is cancelled without touching a worker; a running
+            # streaming one stops between two chunks, and its worker stays
             long_stream = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
             slow = submit(page, 'demo-slow', 'keeps the other worker busy')
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
+            second = submit(page, 'demo-quick', 'second in line')
             expect(long_stream.locator('pre.output')).to_contain_text('long long')
             expect(pending).to_have_class(status('pending'))
-            expect(page.locator('#waiting')).to_have_text('1 job waiting')
+            expect(page.locator('#waiting')).to_have_text('2 jobs waiting')
+            expect(pending.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line, about \d+ s$'))
+            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: 2nd in line, about \d+ s$'))
             pids = workers(page, 'pid')
             pending.get_by_role('button', name='Cancel').click()
             expect(pending).to_have_class(status('cancelled'))
+            expect(pending.locator('.queue, .how')).to_have_count(0)  # it never ran: nothing to say of how
+            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line'))  # it moved up
             assert workers(page, 'pid') == pids and 'running' in long_stream.get_attribute('class').split()
             n = runs_on(page, long_stream)
+            # the other visitor's workers panel shows that a job runs, not whose or which
+            expect(worker(other, 'current_job_id', n)).to_have_text("another visitor's job")
+            assert page.locator('#jobs article', has_text='from the other visitor').count() == 0
+            other_context.close()
             long_stream.get_by_role('button', name='Cancel').click()
             expect(long_stream).to_have_class(status('cancelled'))
+            expect(long_stream.locator('.how')).to_contain_text('Stopped')
             assert 0 < long_stream.locator('pre.output').inner_text().count('long') < 100
-            expect(worker(page, 'pid', n)).not_to_have_text(pids[n])
+            expect(worker(page, 'state', n)).not_to_have_text('busy')  # free for the second job, or idle
+            assert worker(page, 'pid', n).inner_text() == pids[n]  # the same process, its plugin still loaded
+            expect(second).to_have_class(status('completed'))
             expect(slow).to_have_class(status('completed'))
 
             # the crash plugin fails its job with the exit code; its worker comes back, its crash counted
@@ -299,7 +326,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
 
             # many jobs: each comes as one card, the list is never drawn again, every message stays small
             before = page.locator('#jobs article.completed').count()
-            for i in range(200): httpx.post(url + 'jobs', data={'plugin_id': 'demo-quick', 'text': f'job {i}'}, timeout=10)
+            # posted in the page's session (cookie): a visitor's jobs come to that visitor's pages only
+            for i in range(200): page.request.post(url + 'jobs', form={'plugin_id': 'demo-quick', 'text': f'job {i}'})
             expect(page.locator('#jobs article.completed')).to_have_count(before + 200, timeout=60_000)
             assert page.evaluate("document.getElementById('jobs').__mark") == 'the list'
             sizes = page.evaluate('window.__messages')[1:]  # after the first, which catches the page up
@@ -327,6 +355,7 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             page.screenshot(path=tmp_path/'demo.png', full_page=True)
             # on a phone (390 px wide) the page fits: nothing is cut off on the right
             phone_context = browser.new_context(viewport={'width': 390, 'height': 844})
+            phone_context.add_cookies(context.cookies())  # the same visitor, on a phone: its jobs
             phone = open_page(phone_context, url)
             expect(phone.locator('#jobs article').first).to_be_visible()
             width = phone.evaluate('document.documentElement.scrollWidth')
@@ -413,38 +442,65 @@ def test_answers_say_what_is_so(tmp_path, no_leftover_processes):
     "A cancel that is done already is no error; a plugin not loaded is said to be; one job is one job."
     port = free_port()
     app = start_app(tmp_path, port, tmp_path/'data')
-    base = f'http://127.0.0.1:{port}'
+    # one visitor (its session cookie kept): a page shows that visitor's jobs only
+    visitor = httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=5)
     try:
-        assert '0 jobs waiting' in httpx.get(base, timeout=5).text
-        r = httpx.post(f'{base}/plugins/demo-fail/unload', timeout=5)
+        assert '0 jobs waiting' in visitor.get('/').text
+        r = visitor.post('/plugins/demo-fail/unload')
         assert r.status_code == 200 and 'Failing was not loaded: there was nothing to unload.' in r.text, r.text
-        for _ in range(3): httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'}, timeout=5)
-        page = httpx.get(base, timeout=5).text  # two run (3 s each), one waits
+        for _ in range(3): visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'})
+        page = visitor.get('/').text  # two run (3 s each), one waits
         assert '1 job waiting' in page, re.findall(r'\d+ jobs? waiting', page)
         running = job_ids(page)[-1]
         for _ in range(2):  # a double click: the second finds it cancelled, which is what was asked
-            r = httpx.post(f'{base}/jobs/{running}/cancel', timeout=5)
+            r = visitor.post(f'/jobs/{running}/cancel')
             assert r.status_code == 200 and 'class="notice' not in r.text, r.text
         stop_app(app)
-    finally: kill_tree(app)
+    finally:
+        visitor.close()
+        kill_tree(app)
 
 def test_interrupted_job_shows_no_run_time(tmp_path, no_leftover_processes):
     "A job the app's end cut short says so, and not a run time that counts the time the app was down."
     port, data = free_port(), tmp_path/'data'
     app = start_app(tmp_path, port, data)
-    base = f'http://127.0.0.1:{port}'
+    visitor = httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=5)  # keeps its session cookie
     try:
-        httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-slow', 'text': 'cut short'}, timeout=5)
+        visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'cut short'})
         deadline = time.monotonic() + 20
-        while 'badge running' not in httpx.get(base, timeout=5).text: assert time.monotonic() < deadline
+        while 'badge running' not in visitor.get('/').text: assert time.monotonic() < deadline
         kill_tree(app)  # SIGKILL, its workers too: the job is left running in the store
         time.sleep(1.5)  # down for a while
         app = start_app(tmp_path, port, data)
-        card = re.search(r'<article [^>]*>.*?</article>', httpx.get(base, timeout=5).text, re.S).group(0)
+        # the same cookie still names the visitor: the key that signs it was kept in the data folder
+        assert stat.S_IMODE((data/'session.key').stat().st_mode) == 0o600
+        card = re.search(r'<article [^>]*>.*?</article>', visitor.get('/').text, re.S).group(0)
         assert 'interrupted by an app restart' in card and 'interrupted when the app stopped' in card, card
         assert not re.search(r'ran \d|ended \d', card), card
         stop_app(app)
-    finally: kill_tree(app)
+    finally:
+        visitor.close()
+        kill_tree(app)
+
+def test_queue_full_is_said(tmp_path, no_leftover_processes):
+    "A visitor with 200 jobs waiting is asked to wait: a 429 with Retry-After, in the notice; others are not."
+    port = free_port()
+    app = start_app(tmp_path, port, tmp_path/'data')
+    base = f'http://127.0.0.1:{port}'
+    visitor, other = httpx.Client(base_url=base, timeout=10), httpx.Client(base_url=base, timeout=10)
+    try:
+        job = {'plugin_id': 'demo-slow', 'text': 'x'}
+        codes = [visitor.post('/jobs', data=job).status_code for _ in range(202)]  # 2 run, 200 wait
+        assert codes == [200] * 202, codes
+        r = visitor.post('/jobs', data=job)
+        assert r.status_code == 429 and int(r.headers['Retry-After']) >= 1, r.headers
+        assert re.search(r'<div [^>]*id="notice"[^>]*>[^<]*try again in about \d+ s', r.text), r.text
+        assert other.post('/jobs', data=job).status_code == 200  # the limit is per visitor
+        stop_app(app)
+    finally:
+        visitor.close()
+        other.close()
+        kill_tree(app)
 
 def load_demo_app():
     "demo_app.py as a module: it builds the app; its manager is made by the lifespan only."
@@ -480,6 +536,28 @@ def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     run = subprocess.run([sys.executable, str(ROOT/'demo_app.py'), str(free_port())], capture_output=True, text=True,
                          env={**os.environ, 'CJM_DEMO_DATA': str(shared)}, timeout=60)
     assert run.returncode == 1 and 'chmod 700' in run.stderr and 'Traceback' not in run.stderr, run.stderr
+
+def test_workers_panel_rows():
+    "What the manager says of its workers: another visitor's job by no id; idle time and GPU memory when given."
+    from types import SimpleNamespace
+    from fasthtml.common import to_xml
+    demo_app = load_demo_app()
+    row = dict(worker_id=0, pid=11, state='busy', gpu=None, loaded_plugin='slow', current_job_id='a' * 32,
+               last_exit=None, jobs_done=1, restart_count=0, crashes=0, cancels=0)
+    mine = {'b' * 32}
+    demo_app.manager = SimpleNamespace(get_worker_info=lambda: {'pending_jobs': 3},
+                                       get_job=lambda i, owner: i in mine or None)
+    def panel(rows): return re.sub(r'>\s+<', '><', to_xml(demo_app.WorkersPanel(rows, 'me')))
+    html = panel([row, {**row, 'worker_id': 1, 'current_job_id': 'b' * 32}])
+    assert "<td>another visitor's job</td>" in html and 'a' * 32 not in html and 'b' * 32 in html, html
+    assert 'idle for' not in html and 'GPU memory' not in html and '3 jobs waiting' in html
+    # a manager that says how long a plugin has been idle and what each worker holds on its GPU
+    html = panel([{**row, 'idle_seconds': 42.4, 'gpu_memory_mb': 1536}, {**row, 'idle_seconds': None, 'gpu_memory_mb': None}])
+    assert re.search(r'idle for</th><td>42 s</td><td>–', html) and re.search(r'GPU memory</th><td>1,536 MiB</td>', html)
+    parts = [to_xml(demo_app.QueueNote('j', p, eta)) for p, eta in [(0, 0.2), (1, 4.6), (2, None), (10, 30), (None, 1)]]
+    assert [re.sub(r'<[^>]+>', '', p).strip() for p in parts] == [
+        'waiting: next in line, about 1 s', 'waiting: 2nd in line, about 5 s', 'waiting: 3rd in line',
+        'waiting: 11th in line, about 30 s', ''], parts
 
 # ----- the GPU rows, with a fake NVML (this machine may have no GPU) ---------------------------------------------
 def test_resources_panel_shows_gpus():
