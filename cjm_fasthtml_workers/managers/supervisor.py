@@ -795,8 +795,10 @@ def report_queue(self:Supervisor):
     if not self.queue_moved or now < self.next_queue_report: return
     self.queue_moved, self.next_queue_report = False, now + 0.5
     if not self.hooks.listening(): return
-    positions = {}
+    positions, since = {}, self.book.waiting.since
     for position, (job_id, eta) in enumerate(self.forecast().items()):
+        # a job that starts within half a second, or is handed to a worker already, needs no word of its place
+        if now - since.get(job_id, now) < 0.5: continue
         positions[job_id] = position
         if self.positions.get(job_id) == position: continue
         owner = getattr(self.book.jobs[job_id], 'owner', None)
