@@ -521,11 +521,11 @@ def page(self:WorkersBoard) -> str: # a whole HTML document
                 Section(H2('Jobs that wait or run, by plugin'), parts['wp-queue']),
                 Section(H2('Recent failures'), parts['wp-failures']),
                 Div(hx_ext='sse', sse_connect=f'{self.path}/events', sse_swap='message', hx_swap='none'),
-                hx_target='#wp-notice', hx_swap='outerHTML')
+                hx_target='#wp-notice', hx_swap='innerHTML')
     return to_xml(Html(head, Body(body), lang='en'))  # with its doctype
 
 def _notice(message:str, ok:bool=True) -> HTMLResponse:
-    notice = Div(message, id='wp-notice', role='status', cls='notice' + (' ok' if ok else ''))
+    notice = Div(message, role='status', cls='notice' + (' ok' if ok else ''))  # into the page's #wp-notice
     return HTMLResponse(to_xml(notice, indent=False))
 
 # %% ../../nbs/extensions/fasthtml.ipynb #wp000017
