@@ -20,7 +20,8 @@ from fasthtml.common import *
 
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.demo import DemoJob, DemoPluginRegistry, demo_worker_process
-from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcaster, run_workers, serve_static,
+from cjm_fasthtml_workers.extensions.fasthtml import (STATIC_PREFIX, SSEBroadcaster, run_workers,
+                                                      serve_static,
                                                       queue_full_response, sse_response, workers_page)
 from cjm_fasthtml_workers.extensions.resources import ResourceManager
 from cjm_fasthtml_workers.managers.base import BaseJobManager, QueueFull
@@ -29,20 +30,25 @@ from cjm_fasthtml_workers.managers.store import INTERRUPTED, SQLiteJobStore
 log = logging.getLogger('demo_app')
 MAX_TEXT = 2000  # characters of job text the form takes
 
-# ----- The job manager: the library as an app uses it --------------------------------------------------------------
+# ----- The job manager: the library as an app uses it -------------------------------------------------------
 class DemoJobManager(BaseJobManager[DemoJob]):
     "Runs the demo plugins in a pool of supervised worker processes."
-    def create_job(self, plugin_id, text=''): return DemoJob(id=uuid.uuid4().hex, plugin_id=plugin_id, text=text)
-    def get_worker_entry_point(self): return demo_worker_process  # from the package: the spawned worker imports it
+    def create_job(self, plugin_id, text=''): return DemoJob(id=uuid.uuid4().hex, plugin_id=plugin_id,
+                                                             text=text)
+    # from the package: the spawned worker imports it
+    def get_worker_entry_point(self): return demo_worker_process
     # stream=True asks for streaming; the manager streams only plugins whose registry entry supports it
     def prepare_execute_request(self, job): return {'text': job.text, 'stream': True}
     def extract_job_result(self, job, result_data):
-        # a streamed job's result is {'streamed': True}: keep its text in the record, so that the store keeps it
-        if result_data.get('streamed'): return {'text': ''.join(self.get_job_chunks(job.id)), 'streamed': True}
+        # a streamed job's result is {'streamed': True}: keep its text in the record, so that the store keeps
+        # it
+        if result_data.get('streamed'):
+            return {'text': ''.join(self.get_job_chunks(job.id)), 'streamed': True}
         return result_data
     async def broadcast_event(self, event_type, data):
         # a running job's cancel says whether it stopped (its worker and model stay) or its worker was ended
-        if event_type.endswith(':cancelled') and (job := self.get_job(data['job_id'])): job.how = data.get('how')
+        if event_type.endswith(':cancelled') and (job := self.get_job(data['job_id'])):
+            job.how = data.get('how')
         await super().broadcast_event(event_type, data)
 
 class DataDirError(RuntimeError): "The demo's data folder is not safe to use."
@@ -56,9 +62,11 @@ def data_dir() -> Path:
     # planted database that runs their code here; refuse it, as ssh refuses such a key
     st = data.stat()
     if st.st_uid != os.getuid():
-        raise DataDirError(f"{data} belongs to another user (uid {st.st_uid}): set CJM_DEMO_DATA to a folder of yours")
+        raise DataDirError(f"{data} belongs to another user (uid {st.st_uid}): set CJM_DEMO_DATA to a "
+                           f"folder of yours")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise DataDirError(f"{data} may be written by other users (mode {stat.filemode(st.st_mode)}): chmod 700 it")
+        raise DataDirError(f"{data} may be written by other users (mode {stat.filemode(st.st_mode)}): chmod "
+                           f"700 it")
     return data
 
 class SessionKey:
@@ -72,7 +80,8 @@ class SessionKey:
         return key
 
 def open_manager() -> DemoJobManager:
-    "The manager and its job store, made in the lifespan: spawned workers run this file again; one process opens a store."
+    ("The manager and its job store, made in the lifespan: spawned workers run this file again; "
+     "one process opens a store.")
     data = data_dir()
     return DemoJobManager('demo', registry.category, supports_streaming=True, plugin_registry=registry,
                           resource_manager=resources, event_broadcaster=streams,
@@ -88,7 +97,8 @@ manager: DemoJobManager = None  # open_manager()'s, from the lifespan on
 async def lifespan(app):
     global manager
     manager = open_manager()
-    workers_page(app, manager)  # the operator's live page at /workers (open here: give it a guard in a real app)
+    # the operator's live page at /workers (open here: give it a guard in a real app)
+    workers_page(app, manager)
     async with run_workers(manager, broadcaster=streams):  # the workers start now, and stop with the app
         ticker = asyncio.create_task(send_resources())
         try: yield
@@ -108,9 +118,10 @@ app = FastHTML(
     canonical=False, lifespan=lifespan)
 serve_static(app)
 
-# ----- Components -------------------------------------------------------------------------------------------------
+# ----- Components -------------------------------------------------------------------------------------------
 def clock(iso): return datetime.fromisoformat(iso).strftime('%H:%M:%S') if iso else None
-def took(start, end): return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f} s"
+def took(start,
+         end): return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f} s"
 def gib(n): return f"{n / 2**30:.1f} GiB"
 def mib(n): return f"{n / 2**20:.0f} MiB"
 def swap(on): return 'true' if on else None  # an out-of-band swap replaces the element with the same id
@@ -122,7 +133,8 @@ def QueueNote(job_id, position, eta, oob=False):
     "A waiting job's place in the one queue of every visitor's jobs (0: next; None: leaving it), and its estimate."
     place = None if position is None else 'next' if position == 0 else ordinal(position + 1)
     about = '' if eta is None else f", about {max(1, round(eta))} s"
-    return P(place and f"waiting: {place} in line{about}", id=f'queue-{job_id}', cls='queue', hx_swap_oob=swap(oob))
+    return P(place and f"waiting: {place} in line{about}", id=f'queue-{job_id}', cls='queue',
+             hx_swap_oob=swap(oob))
 
 # what a cancel of a running job did (the cancelled event's `how`)
 HOW = {'stopped': 'Stopped: its worker and model stay for the next job.',
@@ -131,8 +143,10 @@ HOW = {'stopped': 'Stopped: its worker and model stay for the next job.',
 def ProgressBar(job, oob=False):
     "The part of a card that progress events replace: small, so the card's Cancel button is never replaced mid-click."
     pct = round(100 * (job.progress or 0))
-    parts = [Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'), Span(job.progress_message or '', cls='muted')]
-    return Div(*parts if job.progress is not None else [], id=f'progress-{job.id}', cls='progress', hx_swap_oob=swap(oob))
+    parts = [Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'),
+             Span(job.progress_message or '', cls='muted')]
+    return Div(*parts if job.progress is not None else [], id=f'progress-{job.id}', cls='progress',
+               hx_swap_oob=swap(oob))
 
 def JobCard(job, shown:dict, oob=False):
     "One job, drawn again when its status changes; `shown` notes how many of its chunks the page has."
@@ -144,8 +158,10 @@ def JobCard(job, shown:dict, oob=False):
     interrupted = (job.error or '').startswith(INTERRUPTED)
     ended = None if interrupted else job.completed_at
     times = [f"created {clock(job.created_at)}", job.started_at and f"started {clock(job.started_at)}",
-             ended and f"ended {clock(ended)}", job.started_at and ended and f"ran {took(job.started_at, ended)}",
-             interrupted and "interrupted when the app stopped", job.worker_pid and f"worker {job.worker_pid}"]
+             ended and f"ended {clock(ended)}", job.started_at and ended
+             and f"ran {took(job.started_at, ended)}",
+             interrupted and "interrupted when the app stopped", job.worker_pid
+             and f"worker {job.worker_pid}"]
     return Article(
         Header(Span(job.status, cls=f'badge {job.status}'), Strong(plugin.title if plugin else job.plugin_id),
                Code(job.id[:8], title=job.id, cls='muted'),  # enough to tell two apart; the whole id on hover
@@ -156,8 +172,10 @@ def JobCard(job, shown:dict, oob=False):
         QueueNote(job.id, manager.queue_position(job.id), manager.estimated_wait(job.id))
         if job.status == 'pending' else None,
         ProgressBar(job) if live or job.progress is not None else None,
-        # chunk events append to the live output; an ended job shows its result, or what it streamed before it ended
-        Pre(text or '', id=f'output-{job.id}', cls='output') if live and plugin and plugin.supports_streaming else
+        # chunk events append to the live output; an ended job shows its result, or what it streamed before it
+        # ended
+        Pre(text or '', id=f'output-{job.id}', cls='output') if live and plugin
+        and plugin.supports_streaming else
         Pre(text if text is not None else json.dumps(job.result), cls='result') if job.result else
         Pre(text, cls='output') if text else None,
         P(HOW[job.how], cls='how') if job.status == 'cancelled' and job.how in HOW else None,
@@ -167,7 +185,8 @@ def JobCard(job, shown:dict, oob=False):
         id=f'job-{job.id}', cls=job.status, hx_swap_oob=swap(oob))
 
 def JobList(shown:dict, me:str, oob=False):
-    cards = [JobCard(job, shown) for job in manager.get_all_jobs(owner=me)[::-1]]  # this visitor's, newest first
+    # this visitor's, newest first
+    cards = [JobCard(job, shown) for job in manager.get_all_jobs(owner=me)[::-1]]
     # the placeholder stays last; CSS hides it while a card is before it
     return Section(*cards, P('No jobs yet: pick a plugin and submit one.', cls='empty muted'),
                    id='jobs', hx_swap_oob=swap(oob))
@@ -181,12 +200,14 @@ def refuse(message, status=400, headers=None):
     return HTMLResponse(to_xml(Notice(message)), status_code=status, headers=headers)
 
 def SubmitForm():
-    options = [Option(p.title + (' (not installed)' if p.missing else ''), value=p.id, disabled=bool(p.missing))
+    options = [Option(p.title + (' (not installed)' if p.missing else ''), value=p.id,
+                      disabled=bool(p.missing))
                for p in registry.plugins.values()]
     return Form(Select(*options, name='plugin_id', aria_label='Plugin'),
                 Input(name='text', value='Hello from the worker process', maxlength=MAX_TEXT,
                       placeholder='Text for the job', aria_label='Text'),
-                Button('Submit job'), Button('Clear finished', hx_post='/jobs/clear', cls='quiet', type='button'),
+                Button('Submit job'),
+                Button('Clear finished', hx_post='/jobs/clear', cls='quiet', type='button'),
                 hx_post='/jobs', id='submit')
 
 def WorkersPanel(workers:list, me:str, oob=False):
@@ -208,17 +229,20 @@ def WorkersPanel(workers:list, me:str, oob=False):
                          group('since the app started'), row('jobs_done', 'jobs done'),
                          row('restart_count', 'restarts'), row('crashes', 'of which crashes'),
                          row('cancels', 'of which cancels')),
-                   P(plural(manager.get_worker_info()['pending_jobs'], 'job') + ' waiting', cls='muted', id='waiting'),
+                   P(plural(manager.get_worker_info()['pending_jobs'], 'job') + ' waiting', cls='muted',
+                     id='waiting'),
                    id='workers', hx_swap_oob=swap(oob))
 
 def PluginRow(p):
     # a command waits for the job its worker runs: while the request is out, htmx marks the row (which shows
     # .waiting) and disables its buttons
-    buttons = Div(Button('Reload', hx_post=f'/plugins/{p.id}/reload', cls='small', title='Load its next configuration'),
+    buttons = Div(Button('Reload', hx_post=f'/plugins/{p.id}/reload', cls='small',
+                         title='Load its next configuration'),
                   Button('Unload', hx_post=f'/plugins/{p.id}/unload', cls='small quiet'),
                   Span('waiting for its workers (a running job ends first)…', cls='waiting'),
                   hx_indicator=f'#plugin-{p.id}', hx_disabled_elt=f'#plugin-{p.id} button', cls='actions')
-    sample = Audio(src=f'{STATIC_PREFIX}/speech-sample.wav', controls=True, preload='none') if p.name == 'speech' else None
+    sample =(Audio(src=f'{STATIC_PREFIX}/speech-sample.wav', controls=True, preload='none')
+             if p.name == 'speech' else None)
     return Tr(Td(Strong(p.title), Br(), Small(p.description), sample,
                  P('Not installed: ', Code(p.missing), cls='missing') if p.missing else None),
               Td(Code(json.dumps(registry.load_plugin_config(p.id))), None if p.missing else buttons),
@@ -239,15 +263,16 @@ def GpuRows(gpu):
     return Table(Tr(Th(f"GPU {gpu.device_index}"), Td(d['name'])),
                  Tr(Th('memory'), Td(Progress(value=d['memory_used'], max=d['memory_total']),
                                      f" {gib(d['memory_used'])} of {gib(d['memory_total'])}")),
-                 Tr(Th('utilization'), Td('–' if d['utilization_gpu'] is None else f"{d['utilization_gpu']} %")),
+                 Tr(Th('utilization'),
+                    Td('–' if d['utilization_gpu'] is None else f"{d['utilization_gpu']} %")),
                  Tr(Th('app processes'), Td(', '.join(app) or 'none')),
                  Tr(Th('other processes'), Td(len(gpu.external_pids))),
                  Tr(Th('status'), Td(gpu.message.split(': ', 1)[-1])))
 
 def Processes(reading:dict, workers:list, oob=False):
     "The app's processes and their memory (from `reading`); who is a worker, and in what state, from `workers`."
-    # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the reading
-    # is not listed, one that started since is listed with its memory to come
+    # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the
+    # reading is not listed, one that started since is listed with its memory to come
     by_pid = {w['pid']: w for w in workers if w['pid']}
     def row(pid, worker_pid, memory):
         if worker_pid is None: return Tr(Td(pid), Td('app server'), Td(memory))
@@ -255,7 +280,8 @@ def Processes(reading:dict, workers:list, oob=False):
         if pid != worker_pid: return Tr(Td(pid), Td(f"child of worker {w['worker_id']}"), Td(memory))
         loaded = f", {w['loaded_plugin']} loaded" if w['loaded_plugin'] else ''
         return Tr(Td(pid), Td(f"worker {w['worker_id']}: {w['state']}{loaded}"), Td(memory), cls='worker')
-    procs = [r for r in reading['memory'].app_processes if r['worker_pid'] is None or r['worker_pid'] in by_pid]
+    procs = [r for r in reading['memory'].app_processes if r['worker_pid'] is None
+             or r['worker_pid'] in by_pid]
     new = [pid for pid in by_pid if pid not in {r['pid'] for r in procs}]
     return Table(Tr(Th('pid'), Th("app's processes"), Th('memory')),
                  *[row(r['pid'], r['worker_pid'], mib(r['memory_rss'])) for r in procs],
@@ -288,7 +314,8 @@ def WorkerPanels(me:str, reading:dict=None, oob=False):
                                        Processes(latest, workers, oob) if latest else None)
 
 async def send_resources(every:float=2.0):
-    "While a page is open, read the resources every 2 s (or when a worker changed), once for all pages, and send them."
+    ("While a page is open, read the resources every 2 s (or when a worker changed), once for all pages, "
+     "and send them.")
     while True:
         try: await asyncio.wait_for(read_now.wait(), every)
         except asyncio.TimeoutError: pass
@@ -299,11 +326,14 @@ async def send_resources(every:float=2.0):
 
 def Changes(event, shown:dict, me:str):
     "What an event changes on visitor `me`'s page, as out-of-band swaps of the smallest parts that changed."
-    job = manager.get_job(event.data.get('job_id') or '', owner=me)  # the stream brings no other visitor's job
+    # the stream brings no other visitor's job
+    job = manager.get_job(event.data.get('job_id') or '', owner=me)
     # and the workers: a worker that has become ready says nothing of it
     if event.kind == 'resources': return WorkerPanels(me, event.data, oob=True)
-    if event.kind == 'plugins': return PluginsPanel(event.data.get('note'), oob=True), WorkerPanels(me, oob=True)
-    if event.kind == 'cleared': return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
+    if event.kind == 'plugins':
+        return PluginsPanel(event.data.get('note'), oob=True), WorkerPanels(me, oob=True)
+    if event.kind == 'cleared':
+        return tuple(Div(id=f'job-{i}', hx_swap_oob='delete') for i in event.data['ids'])
     if event.kind == 'queued':  # a waiting job's place changed
         return QueueNote(job.id, event.data['position'], event.data['eta_seconds'], oob=True) if job else None
     if job is None:  # a worker died or was restarted: its new process's memory is read at once
@@ -311,7 +341,8 @@ def Changes(event, shown:dict, me:str):
         return WorkerPanels(me, oob=True)
     if event.kind == 'progress': return ProgressBar(job, oob=True)
     if event.kind == 'chunk':
-        # the text this page has not got: chunks the card already showed are not sent again, a lost event costs none
+        # the text this page has not got: chunks the card already showed are not sent again, a lost event
+        # costs none
         chunks, had = manager.get_job_chunks(job.id), shown.get(job.id, 0)
         shown[job.id] = len(chunks)
         if len(chunks) == had: return None
@@ -320,17 +351,19 @@ def Changes(event, shown:dict, me:str):
         return Div(JobCard(job, shown), hx_swap_oob='afterbegin:#jobs'), WorkerPanels(me, oob=True)
     return JobCard(job, shown, oob=True), WorkerPanels(me, oob=True)
 
-# ----- Routes -----------------------------------------------------------------------------------------------------
+# ----- Routes -----------------------------------------------------------------------------------------------
 @app.get('/')
 async def index(session):
     me = owner(session)
     workers_panel, resources_panel = WorkerPanels(me, await read_latest())
     return Titled('cjm-fasthtml-workers demo',
         P('Jobs run in a pool of two supervised worker processes; everything below updates live over '
-          'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.', cls='lead'),
+          'Server-Sent Events. ', A('The workers page', href='/workers'), ' shows what each one does.',
+          cls='lead'),
         Div('The connection to the server is lost; reconnecting…', id='offline', role='status', hidden=True),
         # every button's answer goes inside #answer: the notice, empty or not; a box that stays, so that two
-        # requests out at once both land in it (an answer that replaced it would leave the other's target detached)
+        # requests out at once both land in it (an answer that replaced it would leave the other's target
+        # detached)
         Div(Div(SubmitForm(), Div(Notice(), id='answer'), JobList({}, me)),
             Div(workers_panel, PluginsPanel(), resources_panel),
             cls='grid', hx_target='#answer', hx_swap='innerHTML'),
@@ -357,7 +390,8 @@ async def clear(session):
     ended = [j.id for j in manager.get_all_jobs(owner=me) if j.status in ('completed', 'failed', 'cancelled')]
     manager.clear_completed_jobs(owner=me)
     # the event names its owner: it goes to this visitor's pages only
-    await streams.broadcast('demo:cleared', {'ids': [i for i in ended if manager.get_job(i) is None], 'owner': me})
+    await streams.broadcast('demo:cleared',
+                            {'ids': [i for i in ended if manager.get_job(i) is None], 'owner': me})
     return Notice()
 
 @app.post('/jobs/{job_id}/cancel')
@@ -378,7 +412,8 @@ async def plugin_action(plugin_id:str, action:str):
     if action == 'reload':
         config = registry.next_config(plugin_id)
         ok = await manager.reload_plugin(plugin.name, config)
-        note = f"{plugin.title}: reloaded with {json.dumps(config)}." if ok else f"{plugin.title}: reloading failed."
+        note =(f"{plugin.title}: reloaded with {json.dumps(config)}."
+               if ok else f"{plugin.title}: reloading failed.")
     else:
         if not any(w['loaded_plugin'] == plugin.name for w in manager.get_workers_info()):
             return Notice(f"{plugin.title} was not loaded: there was nothing to unload.", error=False)
@@ -391,22 +426,26 @@ async def plugin_action(plugin_id:str, action:str):
 def events(session):
     shown, me = {}, owner(session)  # this page's: job id -> how many of its chunks it has; its visitor
     async def everything():  # a page that connects, or reconnects, is caught up first
-        return JobList(shown, me, oob=True), PluginsPanel(oob=True), WorkerPanels(me, await read_latest(), oob=True)
+        return (JobList(shown, me, oob=True), PluginsPanel(oob=True),
+                WorkerPanels(me, await read_latest(), oob=True))
     # owner=me: the visitor's own job events, and worker events without another visitor's job
     return sse_response(streams, lambda event: Changes(event, shown, me), first=everything, owner=me)
 
-# ----- Serve ------------------------------------------------------------------------------------------------------
+# ----- Serve ------------------------------------------------------------------------------------------------
 if __name__ == '__main__':
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     port = int(sys.argv[1] if len(sys.argv) > 1 else os.environ.get('PORT', 5001))
-    try: print(f"job store in {data_dir()}", flush=True)  # said here, before the server starts, if it is unsafe
+    # said here, before the server starts, if it is unsafe
+    try: print(f"job store in {data_dir()}", flush=True)
     except DataDirError as e: sys.exit(f"cjm-fasthtml-workers demo: {e}")
+    # a backstop for responses that do not end
     server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning',
-                                           timeout_graceful_shutdown=3))  # a backstop for responses that do not end
+                                           timeout_graceful_shutdown=3))
     print(f"cjm-fasthtml-workers demo: http://127.0.0.1:{port}  (Ctrl+C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM ends the app as Ctrl+C does
     try: server.run()
     except KeyboardInterrupt: pass  # uvicorn raises again the signal it has handled
     finally:
-        if manager is not None: manager.shutdown()  # already done by the lifespan, unless a second Ctrl+C skipped it
+        # already done by the lifespan, unless a second Ctrl+C skipped it
+        if manager is not None: manager.shutdown()
     print("demo stopped", flush=True)

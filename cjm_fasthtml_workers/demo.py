@@ -46,7 +46,8 @@ def slow_plugin(
     "Count the words of `text` slowly, reporting progress after each step."
     steps, pause = int(config.get('steps', 10)), float(config.get('step_seconds', 0.3))
     for i in range(1, steps + 1):
-        for _ in range(10): time.sleep(pause / 10); check_cancelled()  # a cancel stops it within a tenth of a step
+        # a cancel stops it within a tenth of a step
+        for _ in range(10): time.sleep(pause / 10); check_cancelled()
         report_progress(i / steps, f"step {i} of {steps}")
     return {'text': f"{len(text.split())} words, {len(text)} characters, counted in {steps} steps"}
 

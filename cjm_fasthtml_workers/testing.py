@@ -13,8 +13,10 @@ from typing import Any, Dict, Iterator, Optional
 from .core.worker import JobCancelled, base_worker_process, check_cancelled, report_progress
 
 # %% ../nbs/testing.ipynb #1c283efb
-PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill', 'segv',
-                'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil', 'alien',
+PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill',
+                'segv',
+                'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil',
+                'alien',
                 'badreduce', 'cancellable', 'batch']
 
 class UnprintableError(RuntimeError):
@@ -61,11 +63,14 @@ class ScenarioPluginManager:
         if any(p.get('crash') for p in params_list): os._exit(3)
         report_progress(0.0, f'a batch of {len(params_list)}')
         time.sleep(0.05 + 0.005 * len(params_list) + max(p.get('seconds', 0) for p in params_list))
-        return [ValueError(p['fail']) if p.get('fail') else {'text': p.get('text', ''), 'batch': len(params_list)}
+        return [ValueError(p['fail'])
+                if p.get('fail') else {'text': p.get('text', ''), 'batch': len(params_list)}
                 for p in params_list]
 
-    def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0, message:str='failed',
-                 code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError', **params) -> Any:
+    def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0,
+                       message:str='failed',
+                 code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError',
+                 **params) -> Any:
         "Run plugin `plugin_name` with its parameters."
         config = self.configs.get(plugin_name, {})
         if plugin_name == 'echo': return {'text': config.get('prefix', '') + text, 'params': params}
@@ -75,7 +80,8 @@ class ScenarioPluginManager:
                 report_progress(i / steps, f'step {i} of {steps}')
             if not steps: time.sleep(seconds)
             return {'text': text or 'done'}
-        if plugin_name == 'stream': return {'text': ''.join(self.execute_plugin_stream('stream', text, delay))}
+        if plugin_name == 'stream':
+            return {'text': ''.join(self.execute_plugin_stream('stream', text, delay))}
         if plugin_name == 'cancellable':  # stops at check_cancelled() once its job is cancelled
             try:
                 for _ in range(steps): time.sleep(seconds / max(steps, 1)); check_cancelled()
@@ -135,7 +141,8 @@ def _fork(**_) -> dict: # `{'pid': ...}` of the forked child
     return {'pid': pid}
 
 def _alien(**_) -> dict:
-    "An object of a class whose module was made at run time in this process, so no other process can import it."
+    ("An object of a class whose module was made at run time in this process, "
+     "so no other process can import it.")
     mod = sys.modules.setdefault('cjm_worker_only', types.ModuleType('cjm_worker_only'))
     if not hasattr(mod, 'Alien'): mod.Alien = type('Alien', (), {'__module__': 'cjm_worker_only'})
     return {'alien': mod.Alien(), 'note': 'the rest is readable'}
@@ -150,7 +157,8 @@ PROCESS_PLUGINS = {
 # %% ../nbs/testing.ipynb #51f03f2a
 def scenario_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `ScenarioPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, ScenarioPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, ScenarioPluginManager,
+                        supports_streaming=True)
 
 # %% ../nbs/testing.ipynb #20037d91
 class BrokenPluginManagerError(RuntimeError):
@@ -174,7 +182,8 @@ def _handwritten_answer(pm, request:dict, configs:dict, loaded:list) -> dict: # 
             configs[name], loaded[0] = request.get('config'), name
         elif loaded[0] == name: pm.unload_plugin(name); loaded[0] = None
         return {'type': 'response', 'request_type': kind, 'status': 'success'}
-    except Exception as e: return {'type': 'response', 'request_type': kind, 'status': 'error', 'error': str(e)}
+    except Exception as e:
+        return {'type': 'response', 'request_type': kind, 'status': 'error', 'error': str(e)}
 
 def _handwritten_result(pm, request:dict, configs:dict, loaded:list) -> dict: # The RESULT of an EXECUTE
     "Run a flat EXECUTE's plugin, loading it first if another (or none) is loaded."
@@ -182,12 +191,14 @@ def _handwritten_result(pm, request:dict, configs:dict, loaded:list) -> dict: # 
     params = {k: v for k, v in request.items() if k not in ('type', 'job_id', 'plugin_name', 'stream')}
     try:
         if loaded[0] != name: pm.load_plugin({'name': name}, configs.get(name) or {}); loaded[0] = name
-        return {'type': 'result', 'job_id': job_id, 'status': 'success', 'data': pm.execute_plugin(name, **params)}
+        return {'type': 'result', 'job_id': job_id, 'status': 'success',
+                'data': pm.execute_plugin(name, **params)}
     except Exception as e: return {'type': 'result', 'job_id': job_id, 'status': 'error', 'error': str(e)}
 
 # %% ../nbs/testing.ipynb #hw000003
 def handwritten_worker_process(request_queue, result_queue, response_queue):
-    "A worker written by hand to the documented protocol, calling what user code calls on a `multiprocessing.Queue`."
+    ("A worker written by hand to the documented protocol, calling what user code calls on a "
+     "`multiprocessing.Queue`.")
     pm, configs, loaded, ahead = None, {}, [None], []
     while True:
         if ahead: request = ahead.pop(0)
@@ -203,10 +214,13 @@ def handwritten_worker_process(request_queue, result_queue, response_queue):
             while not request_queue.empty():  # what arrived meanwhile, read without waiting
                 try: ahead.append(request_queue.get_nowait())
                 except queue.Empty: break
-        elif kind in ('reload', 'unload'): response_queue.put_nowait(_handwritten_answer(pm, request, configs, loaded))
+        elif kind in ('reload', 'unload'):
+            response_queue.put_nowait(_handwritten_answer(pm, request, configs, loaded))
         elif kind == 'get_state':
-            response_queue.put({'type': 'state', 'current_plugin': loaded[0], 'current_config': configs.get(loaded[0]),
-                                'loaded_plugins': [n for n in loaded if n], 'waiting': request_queue.qsize() + len(ahead)})
+            response_queue.put({'type': 'state', 'current_plugin': loaded[0],
+                                'current_config': configs.get(loaded[0]),
+                                'loaded_plugins': [n for n in loaded if n],
+                                'waiting': request_queue.qsize() + len(ahead)})
         elif kind == 'stop': break
     for q in (result_queue, response_queue): q.close(); q.join_thread()
     request_queue.cancel_join_thread(); request_queue.close()
@@ -219,7 +233,8 @@ def raw_writer_process(request_queue, result_queue, response_queue,
     scenario_worker_process(request_queue, result_queue, response_queue)
 
 def closing_worker_process(request_queue, result_queue, response_queue):
-    "Worker entry point that closes its result and response pipes, then reads requests until its request pipe ends."
+    ("Worker entry point that closes its result and response pipes, then reads requests until its request "
+     "pipe ends.")
     result_queue.close(); response_queue.close()
     try:
         while True: request_queue.get()

@@ -16,14 +16,16 @@ def _is_ray_own(p: psutil.Process) -> bool:
     "A process of the module's Ray instance (its daemons, idle workers, actors): not ours, which carry a worker token."
     try: cmd, env = p.cmdline(), p.environ()
     except psutil.Error: return False
-    return TOKEN_ENV not in env and bool(cmd) and (cmd[0].startswith('ray::') or any('/ray/' in c for c in cmd[:3]))
+    return (TOKEN_ENV not in env and bool(cmd)
+            and (cmd[0].startswith('ray::') or any('/ray/' in c for c in cmd[:3])))
 
 def live_children() -> list:
     "This process's descendants that still run, the resource tracker and a Ray instance's own processes excepted."
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p) and not _is_ray_own(p): out.append(p)
+            if p.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(p) and not _is_ray_own(p):
+                out.append(p)
         except psutil.NoSuchProcess: pass
     return out
 
@@ -77,7 +79,8 @@ def manager_factory(request, no_leftover_processes):
     for m in reversed(made): m.shutdown()
 
 def kill_tree(proc: subprocess.Popen):
-    "After a failure: kill an app and what it started (under --reload, the server is a child that would outlive it)."
+    ("After a failure: kill an app and what it started (under --reload, "
+     "the server is a child that would outlive it).")
     if proc.poll() is not None: return
     for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
         try: p.kill()
@@ -115,7 +118,7 @@ def free_port() -> int:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
-# ----- the backends: local processes, and a local Ray instance (one per test module) ---------------------------
+# ----- the backends: local processes, and a local Ray instance (one per test module) ------------------------
 RAY_MARK_ENV = 'CJM_TEST_RAY_INSTANCE'  # in the environment of every process of the module's Ray instance
 
 @pytest.fixture(scope='module')

@@ -25,7 +25,8 @@ def test_a_batch_of_mixed_success_and_failure(no_leftover_processes, backend):
                                                               if e == 'text:progress'}) == 8)
         finally: m.shutdown()
         for i, j in enumerate(done):
-            if i % 3 == 0: assert j.status == 'failed' and j.error == f'bad {i}' and j.error_type == 'ValueError'
+            if i % 3 == 0:
+                assert j.status == 'failed' and j.error == f'bad {i}' and j.error_type == 'ValueError'
             else: assert j.status == 'completed' and j.result['text'] == f't{i}' and j.result['batch'] > 1, j
         assert len({j.worker_pid for j in done}) == 1  # no worker died
     run(main())
@@ -54,7 +55,8 @@ def test_a_death_inside_a_batch_fails_each_job(no_leftover_processes):
             jobs = [await m.start_job('batch', text='x', crash=(i == 2)) for i in range(4)]
             done = [await m.wait_for_job(j.id, 30) for j in jobs]
         finally: m.shutdown()
-        assert all(j.status == 'failed' and 'Worker died' in j.error for j in done), [(j.status, j.error) for j in done]
+        assert all(j.status == 'failed' and 'Worker died' in j.error for j in done), [(j.status, j.error)
+                                                                                      for j in done]
     run(main())
 
 def test_a_lone_job_waits_for_company_at_most_batch_wait(no_leftover_processes):

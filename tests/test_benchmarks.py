@@ -5,20 +5,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # issue 6's table, then issue 10's rows (ProcessPoolExecutor, the pool, affinity), one id per row
 SHAPES = ['latency_median', 'latency_p99', 'throughput', 'throughput_ppe', 'stall_submissions', 'stall_burst',
           'event_rate', 'stall_cancel', 'stall_reload', 'stall_unload', 'cold_start', 'cancel_to_ready',
-          'crash_detection', 'shutdown_idle', 'payload_1mb', 'payload_10mb', 'payload_200mb', 'stall_payload_200mb',
+          'crash_detection', 'shutdown_idle', 'payload_1mb', 'payload_10mb', 'payload_200mb',
+          'stall_payload_200mb',
           'memory_kept', 'memory_cleared', 'pool_start', 'pool_job_n1', 'pool_speedup_2', 'pool_speedup_4',
           'affinity_loads', 'affinity_loads_at_once']
 NO_FLOOR = {'throughput_ppe', 'stall_burst', 'event_rate', 'pool_job_n1', 'pool_speedup_2', 'pool_speedup_4',
             'affinity_loads_at_once'}
 PIPE = ('latency_median', 'throughput', 'payload_1mb', 'payload_10mb')  # the mp.Pipe floor too
 PPE = ('latency_median', 'latency_p99', 'throughput', 'throughput_ppe')  # ProcessPoolExecutor(1) too
-POSITIVE = ('pool_start', 'pool_job_n1', 'pool_speedup_2', 'pool_speedup_4', 'affinity_loads', 'affinity_loads_at_once')
+POSITIVE = ('pool_start', 'pool_job_n1', 'pool_speedup_2', 'pool_speedup_4', 'affinity_loads',
+            'affinity_loads_at_once')
 
 def number(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 def test_quick_run(no_leftover_processes, tmp_path):
     out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--quick', '--json', str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--quick', '--json',
+                           str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -15,7 +15,8 @@ class Events:
     async def broadcast(self, event, data): self.events.append((event.split(':', 1)[1], data))
     def of(self, job_id, kind): return [d for k, d in self.events if k == kind and d.get('job_id') == job_id]
 
-def make(n, backend='process', **cfg): return make_manager(n, events=Events(), worker_type='cx', backend=backend, **cfg)
+def make(n, backend='process', **cfg): return make_manager(n, events=Events(), worker_type='cx',
+                                                           backend=backend, **cfg)
 
 async def how(events, job):
     "The `how` of the job's cancelled event, once delivered."
@@ -29,12 +30,14 @@ async def history(m, pid):
     return job.result['events']
 
 @POOLS
-def test_a_streaming_job_stops_between_chunks_and_its_worker_keeps_the_model(no_leftover_processes, backend, n):
+def test_a_streaming_job_stops_between_chunks_and_its_worker_keeps_the_model(no_leftover_processes, backend,
+                                                                             n):
     async def main():
         m, events = make(n, backend)
         try:
             await m.start()
-            job = await m.start_job('stream', text=' '.join(f'w{i}' for i in range(200)), delay=0.05, stream=True)
+            job = await m.start_job('stream', text=' '.join(f'w{i}' for i in range(200)), delay=0.05,
+                                    stream=True)
             await until("the third chunk", lambda: len(m.get_job_chunks(job.id)) >= 3)
             pid = job.worker_pid
             t0 = time.monotonic()
@@ -49,7 +52,8 @@ def test_a_streaming_job_stops_between_chunks_and_its_worker_keeps_the_model(no_
                 assert nxt.worker_pid == pid
                 record = await history(m, pid)
                 assert record.count('load stream') == 1 and 'stream closed' in record, record
-            assert not events.of(None, 'worker_died') and all(r['restart_count'] == 0 for r in m.get_workers_info())
+            assert (not events.of(None, 'worker_died')
+                    and all(r['restart_count'] == 0 for r in m.get_workers_info()))
             print(f"cancel answered in {took * 1000:.1f} ms")
         finally: m.shutdown()
     run(main())
@@ -87,7 +91,8 @@ def test_a_job_that_never_checks_is_killed_after_the_grace(no_leftover_processes
             assert job.status == 'cancelled' and await how(events, job) == ['killed']
             assert waited >= 0.4, f"it was killed before its grace ({waited:.2f} s)"
             await until("its slot has a new worker", lambda: all(r['pid'] not in (pid, None)
-                                                                 for r in m.get_workers_info() if r['worker_id'] == 0
+                                                                 for r in m.get_workers_info()
+                                                                 if r['worker_id'] == 0
                                                                  or r['pid'] == pid) or n > 1, 10)
             nxt = await m.wait_for_job((await m.start_job('echo', text='after')).id, 20)
             assert nxt.status == 'completed' and nxt.worker_pid != pid
@@ -117,8 +122,10 @@ def test_a_cancel_racing_the_jobs_own_end_ends_it_once(no_leftover_processes):
                 await asyncio.sleep(delay)
                 cancelled = await m.cancel_job(job.id)
                 done = await m.wait_for_job(job.id, 10)
-                assert done.status == ('cancelled' if cancelled else 'completed'), (delay, cancelled, done.status)
-                ends = lambda: [k for k, d in events.events if d.get('job_id') == job.id and k in ('completed', 'cancelled')]
+                assert done.status == ('cancelled' if cancelled else 'completed'), (delay, cancelled,
+                                                                                    done.status)
+                ends = lambda: [k for k, d in events.events if d.get('job_id') == job.id
+                                and k in ('completed', 'cancelled')]
                 await until("its end's event", ends, 5)
                 await asyncio.sleep(0.05)
                 assert ends() == [done.status], ends()

@@ -43,7 +43,8 @@ class CompatRegistry:
     "A plugin registry like the spec's SimplePluginRegistry; it records which ids configurations are asked for."
     def __init__(self): self.config_requests = []
     def get_plugins_by_category(self, category): return [m for m in META.values() if m.category == category]
-    def get_plugin(self, plugin_id): return next((m for m in META.values() if m.get_unique_id() == plugin_id), None)
+    def get_plugin(self, plugin_id): return next((m for m in META.values() if m.get_unique_id() == plugin_id),
+                                                 None)
     def load_plugin_config(self, plugin_id):
         self.config_requests.append(plugin_id)
         return dict(CONFIGS.get(plugin_id, {}))
@@ -93,14 +94,17 @@ class CompatPluginManager:
 # ----- worker entry points ------------------------------------------------------------------------
 def compat_worker_process(request_queue, result_queue, response_queue):
     "The library's generic worker over CompatPluginManager, streaming on."
-    base_worker_process(request_queue, result_queue, response_queue, CompatPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, CompatPluginManager,
+                        supports_streaming=True)
 
 def compat_worker_process_no_streaming(request_queue, result_queue, response_queue):
     "The library's generic worker over CompatPluginManager, streaming off."
-    base_worker_process(request_queue, result_queue, response_queue, CompatPluginManager, supports_streaming=False)
+    base_worker_process(request_queue, result_queue, response_queue, CompatPluginManager,
+                        supports_streaming=False)
 
 def documented_system_worker(request_queue, result_queue, response_queue):
-    "A worker written by hand to the documented wire protocol only: plain dicts, flat EXECUTE, no job_started."
+    ("A worker written by hand to the documented wire protocol only: plain dicts, flat EXECUTE, "
+     "no job_started.")
     plugin_manager, configs, current = None, {}, None
     while True:
         request = request_queue.get()
@@ -127,9 +131,11 @@ def documented_system_worker(request_queue, result_queue, response_queue):
                 else: plugin_manager.unload_plugin(name)
                 response_queue.put({'type': 'response', 'request_type': kind, 'status': 'success'})
             except Exception as e:
-                response_queue.put({'type': 'response', 'request_type': kind, 'status': 'error', 'error': str(e)})
+                response_queue.put({'type': 'response', 'request_type': kind, 'status': 'error',
+                                    'error': str(e)})
         elif kind == 'get_state':
-            response_queue.put({'type': 'state', 'current_plugin': current, 'current_config': configs.get(current),
+            response_queue.put({'type': 'state', 'current_plugin': current,
+                                'current_config': configs.get(current),
                                 'loaded_plugins': list(plugin_manager.loaded) if plugin_manager else []})
         elif kind == 'stop': return
 
@@ -216,7 +222,8 @@ class LifecycleHooksManager(MyJobManager):
 class KeywordCreateJobManager(MyJobManager):
     "create_job written as `def create_job(self, **kwargs)`: it needs plugin_id passed by keyword."
     def create_job(self, **kwargs) -> MyJob:
-        return MyJob(id=str(uuid.uuid4()), plugin_id=kwargs['plugin_id'], input_text=kwargs.get('input_text', ''))
+        return MyJob(id=str(uuid.uuid4()), plugin_id=kwargs['plugin_id'],
+                     input_text=kwargs.get('input_text', ''))
 
 # ----- resource manager and broadcaster -----------------------------------------------------------
 class RecordingResourceManager:
@@ -227,7 +234,8 @@ class RecordingResourceManager:
     def update_worker_state(self, pid, status=None, job_id=None, plugin_name=None, plugin_id=None,
                             loaded_plugin_resource=None, config=None):
         self.updates.append(dict(pid=pid, status=status, job_id=job_id, plugin_name=plugin_name,
-                                 plugin_id=plugin_id, loaded_plugin_resource=loaded_plugin_resource, config=config))
+                                 plugin_id=plugin_id, loaded_plugin_resource=loaded_plugin_resource,
+                                 config=config))
 
 class SimpleEventBroadcaster:
     "The spec's SimpleEventBroadcaster, doing what an app does with a job id: show its first 8 characters."
@@ -262,7 +270,8 @@ def rig(cls=MyJobManager, supports_streaming=True, **config) -> Rig:
                   event_broadcaster=events)
     return Rig(manager, registry, resources, events)
 
-async def settle(): await asyncio.sleep(0.2)  # lets events scheduled from the monitor thread reach the broadcaster
+# lets events scheduled from the monitor thread reach the broadcaster
+async def settle(): await asyncio.sleep(0.2)
 
 def assert_job_ids_are_str(events: SimpleEventBroadcaster):
     for e in events.events:
@@ -278,7 +287,8 @@ def test_registry_configuration_arrives(no_leftover_processes):
         try:
             job = await finish(m, await m.start_job(ID['echo'], input_text='hi'))
             assert job.status == 'completed', job.error
-            assert ID['echo'] in registry.config_requests, registry.config_requests  # asked by get_unique_id()
+            # asked by get_unique_id()
+            assert ID['echo'] in registry.config_requests, registry.config_requests
             assert job.result['output']['config'] == cfg  # the plugin was loaded with the registry's config
             assert (ID['echo'], cfg) in m.validation_calls, m.validation_calls
             await until("_extract_plugin_resource_identifier(config)",
@@ -309,7 +319,8 @@ def test_job_results_by_status(no_leftover_processes):
             assert {i: m.results.get(i) for i in ids} == {i: m.get_job_result(i) for i in ids}
             assert m.clear_completed_jobs() == 4
             assert not any(i in m.results for i in ids) and m.get_job_result(ok.id) is None
-            assert ok.result['output']['kwargs']['text'] == 'fine'  # the job object keeps the extracted result
+            # the job object keeps the extracted result
+            assert ok.result['output']['kwargs']['text'] == 'fine'
         finally: m.shutdown()
     run(main())
 
@@ -318,7 +329,8 @@ def test_execute_request_is_flat(no_leftover_processes):
     async def main():
         m, *_ = rig(DocumentedWorkerJobManager, supports_streaming=False)
         try:
-            job = await m.start_job(ID['echo'], input_text='hi', options={'temperature': 0.5, 'max_tokens': 7})
+            job = await m.start_job(ID['echo'], input_text='hi',
+                                    options={'temperature': 0.5, 'max_tokens': 7})
             job = await finish(m, job)
             assert job.status == 'completed', job.error
             kwargs = job.result['output']['kwargs']
@@ -364,7 +376,8 @@ async def _collect(aiter): return [x async for x in aiter]
 
 @pytest.mark.parametrize('missing', ['job', 'manager', 'worker', 'plugin'])
 def test_streaming_needs_every_condition(no_leftover_processes, missing):
-    "Without stream=True on the job, a streaming manager, a streaming worker or a streaming plugin: no streaming."
+    ("Without stream=True on the job, a streaming manager, a streaming worker or a streaming plugin: "
+     "no streaming.")
     async def main():
         cls = NonStreamingWorkerJobManager if missing == 'worker' else MyJobManager
         m, _, _, events = rig(cls, supports_streaming=(missing != 'manager'))
@@ -388,12 +401,14 @@ def test_documented_worker_reload_unload_and_jobs(no_leftover_processes):
         new = {'model_id': 'echo-model-v2', 'prefix': '## '}
         try:
             first = await finish(m, await m.start_job(ID['echo'], input_text='one'))
-            assert first.status == 'completed' and first.started_at, (first.status, first.started_at, first.error)
+            assert (first.status == 'completed' and first.started_at), (first.status, first.started_at,
+                                                                        first.error)
             assert await m.reload_plugin('echo', new) is True
             second = await finish(m, await m.start_job(ID['echo'], input_text='two'))
             assert second.status == 'completed' and second.started_at
             assert second.result['output']['config'] == new
-            assert await m.reload_plugin('echo', {'fail_reload': True}) is False  # answered with status 'error'
+            # answered with status 'error'
+            assert await m.reload_plugin('echo', {'fail_reload': True}) is False
             assert await m.unload_plugin('echo') is True
         finally: m.shutdown()
     run(main())
@@ -420,7 +435,8 @@ def test_failed_reload_returns_false(no_leftover_processes):
         m, *_ = rig()
         refused = {'model_id': 'echo-model-v2', 'fail_reload': True}
         try:
-            # a first job starts the worker; echo is not used, so a reload that loads instead of reloading shows
+            # a first job starts the worker; echo is not used, so a reload that loads instead of reloading
+            # shows
             assert (await finish(m, await m.start_job(ID['history']))).status == 'completed'
             assert await m.reload_plugin('echo', refused) is False
             calls = (await finish(m, await m.start_job(ID['history']))).result['output']['calls']
@@ -440,7 +456,8 @@ def test_result_and_chunk_hooks_can_be_overridden(no_leftover_processes):
             raw = next(r for r in m.seen_results if r.get('job_id') == plain.id)
             assert raw['status'] == 'success' and plain.result == {'output': raw['data']}
             assert raw['data']['kwargs']['text'] == 'hooked'
-            assert ''.join(c.get('chunk', '') for c in m.seen_chunks if c.get('job_id') == streamed.id) == 'x y'
+            assert ''.join(c.get('chunk', '') for c in m.seen_chunks
+                           if c.get('job_id') == streamed.id) == 'x y'
         finally: m.shutdown()
     run(main())
 
@@ -449,7 +466,8 @@ def test_raising_result_hook_fails_the_job(no_leftover_processes):
         m, *_ = rig(RaisingResultHookManager)
         try:
             job = await finish(m, await m.start_job(ID['echo'], input_text='x'))
-            assert job.status == 'failed' and 'result hook exploded' in (job.error or ''), (job.status, job.error)
+            assert (job.status == 'failed' and 'result hook exploded' in (job.error or '')), (job.status,
+                                                                                              job.error)
         finally: m.shutdown()
     run(main())
 
@@ -462,8 +480,10 @@ def test_on_job_completed_called_once_per_job(no_leftover_processes):
             for j in jobs + [bad]: await finish(m, j)
             await until("_on_job_completed calls", lambda: len(m.completed_hook_calls) >= 2, 5)
             await settle()
-            assert [i for i, _ in m.completed_hook_calls] == [j.id for j in jobs]  # once each, not the failed one
-            assert [r for _, r in m.completed_hook_calls] == [{'status': 'success', 'data': j.result} for j in jobs]
+            # once each, not the failed one
+            assert [i for i, _ in m.completed_hook_calls] == [j.id for j in jobs]
+            assert [r for _, r in m.completed_hook_calls] == [{'status': 'success', 'data': j.result}
+                                                              for j in jobs]
         finally: m.shutdown()
     run(main())
 
@@ -638,7 +658,8 @@ def test_missing_abstract_method_fails_at_construction():
         def create_job(self, plugin_id, **kwargs): return MyJob(id='x', plugin_id=plugin_id)
         def get_worker_entry_point(self): return compat_worker_process
         def prepare_execute_request(self, job): return {}
-    with pytest.raises(TypeError, match='extract_job_result'): Incomplete(worker_type='compat', category=CATEGORY)
+    with pytest.raises(TypeError, match='extract_job_result'):
+        Incomplete(worker_type='compat', category=CATEGORY)
 
 def test_import_leaves_the_start_method_alone(no_leftover_processes):
     code = ("import multiprocessing, cjm_fasthtml_workers.managers.base, cjm_fasthtml_workers.core.worker; "

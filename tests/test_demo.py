@@ -11,7 +11,8 @@ from cjm_fasthtml_workers.core.worker import TOKEN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update',
                  '--disable-sync', '--no-first-run', '--disable-quic']
 SCRIPT_TEXT = '<script>window.__pwned = 1</script><b>bold</b>'
 HAS_SPEECH = importlib.util.find_spec('pocketsphinx') is not None
@@ -21,7 +22,8 @@ def status(name:str) -> re.Pattern:
     return re.compile(rf'(^|\s){name}(\s|$)')
 
 def start_app(cwd:Path, port:int, data:Path, timeout:float=30.0) -> subprocess.Popen:
-    "Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`, its store in `data`); return once it answers."
+    ("Run `python demo_app.py PORT` in `cwd` (its output in `cwd/app.log`, its store in `data`); "
+     "return once it answers.")
     return start_web_app([sys.executable, str(ROOT/'demo_app.py'), str(port)], cwd, port,
                          {**os.environ, 'CJM_DEMO_DATA': str(data)}, timeout)
 
@@ -47,7 +49,7 @@ def check_log(path:Path, stops:int=1):
     assert log.count('demo stopped') == stops and log.rstrip().endswith('demo stopped'), log
     assert 'Traceback' not in log and 'leaked' not in log and 'Waiting for connections' not in log, log
 
-# ----- the page in a real browser --------------------------------------------------------------------------------
+# ----- the page in a real browser ---------------------------------------------------------------------------
 def card_ids(page) -> list: return page.locator('#jobs article').evaluate_all('els => els.map(e => e.id)')
 
 def submit(page, plugin_id:str, text:str):
@@ -56,7 +58,8 @@ def submit(page, plugin_id:str, text:str):
     page.select_option('select[name=plugin_id]', plugin_id)
     page.fill('input[name=text]', text)
     page.get_by_role('button', name='Submit job').click()
-    page.wait_for_function("before => [...document.querySelectorAll('#jobs article')].some(e => !before.includes(e.id))",
+    page.wait_for_function("before => [...document.querySelectorAll('#jobs article')].some(e => "
+                           "!before.includes(e.id))",
                            arg=before)
     new = [i for i in card_ids(page) if i not in before]
     assert len(new) == 1, new
@@ -87,7 +90,8 @@ def worker(page, field:str, n:int):
     "Worker `n`'s cell of `field` (a key of get_workers_info) in the workers panel."
     return page.locator(f'#workers tr[data-field={field}] td').nth(n)
 
-def workers(page, field:str) -> list: return page.locator(f'#workers tr[data-field={field}] td').all_inner_texts()
+def workers(page,
+            field:str) -> list: return page.locator(f'#workers tr[data-field={field}] td').all_inner_texts()
 
 def runs_on(page, card) -> int:
     "Which worker runs the card's job."
@@ -131,7 +135,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             # the counts below it are the slot's, whichever of its processes did the work
             expect(page.locator('#workers th.group')).to_have_text('since the app started')
             first_pids = workers(page, 'pid')
-            page.evaluate("document.getElementById('jobs').__mark = 'the list'")  # gone if the list is drawn again
+            # gone if the list is drawn again
+            page.evaluate("document.getElementById('jobs').__mark = 'the list'")
 
             # a quick job completes, and its result arrives without a reload
             card = submit(page, 'demo-quick', 'hello browser')
@@ -168,9 +173,11 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(worker(page, 'state', n)).to_have_text('idle')
             expect(worker(page, 'jobs_done', n)).not_to_have_text('0')
 
-            # Cancel works on the first click while progress comes in: its button is not replaced under the mouse
+            # Cancel works on the first click while progress comes in: its button is not replaced under the
+            # mouse
             card = submit(page, 'demo-slow', 'to cancel while it counts')
-            expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))  # 10 % .. 90 %
+            # 10 % .. 90 %
+            expect(card.locator('progress')).to_have_attribute('value', re.compile(r'^[1-9]\d$'))
             n = runs_on(page, card)
             cancels, pid = worker(page, 'cancels', n).inner_text(), worker(page, 'pid', n).inner_text()
             button = card.get_by_role('button', name='Cancel').element_handle()
@@ -181,7 +188,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             # the plugin stopped at its next check: its worker, with the plugin loaded, stays (issue 22)
             expect(card.locator('.how')).to_have_text('Stopped: its worker and model stay for the next job.')
             expect(worker(page, 'state', n)).to_have_text('idle')
-            assert (worker(page, 'pid', n).inner_text(), worker(page, 'cancels', n).inner_text()) == (pid, cancels)
+            assert (worker(page, 'pid', n).inner_text(), worker(page, 'cancels', n).inner_text()) == (pid,
+                                                                                                      cancels)
             expect(worker(page, 'loaded_plugin', n)).to_have_text('slow')
 
             # streamed text grows word by word, appended to the same element
@@ -189,15 +197,18 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             card = submit(page, 'demo-stream', words)
             expect(card.locator('pre.output')).not_to_be_empty()
             card.locator('pre.output').evaluate("p => p.__mark = 'the output'")
-            texts = watch(card, "c => [c.querySelector('pre.output')?.textContent ?? '', c.querySelector('pre.output')?.__mark]",
+            texts = watch(card,
+                          "c => [c.querySelector('pre.output')?.textContent ?? '', "
+                          "c.querySelector('pre.output')?.__mark]",
                           'completed')
             grown = [t for i, (t, mark) in enumerate(texts) if t and (i == 0 or t != texts[i - 1][0])]
-            assert len(grown) >= 3 and all(words.startswith(t.strip()) for t in grown), f"stream seen: {grown}"
+            assert (len(grown) >= 3
+                    and all(words.startswith(t.strip()) for t in grown)), f"stream seen: {grown}"
             assert all(mark == 'the output' for t, mark in texts if t), "a chunk drew the output again"
             expect(card.locator('pre.result')).to_have_text(words)
 
-            # a waiting job shows its place in the queue, and is cancelled without touching a worker; a running
-            # streaming one stops between two chunks, and its worker stays
+            # a waiting job shows its place in the queue, and is cancelled without touching a worker; a
+            # running streaming one stops between two chunks, and its worker stays
             long_stream = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
             slow = submit(page, 'demo-slow', 'keeps the other worker busy')
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
@@ -211,7 +222,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             pending.get_by_role('button', name='Cancel').click()
             expect(pending).to_have_class(status('cancelled'))
             expect(pending.locator('.queue, .how')).to_have_count(0)  # it never ran: nothing to say of how
-            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line'))  # it moved up
+            # it moved up
+            expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line'))
             assert workers(page, 'pid') == pids and 'running' in long_stream.get_attribute('class').split()
             n = runs_on(page, long_stream)
             # the other visitor's workers panel shows that a job runs, not whose or which
@@ -267,15 +279,19 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             # reload a plugin with its next configuration, then unload it
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Reload').click()
             expect(page.locator('#plugins .note')).to_have_text('Quick: reloaded with {"mode": "reverse"}.')
-            expect(page.locator('#plugins tr', has_text='Quick').locator('code')).to_have_text('{"mode": "reverse"}')
+            expect(page.locator('#plugins tr',
+                                has_text='Quick').locator('code')).to_have_text('{"mode": "reverse"}')
             card = submit(page, 'demo-quick', 'abc')
             expect(card.locator('pre.result')).to_have_text('cba')
             page.locator('#plugins tr', has_text='Quick').get_by_role('button', name='Unload').click()
             expect(page.locator('#plugins .note')).to_have_text('Quick: unloaded.')
-            expect(page.locator('#workers tr[data-field=loaded_plugin] td', has_text='quick')).to_have_count(0)
+            expect(page.locator('#workers tr[data-field=loaded_plugin] td',
+                                has_text='quick')).to_have_count(0)
             # a plugin no worker has loaded: said so, not as an error
-            page.locator('#plugin-demo-crash').get_by_role('button', name='Unload').click()  # it ended its worker
-            expect(page.locator('#notice')).to_have_text('Crashing was not loaded: there was nothing to unload.')
+            # it ended its worker
+            page.locator('#plugin-demo-crash').get_by_role('button', name='Unload').click()
+            expect(page.locator('#notice')).to_have_text('Crashing was not loaded: there was nothing to '
+                                                         'unload.')
             expect(page.locator('#notice')).to_have_class('notice info')
             # Unload waits for the job its worker runs, and the row says so meanwhile
             card = submit(page, 'demo-slow', 'keeps slow loaded')
@@ -306,7 +322,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(worker(page, 'pid', n)).not_to_have_text(pid)
             expect(worker(page, 'state', n)).to_have_text('idle')
             read_at = page.locator('#read-at').inner_text()
-            expect(page.locator('#read-at')).not_to_have_text(read_at)  # a reading since, with the new pid's memory
+            # a reading since, with the new pid's memory
+            expect(page.locator('#read-at')).not_to_have_text(read_at)
             assert pid not in page.locator('#processes').inner_text()
             assert page.evaluate('window.__disagree') == []
 
@@ -314,12 +331,16 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             speech = page.locator('#plugins tr', has_text='Speech recognition')
             if HAS_SPEECH:
                 card = submit(page, 'demo-speech', '')
-                seen = watch(card, "c => [c.querySelector('pre.output')?.textContent, c.querySelector('progress')?.value]",
+                seen = watch(card,
+                             "c => [c.querySelector('pre.output')?.textContent, "
+                             "c.querySelector('progress')?.value]",
                              'completed')
-                # the first phrase while the rest is being listened to, progress along the way (5.2 s, in real time)
+                # the first phrase while the rest is being listened to, progress along the way (5.2 s, in real
+                # time)
                 assert 'speech recognition runs in a worker process' in {text for text, _ in seen}, seen
                 assert len({p for _, p in seen if p and p < 100}) >= 5, seen
-                expect(card.locator('pre.result')).to_have_text('speech recognition runs in a worker process one job at a time')
+                expect(card.locator('pre.result')).to_have_text('speech recognition runs in a worker '
+                                                                'process one job at a time')
             else:
                 expect(speech.locator('.missing')).to_contain_text("pip install -e '.[speech]'")
                 expect(page.locator('select[name=plugin_id] option[value=demo-speech]')).to_be_disabled()
@@ -327,7 +348,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             # many jobs: each comes as one card, the list is never drawn again, every message stays small
             before = page.locator('#jobs article.completed').count()
             # posted in the page's session (cookie): a visitor's jobs come to that visitor's pages only
-            for i in range(200): page.request.post(url + 'jobs', form={'plugin_id': 'demo-quick', 'text': f'job {i}'})
+            for i in range(200):
+                page.request.post(url + 'jobs', form={'plugin_id': 'demo-quick', 'text': f'job {i}'})
             expect(page.locator('#jobs article.completed')).to_have_count(before + 200, timeout=60_000)
             assert page.evaluate("document.getElementById('jobs').__mark") == 'the list'
             sizes = page.evaluate('window.__messages')[1:]  # after the first, which catches the page up
@@ -371,7 +393,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(page.locator('#offline')).to_be_hidden(timeout=30_000)
             kept = page.locator('#jobs article', has_text='one two three four')
             expect(kept.locator('pre.result')).to_have_text(words)
-            expect(page.locator('#jobs article', has_text='hello browser').locator('pre.result')).to_have_text('HELLO BROWSER')
+            expect(page.locator('#jobs article',
+                                has_text='hello browser').locator('pre.result')).to_have_text('HELLO BROWSER')
             assert set(workers(page, 'pid')).isdisjoint(first_pids)
             page.get_by_role('button', name='Clear finished').click()
             expect(page.locator('#jobs')).to_have_text('No jobs yet: pick a plugin and submit one.')
@@ -384,11 +407,12 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
     outside = [u for u in requests if urlsplit(u).scheme != 'data' and urlsplit(u).hostname != '127.0.0.1']
     assert not outside, f"requests that left 127.0.0.1: {outside}"
     paths = {urlsplit(u).path for u in requests}
-    assert {'/events', '/cjm-workers/htmx.min.js', '/cjm-workers/htmx-ext-sse.min.js', '/cjm-workers/demo.css'} <= paths
+    assert {'/events', '/cjm-workers/htmx.min.js', '/cjm-workers/htmx-ext-sse.min.js',
+            '/cjm-workers/demo.css'} <= paths
     assert os.listdir(cwd) == ['app.log']  # no .sesskey or other litter; the store is in CJM_DEMO_DATA
     check_log(cwd/'app.log', stops=2)
 
-# ----- the command ---------------------------------------------------------------------------------------------------
+# ----- the command ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 def test_demo_app_command(tmp_path, sig, no_leftover_processes):
     port = free_port()
@@ -398,10 +422,12 @@ def test_demo_app_command(tmp_path, sig, no_leftover_processes):
         page = httpx.get(f'http://127.0.0.1:{port}/', timeout=5)
         assert 'cjm-fasthtml-workers demo' in page.text
         assert not re.search(r'''(src|href)=["']?(https?:)?//''', page.text)  # every script and link is local
-        assert httpx.get(f'http://127.0.0.1:{port}/cjm-workers/htmx-ext-sse.min.js', timeout=5).status_code == 200
+        assert httpx.get(f'http://127.0.0.1:{port}/cjm-workers/htmx-ext-sse.min.js',
+                         timeout=5).status_code == 200
         pids = worker_pids(app)
         assert len(pids) == 2  # the pool
-        with httpx.stream('GET', f'http://127.0.0.1:{port}/events', timeout=10) as events:  # an open event stream
+        # an open event stream
+        with httpx.stream('GET', f'http://127.0.0.1:{port}/events', timeout=10) as events:
             first = next(events.iter_lines())
             assert first.startswith('data: ')
             stop_app(app, sig)
@@ -421,15 +447,19 @@ def test_form_errors(tmp_path, no_leftover_processes):
     base = f'http://127.0.0.1:{port}'
     try:
         for data, reason in [({'plugin_id': 'nope'}, "There is no plugin 'nope'."),
-                             ({'plugin_id': 'demo-quick', 'text': 'x' * 2001}, 'The text has 2001 characters; 2000 at most.')]:
+                             ({'plugin_id': 'demo-quick', 'text': 'x' * 2001},
+                              'The text has 2001 characters; 2000 at most.')]:
             r = httpx.post(f'{base}/jobs', data=data, timeout=5)
-            assert r.status_code == 400 and re.search(r'<div [^>]*id="notice"[^>]*>' + re.escape(escape(reason, quote=False)), r.text), r.text
+            assert (r.status_code == 400
+                    and re.search(r'<div [^>]*id="notice"[^>]*>' + re.escape(escape(reason, quote=False)),
+                                  r.text)), r.text
         r = httpx.post(f'{base}/jobs/nope/cancel', timeout=5)
         assert r.status_code == 404 and 'There is no job nope.' in r.text
         if not HAS_SPEECH:
             r = httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-speech'}, timeout=5)
             assert r.status_code == 400 and ".[speech]" in r.text
-        assert httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-quick', 'text': 'ok'}, timeout=5).status_code == 200
+        assert httpx.post(f'{base}/jobs', data={'plugin_id': 'demo-quick', 'text': 'ok'},
+                          timeout=5).status_code == 200
         stop_app(app)
     finally:
         if app.poll() is None:
@@ -447,7 +477,8 @@ def test_answers_say_what_is_so(tmp_path, no_leftover_processes):
     try:
         assert '0 jobs waiting' in visitor.get('/').text
         r = visitor.post('/plugins/demo-fail/unload')
-        assert r.status_code == 200 and 'Failing was not loaded: there was nothing to unload.' in r.text, r.text
+        assert (r.status_code == 200
+                and 'Failing was not loaded: there was nothing to unload.' in r.text), r.text
         for _ in range(3): visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'})
         page = visitor.get('/').text  # two run (3 s each), one waits
         assert '1 job waiting' in page, re.findall(r'\d+ jobs? waiting', page)
@@ -516,7 +547,8 @@ def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     monkeypatch.delenv('XDG_DATA_HOME', raising=False)
     monkeypatch.setenv('HOME', str(tmp_path/'home'))
     data = demo_app.data_dir()
-    assert data == tmp_path/'home/.local/share/cjm-fasthtml-workers-demo' and stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert (data == tmp_path/'home/.local/share/cjm-fasthtml-workers-demo'
+            and stat.S_IMODE(data.stat().st_mode) == 0o700)
     monkeypatch.setenv('XDG_DATA_HOME', str(tmp_path/'xdg'))
     assert demo_app.data_dir() == tmp_path/'xdg/cjm-fasthtml-workers-demo'
     # made first by someone else, in a folder both may write to (as the shared temporary folder is)
@@ -533,7 +565,8 @@ def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     monkeypatch.setenv('CJM_DEMO_DATA', str(shared))
     with pytest.raises(demo_app.DataDirError, match='chmod 700'): demo_app.data_dir()
     # the command says it and stops, before it serves anything
-    run = subprocess.run([sys.executable, str(ROOT/'demo_app.py'), str(free_port())], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(ROOT/'demo_app.py'), str(free_port())], capture_output=True,
+                         text=True,
                          env={**os.environ, 'CJM_DEMO_DATA': str(shared)}, timeout=60)
     assert run.returncode == 1 and 'chmod 700' in run.stderr and 'Traceback' not in run.stderr, run.stderr
 
@@ -552,23 +585,28 @@ def test_workers_panel_rows():
     assert "<td>another visitor's job</td>" in html and 'a' * 32 not in html and 'b' * 32 in html, html
     assert 'idle for' not in html and 'GPU memory' not in html and '3 jobs waiting' in html
     # a manager that says how long a plugin has been idle and what each worker holds on its GPU
-    html = panel([{**row, 'idle_seconds': 42.4, 'gpu_memory_mb': 1536}, {**row, 'idle_seconds': None, 'gpu_memory_mb': None}])
-    assert re.search(r'idle for</th><td>42 s</td><td>–', html) and re.search(r'GPU memory</th><td>1,536 MiB</td>', html)
-    parts = [to_xml(demo_app.QueueNote('j', p, eta)) for p, eta in [(0, 0.2), (1, 4.6), (2, None), (10, 30), (None, 1)]]
+    html = panel([{**row, 'idle_seconds': 42.4, 'gpu_memory_mb': 1536},
+                  {**row, 'idle_seconds': None, 'gpu_memory_mb': None}])
+    assert (re.search(r'idle for</th><td>42 s</td><td>–', html)
+            and re.search(r'GPU memory</th><td>1,536 MiB</td>', html))
+    parts = [to_xml(demo_app.QueueNote('j', p, eta))
+             for p, eta in [(0, 0.2), (1, 4.6), (2, None), (10, 30), (None, 1)]]
     assert [re.sub(r'<[^>]+>', '', p).strip() for p in parts] == [
         'waiting: next in line, about 1 s', 'waiting: 2nd in line, about 5 s', 'waiting: 3rd in line',
         'waiting: 11th in line, about 30 s', ''], parts
 
-# ----- the GPU rows, with a fake NVML (this machine may have no GPU) ---------------------------------------------
+# ----- the GPU rows, with a fake NVML (this machine may have no GPU) ----------------------------------------
 def test_resources_panel_shows_gpus():
     from fasthtml.common import to_xml
     from cjm_fasthtml_workers.extensions.resources import FakeNVML, ResourceManager
     demo_app = load_demo_app()
     assert demo_app.manager is None
-    gpu = FakeNVML.gpu(80 << 30, {4321: 3 << 30}, name='Fake H100', utilization=7)  # pid 4321 is not the app's
+    # pid 4321 is not the app's
+    gpu = FakeNVML.gpu(80 << 30, {4321: 3 << 30}, name='Fake H100', utilization=7)
     demo_app.resources = ResourceManager(nvml=FakeNVML([gpu]))
     html = to_xml(demo_app.ResourcesPanel(demo_app.read_resources(), []))
-    for text in ['GPU 0', 'Fake H100', '3.0 GiB of 80.0 GiB', '7 %', 'free: processes outside the app use 3.8%', 'app server']:
+    for text in ['GPU 0', 'Fake H100', '3.0 GiB of 80.0 GiB', '7 %',
+                 'free: processes outside the app use 3.8%', 'app server']:
         assert text in html, text
     assert 'No GPU' not in html
     demo_app.resources = ResourceManager(nvml=FakeNVML(init_error='Driver Not Loaded'))

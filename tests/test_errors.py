@@ -51,7 +51,8 @@ def test_a_plugin_manager_without_a_method_fails_at_the_start(no_leftover_proces
         m = manager_with(no_unload_worker)
         try:
             with pytest.raises(RuntimeError) as e: await m.start()
-            assert 'lacks unload_plugin' in str(e.value) and 'create_simple_adapter' in str(e.value), str(e.value)
+            assert ('lacks unload_plugin' in str(e.value)
+                    and 'create_simple_adapter' in str(e.value)), str(e.value)
         finally: m.shutdown()
     run(main())
 
@@ -83,7 +84,8 @@ def test_an_entry_point_in_an_interactive_session_is_refused(no_leftover_process
         asyncio.run(main())
     """)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
-    assert 'interactive session' in out.stdout and 'Move it to a module' in out.stdout, (out.stdout, out.stderr)
+    assert ('interactive session' in out.stdout and 'Move it to a module' in out.stdout), (out.stdout,
+                                                                                           out.stderr)
 
 def test_a_main_script_without_its_guard_gets_a_hint(tmp_path, no_leftover_processes):
     out = _app(tmp_path, """
@@ -95,7 +97,8 @@ def test_a_main_script_without_its_guard_gets_a_hint(tmp_path, no_leftover_proce
             finally: m.shutdown()
         asyncio.run(main())
     """)
-    assert 'ERROR:' in out.stdout and "if __name__ == '__main__':" in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert ('ERROR:' in out.stdout and "if __name__ == '__main__':" in out.stdout), (out.stdout,
+                                                                                     out.stderr[-2000:])
 
 def test_a_worker_that_dies_before_it_can_say_why_gets_a_hint(tmp_path, no_leftover_processes):
     (tmp_path / 'app_only.py').write_text(textwrap.dedent("""
@@ -128,7 +131,8 @@ def test_a_command_that_times_out_never_takes_effect_later(no_leftover_processes
             pid = m.worker_process.pid
             assert not await m.reload_plugin('echo', {'prefix': 'late:', 'load_seconds': 1.5})
             job = await finish(m, await m.start_job('echo', text='x'))
-            assert job.result['text'] == 'x' and job.worker_pid != pid  # a new worker, without the late config
+            # a new worker, without the late config
+            assert job.result['text'] == 'x' and job.worker_pid != pid
             await asyncio.sleep(1.5)
             assert (await finish(m, await m.start_job('echo', text='y'))).result['text'] == 'y'
             assert m.get_workers_info()[0]['cancels'] == 1  # ended by the manager, not counted as a crash

@@ -56,7 +56,8 @@ class Stream:
 def run_one_job(base:str, stream:Stream) -> str:
     "Submit a job in the stream's session (its client's cookie); follow it on the stream to completed; return its id."
     assert stream.client.post(f'{base}/jobs', data={'text': 'hi <there>'}, timeout=5).status_code == 200
-    job_id = stream.wait_for(r'hx-swap-oob="beforeend:#jobs">\s*<li id="job-(\w+)"').group(1)  # its row, added
+    # its row, added
+    job_id = stream.wait_for(r'hx-swap-oob="beforeend:#jobs">\s*<li id="job-(\w+)"').group(1)
     stream.wait_for(rf'<strong>running</strong> {job_id}: [1-9]\d* %')  # a progress event
     stream.wait_for(rf'<strong>completed</strong> {job_id}: hi &lt;there&gt;')
     return job_id
@@ -68,13 +69,15 @@ def test_readme_app(tmp_path, runner, no_leftover_processes):
     base = f'http://127.0.0.1:{port}'
     proc = start(tmp_path, port, runner)
     try:
-        browser = httpx.Client()  # keeps the session cookie: the page, its stream and its jobs are one owner's
+        # keeps the session cookie: the page, its stream and its jobs are one owner's
+        browser = httpx.Client()
         page = browser.get(base + '/', timeout=5).text
         assert '/cjm-workers/htmx.min.js' in page and not re.search(r'src="(https?:)?//', page)
         assert httpx.get(base + '/cjm-workers/htmx-ext-sse.min.js', timeout=5).status_code == 200
         stream = Stream(base + '/events', browser)
         job_id = run_one_job(base, stream)
-        assert f'{job_id}: hi &lt;there&gt;' in browser.get(base + '/', timeout=5).text  # the list after a reload
+        # the list after a reload
+        assert f'{job_id}: hi &lt;there&gt;' in browser.get(base + '/', timeout=5).text
         assert job_id not in httpx.get(base + '/', timeout=5).text  # another session's page does not list it
         started = descendants(proc)
         assert workers(proc), started
@@ -111,7 +114,8 @@ def test_readme_app_reload(tmp_path, no_leftover_processes):
         kill_tree(proc)
     assert all(pid_gone(pid) for pid in started)
     log = (tmp_path/'app.log').read_text()
-    assert 'Reloading' in log and 'Waiting for connections to close' not in log and 'Traceback' not in log, log
+    assert ('Reloading' in log and 'Waiting for connections to close' not in log
+            and 'Traceback' not in log), log
 
 def test_a_client_that_does_not_read_is_dropped(caplog):
     "A client that stops reading fills its socket, then its queue: it is dropped; broadcast never waits."
@@ -171,6 +175,8 @@ def test_exit_signal_ends_the_streams():
 def test_the_core_does_not_import_fasthtml():
     "FastHTML is optional: only extensions.fasthtml (and the demo app) import it."
     code = ("import sys, cjm_fasthtml_workers.managers.base, cjm_fasthtml_workers.managers.store, "
-            "cjm_fasthtml_workers.extensions.resources, cjm_fasthtml_workers.demo, cjm_fasthtml_workers.testing\n"
+            "cjm_fasthtml_workers.extensions.resources, cjm_fasthtml_workers.demo, "
+            "cjm_fasthtml_workers.testing\n"
             "print(sorted(m for m in ('fasthtml', 'starlette', 'uvicorn') if m in sys.modules))")
-    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == '[]'
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True).stdout.strip() == '[]'

@@ -21,12 +21,14 @@ pytestmark = pytest.mark.timeout(60)
 POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
-FAULT_PLUGINS = ['garbage', 'cut_big', 'mark', 'daemon_hang', 'fork_hang', 'flood', 'flood_stream', 'close_result', 'size',
+# ----- what the workers run (module level: spawned workers import it by name) -------------------------------
+FAULT_PLUGINS = ['garbage', 'cut_big', 'mark', 'daemon_hang', 'fork_hang', 'flood', 'flood_stream',
+                 'close_result', 'size',
                  'big', 'buffers', 'gil_daemon']
 
 def _oob_frame(length:int, said:int=None) -> bytes:
-    "A frame whose payload announces one out-of-band bytes buffer of `length` (its header says `said` bytes), none of it sent."
+    ("A frame whose payload announces one out-of-band bytes buffer of `length` (its header says `said` "
+     "bytes), none of it sent.")
     pickled = pickle.dumps({'type': 'result', 'job_id': 'x', 'data': None}, 5)
     head = wire.OOB_HEAD.pack(wire.OOB_MAGIC, 1, len(pickled)) + wire.OOB_ENTRY.pack(b'b', length)
     return wire.frame_header(said if said is not None else len(head) + len(pickled) + length) + head + pickled
@@ -48,7 +50,8 @@ def _write(path, text):
     os.replace(path + '.tmp', path)  # whole or not at all: the test never reads half a pid
 
 class FaultPluginManager(ScenarioPluginManager):
-    "The scenario plugins, and plugins that write garbage, flood, close their pipe, escape their group, and so on."
+    ("The scenario plugins, and plugins that write garbage, flood, close their pipe, escape their group, "
+     "and so on.")
     def discover_plugins(self): return [{'name': n} for n in PLUGIN_NAMES + FAULT_PLUGINS]
     def check_streaming_support(self, plugin_name): return plugin_name in ('stream', 'flood_stream')
 
@@ -58,7 +61,8 @@ class FaultPluginManager(ScenarioPluginManager):
         yield from super().execute_plugin_stream(plugin_name, **params)
 
     def execute_plugin(self, plugin_name, **params):
-        if plugin_name == 'garbage':  # bytes that are no frame of ours on the result pipe, then as if nothing happened
+        # bytes that are no frame of ours on the result pipe, then as if nothing happened
+        if plugin_name == 'garbage':
             os.write(_result_fd(), GARBAGE[params.get('raw', 'text')])
             _hang()
         if plugin_name == 'cut_big':  # a frame with a large buffer, half written, then the worker dies
@@ -90,7 +94,8 @@ class FaultPluginManager(ScenarioPluginManager):
             return {'text': 'finished after closing its pipe'}
         if plugin_name == 'size': return {'n': len(params['data']), 'type': type(params['data']).__name__}
         if plugin_name == 'big': return {'blob': b'r' * params['n']}
-        if plugin_name == 'buffers':  # what the argument held, and new buffers of each kind, one of them twice
+        # what the argument held, and new buffers of each kind, one of them twice
+        if plugin_name == 'buffers':
             blob = b'b' * params['n']
             return {'got': {k: (type(v).__name__, len(v)) for k, v in params['data'].items()}, 'blob': blob,
                     'again': [blob], 'array': bytearray(b'a' * params['n']),
@@ -100,7 +105,8 @@ class FaultPluginManager(ScenarioPluginManager):
 
 def fault_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `FaultPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, FaultPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, FaultPluginManager,
+                        supports_streaming=True)
 
 class FaultManager(TextJobManager):
     def get_worker_entry_point(self): return fault_worker_process
@@ -123,7 +129,8 @@ async def read_when_written(path, timeout=10.0) -> str:
     with open(path) as f: return f.read()
 
 class Ticker:
-    "A 1 ms asyncio ticker: `take()` is the longest gap between ticks since the last `take()` (less the 1 ms)."
+    ("A 1 ms asyncio ticker: `take()` is the longest gap between ticks since the last `take()` (less the 1 "
+     "ms).")
     def __init__(self): self.worst, self.stop, self.task = 0.0, False, None
     def start(self):
         self.task = asyncio.create_task(self._run())
@@ -142,7 +149,7 @@ class Ticker:
         self.stop = True
         if self.task is not None: await self.task
 
-# ----- 1. a result the manager cannot unpickle ------------------------------------------------------------------
+# ----- 1. a result the manager cannot unpickle --------------------------------------------------------------
 @POOLS
 def test_unreadable_result_fails_its_job_and_the_worker_goes_on(no_leftover_processes, n):
     async def main():
@@ -154,7 +161,8 @@ def test_unreadable_result_fails_its_job_and_the_worker_goes_on(no_leftover_proc
             behind = [await m.start_job('echo', text=f'b{i}') for i in range(4)]
             alien, bad = await finish(m, alien, 20), await finish(m, bad, 20)
             assert alien.status == 'failed' and 'could not be read in the manager' in alien.error, alien.error
-            assert 'cjm_worker_only.Alien' in alien.error and 'could not be imported' in alien.error, alien.error
+            assert ('cjm_worker_only.Alien' in alien.error
+                    and 'could not be imported' in alien.error), alien.error
             assert bad.status == 'failed' and 'TwoArgError could not be rebuilt' in bad.error, bad.error
             done = [await finish(m, j, 20) for j in behind]
             assert [(j.status, j.result['text']) for j in done] == [('completed', f'b{i}') for i in range(4)]
@@ -164,7 +172,7 @@ def test_unreadable_result_fails_its_job_and_the_worker_goes_on(no_leftover_proc
         assert_terminal(m)
     run(main())
 
-# ----- 2. an exception whose __str__ raises ---------------------------------------------------------------------
+# ----- 2. an exception whose __str__ raises -----------------------------------------------------------------
 @POOLS
 def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
     async def main():
@@ -173,7 +181,8 @@ def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
             await m.start()
             before = pids(m)
             job = await finish(m, await m.start_job('badstr'), 20)
-            assert job.status == 'failed' and job.error_type == 'UnprintableError', (job.status, job.error_type)
+            assert (job.status == 'failed' and job.error_type == 'UnprintableError'), (job.status,
+                                                                                       job.error_type)
             assert 'UnprintableError' in job.error and job.completed_at, job.error
             after = await finish(m, await m.start_job('echo', text='after'), 20)
             assert after.status == 'completed' and after.result['text'] == 'after'
@@ -182,9 +191,10 @@ def test_exception_whose_str_raises_fails_its_job(no_leftover_processes, n):
         assert_terminal(m)
     run(main())
 
-# ----- 3. garbage on the result pipe ----------------------------------------------------------------------------
+# ----- 3. garbage on the result pipe ------------------------------------------------------------------------
 @POOLS
-@pytest.mark.parametrize('raw,why', [('text', 'holds no pickle'), ('table', 'frame of 40 bytes whose out-of-band table says'),
+@pytest.mark.parametrize('raw,why', [('text', 'holds no pickle'),
+                                     ('table', 'frame of 40 bytes whose out-of-band table says'),
                                      ('huge', 'its buffers cannot be allocated')])
 def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_processes, n, raw, why):
     async def main():
@@ -204,7 +214,8 @@ def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_p
             await until('the worker idle again', lambda: m.get_workers_info()[slot]['state'] == 'idle', 20)
             row = m.get_workers_info()[slot]
             assert row['pid'] != bad.worker_pid and row['restart_count'] == 1 and row['crashes'] == 1, row
-            assert all(p == q for i, (p, q) in enumerate(zip(before, pids(m))) if i != slot)  # the others untouched
+            # the others untouched
+            assert all(p == q for i, (p, q) in enumerate(zip(before, pids(m))) if i != slot)
             later = await finish(m, await m.start_job('echo', text='later'), 20)
             assert later.status == 'completed' and later.result['text'] == 'later'
             await asyncio.sleep(0.05)
@@ -232,7 +243,7 @@ def test_worker_dying_inside_a_large_buffer_fails_only_its_job(no_leftover_proce
         assert_terminal(m)
     run(main())
 
-# ----- 4. request_queue_size=1, reload, and a worker killed meanwhile -------------------------------------------
+# ----- 4. request_queue_size=1, reload, and a worker killed meanwhile ---------------------------------------
 @POOLS
 def test_small_request_queue_with_reload_and_a_death_never_stalls(no_leftover_processes, n):
     async def main():
@@ -266,7 +277,7 @@ def test_small_request_queue_with_reload_and_a_death_never_stalls(no_leftover_pr
         assert_terminal(m)
     run(main())
 
-# ----- 5. SystemExit and KeyboardInterrupt in a plugin ----------------------------------------------------------
+# ----- 5. SystemExit and KeyboardInterrupt in a plugin ------------------------------------------------------
 @POOLS
 def test_systemexit_and_keyboardinterrupt_fail_only_their_job(no_leftover_processes, n):
     async def main():
@@ -276,8 +287,10 @@ def test_systemexit_and_keyboardinterrupt_fail_only_their_job(no_leftover_proces
             await m.start()
             before = pids(m)
             se = await finish(m, await m.start_job('sysexit'), 20)
-            assert se.status == 'failed' and se.error_type == 'SystemExit' and se.error == '5', (se.status, se.error)
-            ki = await finish(m, await m.start_job('fail', exception='KeyboardInterrupt', message='interrupted!'), 20)
+            assert (se.status == 'failed' and se.error_type == 'SystemExit' and se.error == '5'), (se.status,
+                                                                                                   se.error)
+            ki = await finish(m, await m.start_job('fail', exception='KeyboardInterrupt',
+                                                   message='interrupted!'), 20)
             assert ki.status == 'failed' and ki.error_type == 'KeyboardInterrupt', (ki.status, ki.error_type)
             assert ki.error == 'interrupted!', ki.error
             later = [await m.start_job('echo', text=f'l{i}') for i in range(3)]
@@ -289,7 +302,7 @@ def test_systemexit_and_keyboardinterrupt_fail_only_their_job(no_leftover_proces
         assert_terminal(m)
     run(main())
 
-# ----- 6. helpers that leave the worker's process group ---------------------------------------------------------
+# ----- 6. helpers that leave the worker's process group -----------------------------------------------------
 @POOLS
 @pytest.mark.timeout(90)
 def test_escaped_helpers_end_after_crash_cancel_timeout_and_shutdown(no_leftover_processes, tmp_path, n):
@@ -341,7 +354,7 @@ def test_escaped_helpers_end_after_crash_cancel_timeout_and_shutdown(no_leftover
     try: run(main(), 80)
     finally: end(*helpers)
 
-# ----- 7. the app SIGKILLed while its worker holds the GIL ------------------------------------------------------
+# ----- 7. the app SIGKILLed while its worker holds the GIL --------------------------------------------------
 APP = textwrap.dedent('''
     import asyncio, json, os, sys, time
     sys.path.insert(0, %(tests)r)
@@ -382,10 +395,12 @@ def test_killed_app_takes_its_workers_along_inside_a_gil_holding_call(no_leftove
         app.kill(); app.wait(); app.stdout.close()
         end(*got.get('workers', []), got.get('daemon'))
 
-# ----- 8. a grandchild holding the worker's pipes ---------------------------------------------------------------
+# ----- 8. a grandchild holding the worker's pipes -----------------------------------------------------------
 @POOLS
-def test_death_seen_quickly_though_a_grandchild_holds_the_pipes(no_leftover_processes, tmp_path, monkeypatch, n):
-    # no watchdog: it would end the grandchild at once, and so close the pipes; the manager alone must see the death
+def test_death_seen_quickly_though_a_grandchild_holds_the_pipes(no_leftover_processes, tmp_path, monkeypatch,
+                                                                n):
+    # no watchdog: it would end the grandchild at once, and so close the pipes; the manager alone must see the
+    # death
     monkeypatch.setenv(WATCHDOG_ENV, '0')
     child = None
     async def main():
@@ -396,7 +411,8 @@ def test_death_seen_quickly_though_a_grandchild_holds_the_pipes(no_leftover_proc
             pid_file = str(tmp_path / 'child.pid')
             job = await m.start_job('fork_hang', pid_file=pid_file)
             child = int(await read_when_written(pid_file))
-            await until("the supervisor has seen the job start", lambda: job.status == 'running')  # its pid is known
+            # its pid is known
+            await until("the supervisor has seen the job start", lambda: job.status == 'running')
             assert psutil.Process(child).ppid() == job.worker_pid
             os.kill(job.worker_pid, signal.SIGKILL)
             t0 = time.monotonic()
@@ -414,7 +430,7 @@ def test_death_seen_quickly_though_a_grandchild_holds_the_pipes(no_leftover_proc
     try: run(main())
     finally: end(child)
 
-# ----- 9. a hook or the resource manager blocking ---------------------------------------------------------------
+# ----- 9. a hook or the resource manager blocking -----------------------------------------------------------
 class Blocker:
     "Calls that block up to 5 s while `armed`, until released; `entered` says one is blocking now."
     def __init__(self): self.armed, self.entered, self.release = False, threading.Event(), threading.Event()
@@ -450,7 +466,8 @@ def test_blocking_hook_or_resource_manager_does_not_delay_a_death(no_leftover_pr
         assert hang.status == 'failed' and 'SIGKILL' in hang.error, hang.error
         assert took < 1.0, f"a death took {took:.2f} s to settle while the {what} blocked"
     async def main():
-        m, _ = make(n, RestartPolicy.ALWAYS, cls=BlockingHookManager, resource_manager=BlockingResourceManager(rm_block))
+        m, _ = make(n, RestartPolicy.ALWAYS, cls=BlockingHookManager,
+                    resource_manager=BlockingResourceManager(rm_block))
         m.hook_blocker = hook
         try:
             await m.start()
@@ -470,7 +487,7 @@ def test_blocking_hook_or_resource_manager_does_not_delay_a_death(no_leftover_pr
         assert_terminal(m)
     run(main())
 
-# ----- 10. a broadcaster that hangs once, is slow, or stalls behind a backlog ------------------------------------
+# ----- 10. a broadcaster that hangs once, is slow, or stalls behind a backlog -------------------------------
 class QuickEventsManager(FaultManager):
     event_timeout_seconds = 0.2  # a hung broadcast is given up after this
 
@@ -527,7 +544,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
                 await m.start_job('sleep', seconds=0.3)
                 cancelled = [await m.start_job('echo', text='never') for _ in range(10)]
                 for j in cancelled: assert await m.cancel_job(j.id)
-            else:  # 20,000 terminal and submitted events wait for the broadcaster; then 3,000 progress events come
+            # 20,000 terminal and submitted events wait for the broadcaster; then 3,000 progress events come
+            else:
                 hangs = [await m.start_job('hang') for _ in range(n)]
                 await until('every hang job runs', lambda: all(h.status == 'running' for h in hangs), 10)
                 cancelled = [await m.start_job('echo', text='never') for _ in range(10000)]
@@ -547,7 +565,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
             assert all(j.status == 'failed' and j.error == f'f{i}' for i, j in enumerate(done[len(jobs):]))
             assert all(j.status == 'cancelled' and j.error is None for j in cancelled)
             pending_after = len(asyncio.all_tasks())
-            want = {j.id: s for s, js in (('completed', jobs), ('failed', failed), ('cancelled', cancelled)) for j in js}
+            want = {j.id: s for s, js in (('completed', jobs), ('failed', failed), ('cancelled', cancelled))
+                    for j in js}
             def arrived(): return {d['job_id']: e.split(':')[1] for e, d in events.events
                                    if e.split(':')[1] in TERMINAL_STATUSES}
             try: await until("every job's events",
@@ -556,7 +575,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
             got = arrived()
             ends = [d['job_id'] for e, d in events.events if e.split(':')[1] in TERMINAL_STATUSES]
             print(f"\n[10 {kind} n={n}] {len(want)} jobs in {ran:.1f} s; peak {peak[0]} asyncio tasks, "
-                  f"{pending_after} after the jobs; {len(got.keys() & want.keys())}/{len(want)} terminal events "
+                  f"{pending_after} after the jobs; {len(got.keys() & want.keys())}/{len(want)} terminal "
+                  f"events "
                   f"arrived; {len(events.events)} events in all"
                   + (f"; longest loop gap {gap * 1000:.0f} ms during the progress job, {backlog} events "
                      "buffered" if kind == 'stalled' else ''))
@@ -567,8 +587,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
             assert not missing, f"{len(missing)} terminal events never arrived (e.g. {want[missing[0]]})"
             assert len(ends) == len(set(ends)), "a terminal event arrived twice"
             if kind == 'stalled':
-                # (with more undroppable events waiting than the buffer holds, each progress event is the oldest
-                # droppable one as it comes, and is lost at once: allowed, the terminal event follows)
+                # (with more undroppable events waiting than the buffer holds, each progress event is the
+                # oldest droppable one as it comes, and is lost at once: allowed, the terminal event follows)
                 progress = sum(e == 'text:progress' for e, _ in events.events)
                 print(f"[10 stalled n={n}] {progress} of the 3000 progress events arrived")
                 assert gap < 0.1, f"progress events behind a stalled broadcaster stalled the loop {gap * 1000:.0f} ms"
@@ -584,7 +604,7 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
         assert_terminal(m)
     run(main(), 80)
 
-# ----- 11. started on one loop, awaited on another --------------------------------------------------------------
+# ----- 11. started on one loop, awaited on another ----------------------------------------------------------
 class LoopRecorder(Recorder):
     async def broadcast(self, event_type, data):
         await super().broadcast(event_type, data)
@@ -609,7 +629,8 @@ def test_events_go_to_the_loop_the_manager_was_started_on(no_leftover_processes,
         deadline = time.monotonic() + 10
         while len(of_kind(events, 'completed')) < 20 and time.monotonic() < deadline: time.sleep(0.01)
         completed = of_kind(events, 'completed')
-        assert sorted(d['job_id'] for d in completed) == sorted(j.id for j in jobs), f"{len(completed)}/20 arrived"
+        assert sorted(d['job_id'] for d in completed) == sorted(j.id
+                                                                for j in jobs), f"{len(completed)}/20 arrived"
         assert all(d['_loop'] is first for d in completed), "a completed event went to another loop"
         assert all(d['_loop'] is first for _, d in events.events) and second_loop[0] is not first
     finally:
@@ -617,7 +638,7 @@ def test_events_go_to_the_loop_the_manager_was_started_on(no_leftover_processes,
         first.call_soon_threadsafe(first.stop); thread.join(5); first.close()
     assert_terminal(m)
 
-# ----- 12. cancelling 20,000 waiting jobs -----------------------------------------------------------------------
+# ----- 12. cancelling 20,000 waiting jobs -------------------------------------------------------------------
 @POOLS
 @pytest.mark.timeout(90)
 def test_cancelling_20000_waiting_jobs_newest_first_is_prompt(no_leftover_processes, n):
@@ -644,7 +665,8 @@ def test_cancelling_20000_waiting_jobs_newest_first_is_prompt(no_leftover_proces
             total = time.perf_counter() - t0
             worst = await ticker.take()
             assert all(j.status == 'cancelled' and j.error is None and j.started_at is None for j in waiting)
-            print(f"\n[12 n={n}] 20000 submitted in {submitted:.1f} s; cancelled in {total:.2f} s, slowest cancel "
+            print(f"\n[12 n={n}] 20000 submitted in {submitted:.1f} s; cancelled in {total:.2f} s, slowest "
+                  f"cancel "
                   f"{slowest * 1000:.1f} ms, longest loop gap {worst * 1000:.1f} ms")
             # the next job does not wait behind the cancelled ones
             for h in hangs: assert await m.cancel_job(h.id)
@@ -661,11 +683,12 @@ def test_cancelling_20000_waiting_jobs_newest_first_is_prompt(no_leftover_proces
         assert_terminal(m)
     run(main(), 80)
 
-# ----- 13. a 200 MB argument and result -------------------------------------------------------------------------
+# ----- 13. a 200 MB argument and result ---------------------------------------------------------------------
 MB200 = 200 << 20
 
-# (Un)pickling 200 MB holds the GIL for 100-250 ms on any thread: large buffers travel out of band, read into place
-# with the GIL released. The bound here is loose (a loaded CI machine); benchmarks/run.py measures the stall itself.
+# (Un)pickling 200 MB holds the GIL for 100-250 ms on any thread: large buffers travel out of band, read into
+# place with the GIL released. The bound here is loose (a loaded CI machine); benchmarks/run.py measures the
+# stall itself.
 @POOLS
 @pytest.mark.timeout(90)
 def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, n):
@@ -691,7 +714,8 @@ def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, 
             assert res_job.status == 'completed', (res_job.status, res_job.error)
             assert type(res_job.result['blob']) is bytes and res_job.result['blob'] == b'r' * MB200
             print(f"\n[13 n={n}] 200 MB argument: start_job {submit_took * 1000:.0f} ms, longest gap "
-                  f"{submit_gap * 1000:.1f} ms; until done {arg_took:.2f} s, longest gap {arg_gap * 1000:.1f} ms; "
+                  f"{submit_gap * 1000:.1f} ms; until done {arg_took:.2f} s, longest gap "
+                  f"{arg_gap * 1000:.1f} ms; "
                   f"200 MB result: {res_took:.2f} s, longest gap {res_gap * 1000:.1f} ms")
             stalls = [f"{what} stalled the loop {gap * 1000:.0f} ms" for what, gap in
                       (('start_job of a 200 MB argument', submit_gap), ('sending a 200 MB argument', arg_gap),
@@ -705,7 +729,8 @@ def test_200mb_argument_and_result_do_not_stall_the_loop(no_leftover_processes, 
 
 @POOLS
 def test_large_buffers_keep_their_types_and_identity(no_leftover_processes, n):
-    "Out of band, bytes stay bytes, a bytearray a bytearray, one object twice one object; the rest of the message too."
+    ("Out of band, bytes stay bytes, a bytearray a bytearray, one object twice one object; "
+     "the rest of the message too.")
     size = 3 << 20
     async def main():
         m, _ = make(n, cls=FaultManager)
@@ -716,20 +741,24 @@ def test_large_buffers_keep_their_types_and_identity(no_leftover_processes, n):
             for job in jobs:  # each worker of the pool, and one of them again
                 assert job.status == 'completed', (job.status, job.error)
                 r = job.result
-                assert r['got'] == {'bytes': ('bytes', size), 'bytearray': ('bytearray', size), 'small': ('bytes', 4)}
+                assert r['got'] == {'bytes': ('bytes', size), 'bytearray': ('bytearray', size),
+                                    'small': ('bytes', 4)}
                 assert (type(r['blob']), r['blob']) == (bytes, b'b' * size) and r['again'][0] is r['blob']
                 assert (type(r['array']), r['array']) == (bytearray, bytearray(b'a' * size))
-                assert (type(r['buffer']), r['buffer']) == (bytearray, bytearray(b'w' * size))  # protocol 5's way
+                # protocol 5's way
+                assert (type(r['buffer']), r['buffer']) == (bytearray, bytearray(b'w' * size))
                 r['array'][0] = 0  # writable, as it was in the worker
-            data['bytearray'].extend(b'more')  # once its jobs have ended, an argument's bytearray is free again
+            # once its jobs have ended, an argument's bytearray is free again
+            data['bytearray'].extend(b'more')
             alien = await finish(m, await m.start_job('buffers', data={}, n=size, alien=True))
-            assert alien.status == 'failed' and 'cjm_worker_only.Alien could not be imported' in alien.error, alien.error
+            assert (alien.status == 'failed'
+                    and 'cjm_worker_only.Alien could not be imported' in alien.error), alien.error
             assert (await finish(m, await m.start_job('echo', text='after'))).status == 'completed'
         finally: m.shutdown()
         assert_terminal(m)
     run(main())
 
-# ----- 14. cancelled after the handover, before it started ------------------------------------------------------
+# ----- 14. cancelled after the handover, before it started --------------------------------------------------
 @POOLS
 def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_processes, tmp_path, n):
     frozen = []
@@ -751,7 +780,8 @@ def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_proces
             nxt = await finish(m, await m.start_job('echo', text='next'), 20)
             took = time.monotonic() - t0
             await asyncio.sleep(0.5)  # time enough for a plugin that was started to have written its file
-            print(f"\n[14 n={n}] next job done {took * 1000:.0f} ms after the cancel; plugin ran: {os.path.exists(path)}")
+            print(f"\n[14 n={n}] next job done {took * 1000:.0f} ms after the cancel; plugin ran: "
+                  f"{os.path.exists(path)}")
             assert not os.path.exists(path), "the cancelled job's plugin ran"
             assert nxt.status == 'completed' and nxt.result['text'] == 'next'
             assert took < 5.0, f"the next job waited {took:.1f} s behind the cancelled one"
@@ -764,17 +794,19 @@ def test_job_cancelled_after_handover_before_start_never_runs(no_leftover_proces
         assert_terminal(m)
     run(main())
 
-# ----- 15. a job that floods the manager ------------------------------------------------------------------------
+# ----- 15. a job that floods the manager --------------------------------------------------------------------
 @POOLS
 @pytest.mark.parametrize('kind', ['progress', 'chunks'])
 @pytest.mark.parametrize('grace', [0.0, 2.0], ids=['kill', 'stop'])
 def test_cancelling_a_flood_ends_it_fast_and_others_are_not_starved(no_leftover_processes, n, kind, grace):
-    "Killed (grace 0), its worker is gone within 1 s; asked to stop, it stops within 1 s and its worker lives on."
+    ("Killed (grace 0), its worker is gone within 1 s; asked to stop, "
+     "it stops within 1 s and its worker lives on.")
     async def main():
         m, _ = make(n, cls=FaultManager, cancel_grace_seconds=grace)
         try:
             await m.start()
-            flood = await (m.start_job('flood') if kind == 'progress' else m.start_job('flood_stream', stream=True))
+            flood = await (m.start_job('flood')
+                           if kind == 'progress' else m.start_job('flood_stream', stream=True))
             flooding = (lambda: flood.progress is not None) if kind == 'progress' else \
                        (lambda: len(m._book.chunks.get(flood.id, ())) > 100)
             await until('the flood runs', lambda: flood.status == 'running' and flooding(), 10)
@@ -783,7 +815,8 @@ def test_cancelling_a_flood_ends_it_fast_and_others_are_not_starved(no_leftover_
                 t0 = time.monotonic()
                 other = await finish(m, await m.start_job('echo', text='other'), 10)
                 other_took = time.monotonic() - t0
-                print(f"\n[15 {kind} n={n}] an echo on another worker took {other_took * 1000:.0f} ms during the flood")
+                print(f"\n[15 {kind} n={n}] an echo on another worker took {other_took * 1000:.0f} ms "
+                      f"during the flood")
                 assert other.status == 'completed' and other.worker_pid != flood.worker_pid
                 assert other_took < 1.0, f"an echo on another worker took {other_took:.2f} s during the flood"
             pid, t0 = flood.worker_pid, time.monotonic()
@@ -805,7 +838,7 @@ def test_cancelling_a_flood_ends_it_fast_and_others_are_not_starved(no_leftover_
         assert_terminal(m)
     run(main())
 
-# ----- 16. a plugin that closes the result pipe -----------------------------------------------------------------
+# ----- 16. a plugin that closes the result pipe -------------------------------------------------------------
 @POOLS
 @pytest.mark.parametrize('how', ['close', 'dup2'])
 def test_closed_result_pipe_does_not_make_the_supervisor_spin(no_leftover_processes, n, how):

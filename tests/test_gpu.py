@@ -38,9 +38,11 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
             total = rm.get_gpu_info()[0].memory_total
             mib = int(total * 0.55) >> 20  # more than the 45 % threshold, outside the app
             outsider = subprocess.Popen([sys.executable, '-c',
-                f"import time, torch; x = torch.empty({mib << 20}, dtype=torch.uint8, device='cuda'); time.sleep(600)"])
+                f"import time, torch; x = torch.empty({mib << 20}, dtype=torch.uint8, device='cuda'); "
+                f"time.sleep(600)"])
             def outsider_memory():  # NVML lists the process with its context first, its allocation a moment later
-                return sum(p.used_memory or 0 for d in rm.get_gpu_info() for p in d.processes if p.pid == outsider.pid)
+                return sum(p.used_memory or 0 for d in rm.get_gpu_info() for p in d.processes
+                           if p.pid == outsider.pid)
             await until("the outsider's memory on the GPU",
                         lambda: outsider_memory() > total * 0.5, timeout=120)
             c = rm.check_gpu_availability(0)

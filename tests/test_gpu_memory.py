@@ -23,7 +23,7 @@ DIR_ENV, TOTALS_ENV = 'FAKE_GPU_DIR', 'FAKE_GPU_TOTALS'
 SIZED = ['g1000', 'g1200', 'g1400', 'g2000', 'g3000', 'g4096a', 'g4096b', 'g4096c', 'g4096d']
 EXTRA = SIZED + ['rss', 'crashy']
 
-# ----- the fake GPUs, shared by the app (FileNVML) and the workers (allocate/release) ---------------------------
+# ----- the fake GPUs, shared by the app (FileNVML) and the workers (allocate/release) -----------------------
 def usage(root:str, gpu:str) -> dict: # pid -> MiB of the live processes that hold memory on `gpu`
     out = {}
     for name in os.listdir(root):
@@ -50,7 +50,8 @@ def allocate(mb:int):
         others = sum(v for p, v in usage(root, gpu).items() if p != me)
         if others + mb > _totals()[gpu]:
             with open(os.path.join(root, 'oom'), 'a') as f: f.write(f"{me} {gpu} {others}+{mb}\n")
-            raise MemoryError(f"CUDA out of memory (fake): {others} + {mb} MiB > {_totals()[gpu]} MiB on {gpu}")
+            raise MemoryError(f"CUDA out of memory (fake): {others} + {mb} MiB > {_totals()[gpu]} MiB on "
+                              f"{gpu}")
         with open(os.path.join(root, str(me)), 'w') as f: f.write(f"{gpu} {mb}")
         with open(os.path.join(root, 'loads'), 'a') as f: f.write(f"{me} {gpu} {mb}\n")
 
@@ -72,7 +73,7 @@ class FileNVML(FakeNVML):
     def nvmlDeviceGetComputeRunningProcesses(self, h):
         return [SimpleNamespace(pid=p, usedGpuMemory=mb << 20) for p, mb in self._used(h).items()]
 
-# ----- what the workers run -----------------------------------------------------------------------------------
+# ----- what the workers run ---------------------------------------------------------------------------------
 class GpuPluginManager(ScenarioPluginManager):
     "The scenario plugins, `gNNNN` (take NNNN MiB of the fake GPU while loaded), `rss` and `crashy`."
     def discover_plugins(self): return [{'name': n} for n in PLUGIN_NAMES + EXTRA]
@@ -102,12 +103,13 @@ class GpuPluginManager(ScenarioPluginManager):
         return super().execute_plugin(plugin_name, **params)
 
 def gpu_worker_process(request_queue, result_queue, response_queue):
-    base_worker_process(request_queue, result_queue, response_queue, GpuPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, GpuPluginManager,
+                        supports_streaming=True)
 
 class GpuManager(TextJobManager):
     def get_worker_entry_point(self): return gpu_worker_process
 
-# ----- helpers ------------------------------------------------------------------------------------------------
+# ----- helpers ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def gpus(tmp_path, monkeypatch):
     "Two fake GPUs of 4096 MiB; returns a function making the resource manager that reads them."
@@ -128,10 +130,12 @@ def make(n, rm=None, **cfg):
 def run(coro, timeout=90): return asyncio.run(asyncio.wait_for(coro, timeout))
 def loaded(m): return [r['loaded_plugin'] for r in m.get_workers_info()]
 def of_kind(events, kind): return [d for e, d in events.events if e == f'text:{kind}']
-def unloads(events): return [(d['worker_id'], d['plugin'], d['reason']) for d in of_kind(events, 'plugin_unloaded')]
-def sized(*names): return {n: PluginPolicy(gpu_memory_mb=int(re.match(r'g(\d{4})', n).group(1))) for n in names}
+def unloads(events): return [(d['worker_id'], d['plugin'], d['reason'])
+                             for d in of_kind(events, 'plugin_unloaded')]
+def sized(*names): return {n: PluginPolicy(gpu_memory_mb=int(re.match(r'g(\d{4})', n).group(1)))
+                           for n in names}
 
-# ----- keep-alive ---------------------------------------------------------------------------------------------
+# ----- keep-alive -------------------------------------------------------------------------------------------
 def test_keep_alive_on_cpu_unloads_after_the_time_and_not_before(no_leftover_processes):
     async def main():
         m, events = make(2, keep_alive_seconds=1)
@@ -146,7 +150,8 @@ def test_keep_alive_on_cpu_unloads_after_the_time_and_not_before(no_leftover_pro
             await until('no plugin loaded', lambda: loaded(m) == [None, None], timeout=3.0)
             assert time.monotonic() - ended < 3.0  # no plugin loaded 3 s after the last job
             await asyncio.sleep(0.05)
-            assert sorted(u[1:] for u in unloads(events)) == [('progress', 'idle'), ('sleep', 'idle')], unloads(events)
+            assert sorted(u[1:] for u in unloads(events)) == [('progress', 'idle'),
+                                                              ('sleep', 'idle')], unloads(events)
             assert all(r['idle_seconds'] is None for r in m.get_workers_info())
         finally: m.shutdown()
     run(main())
@@ -156,7 +161,8 @@ def test_keep_alive_never_unloads_a_busy_or_awaited_plugin(no_leftover_processes
         m, events = make(1, gpus(), gpus=[0], keep_alive_seconds=0,
                          plugin_policies={'g1000': PluginPolicy(keep_alive_seconds=0.3)})
         try:
-            jobs = [await m.start_job('echo', text=str(i)) for i in range(5)]  # keep-alive 0: unloaded after each job
+            # keep-alive 0: unloaded after each job
+            jobs = [await m.start_job('echo', text=str(i)) for i in range(5)]
             assert [(await finish(m, j)).status for j in jobs] == ['completed'] * 5
             await until('the plugin unloaded', lambda: loaded(m) == [None])
             long = await m.start_job('g1000', seconds=1.0)
@@ -172,7 +178,7 @@ def test_keep_alive_never_unloads_a_busy_or_awaited_plugin(no_leftover_processes
         finally: m.shutdown()
     run(main())
 
-# ----- fit before start, eviction -------------------------------------------------------------------------------
+# ----- fit before start, eviction ---------------------------------------------------------------------------
 def test_eviction_least_recently_used_first(no_leftover_processes, gpus, tmp_path):
     async def main():  # three workers on GPU 0 (4096 MiB)
         m, events = make(3, gpus(), gpus=[0], workers_per_gpu=3, gpu_memory_margin_mb=0,
@@ -185,17 +191,20 @@ def test_eviction_least_recently_used_first(no_leftover_processes, gpus, tmp_pat
             big = await finish(m, await m.start_job('g2000'))  # 496 MiB free: two must go, the oldest two
             assert big.status == 'completed', big.error
             await asyncio.sleep(0.05)
-            assert sorted(unloads(events)) == [(0, 'g1000', 'memory'), (1, 'g1200', 'memory')], unloads(events)
+            assert sorted(unloads(events)) == [(0, 'g1000', 'memory'),
+                                               (1, 'g1200', 'memory')], unloads(events)
             assert 'g1400' in loaded(m) and 'g2000' in loaded(m)
             assert not ooms(tmp_path)
-            assert {r['gpu_memory_mb'] for r in m.get_workers_info() if r['loaded_plugin'] == 'g1400'} == {1400}
+            assert {r['gpu_memory_mb'] for r in m.get_workers_info()
+                    if r['loaded_plugin'] == 'g1400'} == {1400}
         finally: m.shutdown()
     run(main())
 
 def test_jobs_wait_rather_than_overcommit_and_too_big_fails(no_leftover_processes, gpus, tmp_path):
     async def main():  # one worker per GPU; g3000 on GPU 0 stays busy, so g2000 waits for its memory
         m, events = make(2, gpus(), gpus=[0, 0], gpu_memory_margin_mb=0,
-                         plugin_policies={**sized('g3000', 'g2000'), 'g4096a': PluginPolicy(gpu_memory_mb=5000)})
+                         plugin_policies={**sized('g3000', 'g2000'),
+                                          'g4096a': PluginPolicy(gpu_memory_mb=5000)})
         try:
             await m.start()
             hold = await m.start_job('g3000', seconds=1.5)
@@ -203,7 +212,8 @@ def test_jobs_wait_rather_than_overcommit_and_too_big_fails(no_leftover_processe
             small = await m.start_job('g2000')
             await asyncio.sleep(0.5)
             assert small.status == 'pending' and m.job_wait_reason(small.id) == WAIT_MEMORY
-            assert (await finish(m, small)).status == 'completed'  # once g3000's worker is free, it swaps there
+            # once g3000's worker is free, it swaps there
+            assert (await finish(m, small)).status == 'completed'
             assert small.started_at >= hold.completed_at and small.worker_pid == hold.worker_pid
             huge = await finish(m, await m.start_job('g4096a'))  # declared larger than any GPU: fails at once
             assert huge.status == 'failed' and huge.attempts == 0, huge
@@ -223,7 +233,8 @@ def test_soak_no_overcommit(no_leftover_processes, gpus, tmp_path):
             order = [plugins[(i * 7 + i // 13) % 4] for i in range(1000)]  # mixed, with runs of one plugin
             jobs = [await m.start_job(p) for p in order]
             done = [await finish(m, j, timeout=120) for j in jobs]
-            assert Counter(j.status for j in done) == {'completed': 1000}, [j.error for j in done if j.error][:3]
+            assert Counter(j.status for j in done) == {'completed': 1000}, [j.error for j in done
+                                                                            if j.error][:3]
             await asyncio.sleep(0.05)
             loads = (tmp_path/'loads').read_text().count('\n')  # each a whole GPU: loads replace one another
             assert loads >= 4 and not ooms(tmp_path), (loads, ooms(tmp_path))
@@ -241,7 +252,8 @@ def test_learned_need(no_leftover_processes, gpus, tmp_path):
             assert await m.unload_plugin('g3000')
             await asyncio.sleep(0.1)
             first = await m.start_job('g3000', seconds=1.0)
-            second = await m.start_job('g2000')  # 4096 - 3000 learned < 2000: it waits, it does not overcommit
+            # 4096 - 3000 learned < 2000: it waits, it does not overcommit
+            second = await m.start_job('g2000')
             assert (await finish(m, second)).status == 'completed'
             assert second.started_at >= first.completed_at
             await asyncio.sleep(0.05)
@@ -256,16 +268,19 @@ def test_idle_exit_gives_the_worker_back(no_leftover_processes, gpus, tmp_path):
         try:
             await m.start()
             pid = (await finish(m, await m.start_job('g1000'))).worker_pid
-            await until('the idle worker exited', lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-            await until('its slot is empty', lambda: m.get_workers_info()[0]['pid'] is None)  # its slot waits for a job
+            await until('the idle worker exited', lambda: not psutil.pid_exists(pid)
+                        or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+            # its slot waits for a job
+            await until('its slot is empty', lambda: m.get_workers_info()[0]['pid'] is None)
             await asyncio.sleep(0.05)
             assert of_kind(events, 'worker_died') == [] and unloads(events) == [(0, 'g1000', 'idle')]
-            again = await finish(m, await m.start_job('g1000'))  # the other worker takes it, or the slot restarts
+            # the other worker takes it, or the slot restarts
+            again = await finish(m, await m.start_job('g1000'))
             assert again.status == 'completed' and again.worker_pid != pid
         finally: m.shutdown()
     run(main())
 
-# ----- max_concurrency, memory recycling ------------------------------------------------------------------------
+# ----- max_concurrency, memory recycling --------------------------------------------------------------------
 def test_max_concurrency(no_leftover_processes):
     async def main():
         m, _ = make(3, plugin_policies={'sleep': PluginPolicy(max_concurrency=1)})
@@ -290,14 +305,15 @@ def test_memory_recycling(no_leftover_processes):
             await m.start()
             pid = m.get_workers_info()[0]['pid']
             assert (await finish(m, await m.start_job('rss', mb=400))).status == 'completed'
-            await until('a new worker in the slot', lambda: m.get_workers_info()[0]['pid'] not in (None, pid), timeout=10)
+            await until('a new worker in the slot', lambda: m.get_workers_info()[0]['pid'] not in (None, pid),
+                        timeout=10)
             after = await finish(m, await m.start_job('echo', text='x'))
             assert after.status == 'completed' and after.worker_pid != pid
             assert m.get_workers_info()[0]['crashes'] == 0
         finally: m.shutdown()
     run(main())
 
-# ----- retries --------------------------------------------------------------------------------------------------
+# ----- retries ----------------------------------------------------------------------------------------------
 def test_retries_a_plugin_that_crashes_its_first_two_runs(no_leftover_processes, tmp_path):
     async def main():
         m, events = make(1, plugin_policies={'crashy': PluginPolicy(max_retries=2)})
@@ -306,9 +322,11 @@ def test_retries_a_plugin_that_crashes_its_first_two_runs(no_leftover_processes,
             assert job.status == 'completed' and job.result == {'runs': 3} and job.attempts == 3, job
             await asyncio.sleep(0.05)
             retrying = of_kind(events, 'retrying')
-            assert [(d['job_id'], d['attempt'], d['delay_seconds']) for d in retrying] == [(job.id, 2, 1.0), (job.id, 3, 2.0)]
+            assert [(d['job_id'], d['attempt'], d['delay_seconds']) for d in retrying] == [(job.id, 2, 1.0),
+                                                                                           (job.id, 3, 2.0)]
             assert 'Worker died while running the job' in retrying[0]['error']
-            failing = await finish(m, await m.start_job('crashy', count_file=str(tmp_path/'c2'), crashes=9), timeout=30)
+            failing = await finish(m, await m.start_job('crashy', count_file=str(tmp_path/'c2'), crashes=9),
+                                   timeout=30)
             assert failing.status == 'failed' and failing.attempts == 3
             assert failing.error.startswith('Failed on each of its 3 attempts: 1) Worker died'), failing.error
             own = await finish(m, await m.start_job('fail'))  # the plugin's own exception: not retried

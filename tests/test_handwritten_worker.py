@@ -19,7 +19,8 @@ class HandJob(BaseJob):
     params: Dict[str, Any] = field(default_factory=dict)
 
 class HandwrittenManager(BaseJobManager[HandJob]):
-    def create_job(self, plugin_id, **kwargs): return HandJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+    def create_job(self, plugin_id, **kwargs): return HandJob(id=uuid.uuid4().hex, plugin_id=plugin_id,
+                                                              params=kwargs)
     def get_worker_entry_point(self): return handwritten_worker_process
     def prepare_execute_request(self, job): return job.params
     def extract_job_result(self, job, result_data): return result_data

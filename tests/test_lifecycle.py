@@ -13,7 +13,7 @@ from helpers import TextJobManager, make, run, until
 pytestmark = pytest.mark.timeout(90)
 POOLS = pytest.mark.parametrize('n', [1, 3], ids=['pool1', 'pool3'])
 
-# ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
+# ----- what the workers run (module level: spawned workers import it by name) -------------------------------
 class SlowToRead:
     "An object that takes `seconds` to unpickle in the app: it holds the supervisor's read that long."
     def __init__(self, seconds): self.seconds = seconds
@@ -34,7 +34,8 @@ class LifecyclePlugins(ScenarioPluginManager):
         return super().execute_plugin(plugin_name, **params)
 
 def lifecycle_worker_process(request_queue, result_queue, response_queue):
-    base_worker_process(request_queue, result_queue, response_queue, LifecyclePlugins, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, LifecyclePlugins,
+                        supports_streaming=True)
 
 class LifecycleManager(TextJobManager):
     def get_worker_entry_point(self): return lifecycle_worker_process
@@ -42,7 +43,8 @@ class LifecycleManager(TextJobManager):
 LIFE = dict(cls=LifecycleManager, worker_type='life')  # what every manager here is made with
 
 class Counting:
-    "A broadcaster that keeps up: it counts, and (unless `keep` is False) joins chunks and lists the other kinds."
+    ("A broadcaster that keeps up: it counts, and (unless `keep` is False) joins chunks and lists the other "
+     "kinds.")
     def __init__(self, keep=True): self.n, self.texts, self.kinds, self.keep = 0, {}, [], keep
     async def broadcast(self, event, data):
         self.n += 1
@@ -51,7 +53,7 @@ class Counting:
         if kind == 'chunk': self.texts[data['job_id']] = self.texts.get(data['job_id'], '') + data['chunk']
         else: self.kinds.append(kind)
 
-# ----- a dropped manager --------------------------------------------------------------------------------------
+# ----- a dropped manager ------------------------------------------------------------------------------------
 @POOLS
 def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_leftover_processes, n):
     async def main():
@@ -69,8 +71,9 @@ def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_
         print(f"workers gone {time.monotonic() - t0:.3f} s after the collection")
     run(main())
 
-# ----- shutdown racing a busy round ------------------------------------------------------------------------------
-def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftover_processes, caplog, monkeypatch):
+# ----- shutdown racing a busy round -------------------------------------------------------------------------
+def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftover_processes, caplog,
+                                                                      monkeypatch):
     "The supervisor's read is held 6 s (an object slow to unpickle); shutdown's 5 s wait for the thread runs out."
     monkeypatch.setenv('CJM_TEST_SLOW_READ', str(os.getpid()))
     async def main():
@@ -84,11 +87,12 @@ def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftove
         await asyncio.sleep(1.5)  # the round ends its read, sees the shutdown, leaves
         assert not m.result_monitor_thread.is_alive()
     with caplog.at_level(logging.DEBUG, logger='cjm_fasthtml_workers'): run(main())
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or 'Bad file descriptor' in r.getMessage()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR
+              or 'Bad file descriptor' in r.getMessage()
               or (r.exc_info and isinstance(r.exc_info[1], OSError))]
     assert not errors, [(r.getMessage(), r.exc_info) for r in errors]
 
-# ----- a death with commands waiting ------------------------------------------------------------------------------
+# ----- a death with commands waiting ------------------------------------------------------------------------
 @pytest.mark.parametrize('n', [1, 2], ids=['pool1', 'pool2'])
 def test_a_worker_killed_while_reloads_wait_for_it_ends_its_job_at_once(no_leftover_processes, n):
     async def main():
@@ -102,12 +106,13 @@ def test_a_worker_killed_while_reloads_wait_for_it_ends_its_job_at_once(no_lefto
             os.kill(job.worker_pid, signal.SIGKILL)
             await until("the job ends after its worker's death", lambda: job.status != 'running', 5.5)
             assert job.status == 'failed' and 'SIGKILL' in job.error, (job.status, job.error)
-            await asyncio.wait_for(asyncio.gather(*reloads), 10)  # answered (False or True), never left waiting
+            # answered (False or True), never left waiting
+            await asyncio.wait_for(asyncio.gather(*reloads), 10)
         finally: m.shutdown()
         assert all(j.status in ('completed', 'failed', 'cancelled') for j in m.get_all_jobs())
     run(main())
 
-# ----- memory after clearing ------------------------------------------------------------------------------------
+# ----- memory after clearing --------------------------------------------------------------------------------
 def test_nothing_of_a_cleared_job_remains(no_leftover_processes):
     "From 10,000 to 20,000 jobs run and cleared, with a broadcaster: less than 100 KB of growth."
     async def batch(m, n):
@@ -131,7 +136,7 @@ def test_nothing_of_a_cleared_job_remains(no_leftover_processes):
         assert growth < 100 * 1024, f"{growth} bytes kept after clearing; the largest: {top}"
     run(main(), timeout=85)
 
-# ----- events -----------------------------------------------------------------------------------------------------
+# ----- events -----------------------------------------------------------------------------------------------
 def test_a_broadcaster_that_keeps_up_gets_every_chunk_of_100000(no_leftover_processes):
     async def main():
         events = Counting()
@@ -165,7 +170,8 @@ def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never
             slow = await m.start_job('progress', seconds=0.5, steps=500)
             await m.wait_for_job(slow.id, timeout=60)
             # `waiting` leaves out the event being broadcast: the lagging broadcaster records it 1 ms later
-            await until("every event delivered", lambda: m._events.waiting == 0 and m._events.started is None, 60)
+            await until("every event delivered", lambda: m._events.waiting == 0 and m._events.started is None,
+                        60)
         finally: m.shutdown()
         assert events.texts[job.id] == ''.join(f'{i} ' for i in range(20_000)), "the streamed text has a hole"
         assert m._events.coalesced > 0, "nothing was coalesced: the broadcaster did not lag"

@@ -91,7 +91,7 @@ def test_cancel_kills_grandchildren(manager_factory, tmp_path, backend):
         assert (await finish(m, await m.start_job('echo', text='ok'))).status == 'completed'
     run(main())
 
-# ----- crashes under every restart policy ----------------------------------------------------------------------
+# ----- crashes under every restart policy -------------------------------------------------------------------
 CRASHES = {'kill': ({}, 'SIGKILL'), 'segv': ({}, 'SIGSEGV'), 'exit': ({'code': 3}, 'exited with code 3')}
 
 @pytest.mark.parametrize('policy', list(RestartPolicy))
@@ -103,7 +103,8 @@ def test_crash_matrix(no_leftover_processes, crash, policy, backend):
             await m.start()
             pid = m.worker_process.pid
             params, reason = CRASHES[crash]
-            first = await m.start_job('sleep', seconds=0.3)  # keeps the worker busy while the next two are queued
+            # keeps the worker busy while the next two are queued
+            first = await m.start_job('sleep', seconds=0.3)
             bad = await m.start_job(crash, **params)
             behind = await m.start_job('echo', text='behind')
             assert (await finish(m, first)).status == 'completed'
@@ -188,10 +189,12 @@ def test_bad_input(manager_factory):
 
 class Registry:
     "A plugin registry whose ids differ from the worker's plugin names."
-    def __init__(self): self.plugins = {'p-echo': {'id': 'p-echo', 'name': 'echo'}, 'p-hist': {'id': 'p-hist', 'name': 'history'}}
+    def __init__(self): self.plugins = {'p-echo': {'id': 'p-echo', 'name': 'echo'},
+                                        'p-hist': {'id': 'p-hist', 'name': 'history'}}
     def get_plugins_by_category(self, category): return list(self.plugins.values())
     def get_plugin(self, plugin_id): return self.plugins.get(plugin_id)
-    def load_plugin_config(self, plugin_id): return {'prefix': '>> ', 'model_id': 'tiny-echo'} if plugin_id == 'p-echo' else {}
+    def load_plugin_config(self, plugin_id): return {'prefix': '>> ',
+                                                     'model_id': 'tiny-echo'} if plugin_id == 'p-echo' else {}
 
 def test_registry_and_resource_manager_integration(no_leftover_processes):
     async def main():
@@ -236,7 +239,7 @@ def test_reload_and_unload(manager_factory, backend):
         assert (await finish(m, await m.start_job('echo', text='3'))).result['text'] == 'C:3'
     run(main())
 
-# ----- streaming, progress, events -----------------------------------------------------------------------------
+# ----- streaming, progress, events --------------------------------------------------------------------------
 def test_streaming_arrives_while_running(manager_factory, backend):
     async def main():
         m, events = manager_factory(backend=backend)
@@ -328,7 +331,8 @@ def test_soak_random_kills(no_leftover_processes, backend):
         m, events = make(policy=RestartPolicy.ALWAYS, max_restart_attempts=1000, backend=backend)
         rng = random.Random(1234)
         try:
-            jobs = [await m.start_job(rng.choice(['echo', 'echo', 'sleep']), text=f't{i}', seconds=0.002) for i in range(400)]
+            jobs = [await m.start_job(rng.choice(['echo', 'echo', 'sleep']), text=f't{i}', seconds=0.002)
+                    for i in range(400)]
             kills = 0
             while any(j.status not in TERMINAL_STATUSES for j in jobs):
                 await asyncio.sleep(rng.uniform(0.01, 0.15))
@@ -377,7 +381,7 @@ def test_event_loop_never_stalls(no_leftover_processes, backend):
         assert worst < 0.1, f"event loop stalled for {worst * 1000:.0f} ms"
     run(main())
 
-# ----- hooks --------------------------------------------------------------------------------------------------
+# ----- hooks ------------------------------------------------------------------------------------------------
 class HookedManager(TextJobManager):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -414,7 +418,7 @@ def test_many_waiters_one_result(manager_factory):
         assert m._book.waiters == {}  # nothing left behind
     run(main())
 
-# ----- a worker that cannot start ------------------------------------------------------------------------------
+# ----- a worker that cannot start ---------------------------------------------------------------------------
 class BrokenManager(TextJobManager):
     def get_worker_entry_point(self):
         from cjm_fasthtml_workers.testing import failing_init_worker_process
@@ -424,7 +428,8 @@ class BrokenManager(TextJobManager):
 def test_worker_that_dies_in_its_loop(no_leftover_processes, policy):
     "An exception in the worker's loop kills it: start() and start_job fail clearly, and restarts stop at the budget."
     async def main():
-        m = BrokenManager('text', 'test', worker_config=WorkerConfig(restart_policy=policy, max_restart_attempts=2))
+        m = BrokenManager('text', 'test',
+                          worker_config=WorkerConfig(restart_policy=policy, max_restart_attempts=2))
         try:
             with pytest.raises(RuntimeError, match='plugin manager could not be created'): await m.start()
             assert m.restart_count == (2 if policy == RestartPolicy.ALWAYS else 0)
@@ -437,9 +442,11 @@ class UnspawnableManager(TextJobManager):
     def get_worker_entry_point(self): return lambda *queues: None  # spawn cannot pickle a lambda
 
 def test_worker_that_cannot_be_spawned(no_leftover_processes, caplog):
-    "A spawn that fails in the parent fails start() and the waiting jobs with the reason, once, with no retry loop."
+    ("A spawn that fails in the parent fails start() and the waiting jobs with the reason, once, "
+     "with no retry loop.")
     async def main():
-        m = UnspawnableManager('text', 'test', worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS))
+        m = UnspawnableManager('text', 'test',
+                               worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS))
         try:
             with pytest.raises(RuntimeError, match='Could not start a worker'): await m.start()
             await asyncio.sleep(0.2)

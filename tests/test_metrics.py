@@ -3,7 +3,8 @@ memory on a fake NVML, dropped events, and the core never importing prometheus_c
 import asyncio, os, subprocess, sys
 
 import pytest
-prometheus_client = pytest.importorskip('prometheus_client', reason="the metrics extra: pip install -e '.[metrics]'")
+prometheus_client = pytest.importorskip('prometheus_client',
+                                        reason="the metrics extra: pip install -e '.[metrics]'")
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,7 +25,8 @@ def scrape(registry) -> dict:
 def value(samples, name, **labels): return samples.get((name, tuple(sorted(labels.items()))))
 
 def test_known_mix_of_jobs(no_leftover_processes):
-    "3 completed, 2 failed, a crash, a running job and a waiting one cancelled: each counted where it belongs."
+    ("3 completed, 2 failed, a crash, a running job and a waiting one cancelled: "
+     "each counted where it belongs.")
     async def main():
         m, _ = make(**PLAIN)
         registry = CollectorRegistry()
@@ -41,7 +43,8 @@ def test_known_mix_of_jobs(no_leftover_processes):
             assert value(s, 'cjm_jobs_running', worker_type='text', plugin='hang') == 1
             assert value(s, 'cjm_jobs_waiting', worker_type='text', plugin='echo') == 1
             assert value(s, 'cjm_workers', worker_type='text', state='busy') == 1
-            assert value(s, 'cjm_worker_plugin_loaded', worker_type='text', worker_id='0', plugin='hang', gpu='') == 1
+            assert value(s, 'cjm_worker_plugin_loaded', worker_type='text', worker_id='0', plugin='hang',
+                         gpu='') == 1
             assert await m.cancel_job(behind.id) and await m.cancel_job(hang.id)
             await until('the cancel counted and the worker idle again',
                         lambda: m.get_workers_info()[0]['cancels'] == 1
@@ -51,7 +54,8 @@ def test_known_mix_of_jobs(no_leftover_processes):
         finally: m.shutdown()
         expected = {('echo', 'completed'): 3, ('fail', 'failed'): 2, ('exit', 'failed'): 1,
                     ('hang', 'cancelled'): 1, ('echo', 'cancelled'): 1}
-        got = {(dict(k[1])['plugin'], dict(k[1])['status']): v for k, v in s.items() if k[0] == 'cjm_jobs_total'}
+        got = {(dict(k[1])['plugin'], dict(k[1])['status']): v for k, v in s.items()
+               if k[0] == 'cjm_jobs_total'}
         assert got == expected
         assert value(s, 'cjm_worker_crashes_total', worker_type='text', worker_id='0') == 1
         assert value(s, 'cjm_worker_cancels_total', worker_type='text', worker_id='0') == 1
@@ -61,7 +65,8 @@ def test_known_mix_of_jobs(no_leftover_processes):
         assert value(s, 'cjm_job_run_seconds_count', worker_type='text', plugin='hang') == 1
         assert value(s, 'cjm_jobs_waiting', worker_type='text', plugin='echo') == 0
         assert value(s, 'cjm_events_coalesced_total', worker_type='text') == 0
-        # one worker: each plugin was loaded when its first job came (the crashed worker's replacement ran only hang)
+        # one worker: each plugin was loaded when its first job came (the crashed worker's replacement ran
+        # only hang)
         for plugin in ('echo', 'fail', 'exit', 'hang'):
             assert value(s, 'cjm_plugin_loads_total', worker_type='text', plugin=plugin) == 1, plugin
         assert not any(k[0].startswith('cjm_worker_gpu_memory') for k in s)  # no GPU: the metric is absent
@@ -86,7 +91,8 @@ def test_histogram_buckets_move(no_leftover_processes):
         for le in ('0.5', '1.0', '+Inf'): assert run(after, le) == run(before, le) + 1, le
         assert value(after, 'cjm_job_run_seconds_count', worker_type='text', plugin='sleep') == 2
         assert value(after, 'cjm_job_run_seconds_sum', worker_type='text', plugin='sleep') >= 0.3
-        load = lambda le: value(after, 'cjm_plugin_load_seconds_bucket', worker_type='text', plugin='echo', le=le)
+        load = lambda le: value(after, 'cjm_plugin_load_seconds_bucket', worker_type='text', plugin='echo',
+                                le=le)
         assert load('0.25') == 0 and load('+Inf') == 1
         assert value(after, 'cjm_plugin_load_seconds_sum', worker_type='text', plugin='echo') >= 0.3
     run(main())
@@ -130,7 +136,8 @@ def test_gpu_memory_per_worker(no_leftover_processes):
             fake.gpus[1]['processes'].update({pids[0]: 3 << 30, 424242: 5 << 30})  # 424242: not the app's
             s = scrape(registry)
         finally: m.shutdown()
-        assert value(s, 'cjm_worker_gpu_memory_bytes', worker_type='text', worker_id='0', gpu='GPU-fake-1') == 3 << 30
+        assert value(s, 'cjm_worker_gpu_memory_bytes', worker_type='text', worker_id='0',
+                     gpu='GPU-fake-1') == 3 << 30
         assert not [k for k in s if k[0] == 'cjm_worker_gpu_memory_bytes' and ('worker_id', '1') in k[1]]
     run(main())
 
@@ -156,8 +163,10 @@ def test_events_coalesced(no_leftover_processes):
 
 def test_core_never_imports_prometheus_client():
     "The managers, the FastHTML module and the metrics module's plain reads load without prometheus_client."
-    code = ("import sys\nimport cjm_fasthtml_workers.managers.base, cjm_fasthtml_workers.extensions.fasthtml\n"
-            "import cjm_fasthtml_workers.extensions.metrics\nassert 'prometheus_client' not in sys.modules, 'imported'")
+    code = ("import sys\nimport cjm_fasthtml_workers.managers.base, "
+            "cjm_fasthtml_workers.extensions.fasthtml\n"
+            "import cjm_fasthtml_workers.extensions.metrics\nassert 'prometheus_client' not in sys.modules, "
+            "'imported'")
     subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
 
 def test_metrics_route_over_http(no_leftover_processes):

@@ -31,7 +31,7 @@ def make(**cfg):
     return TextJobManager('text', 'test', supports_streaming=True, event_broadcaster=events,
                           worker_config=WorkerConfig(**cfg)), events
 
-# ----- reads and cancel, scoped -----------------------------------------------------------------------------------
+# ----- reads and cancel, scoped -----------------------------------------------------------------------------
 def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
     async def main():
         m, _ = make()
@@ -55,7 +55,8 @@ def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
             assert [c async for c in m.stream_job(ann.id, owner='ann')] == ['one ', 'two ', 'three']
             assert {j.id for j in m.get_all_jobs()} == {ann.id, bob.id, nobody.id}
             assert [j.id for j in m.get_all_jobs(owner=ANY_OWNER)] == [ann.id, bob.id, nobody.id]
-            assert [j.id for j in m.get_all_jobs(owner=None)] == [nobody.id]  # None: the jobs without an owner
+            # None: the jobs without an owner
+            assert [j.id for j in m.get_all_jobs(owner=None)] == [nobody.id]
             assert m.get_job(nobody.id, owner=None) is nobody and m.get_job(nobody.id, owner='ann') is None
             # cancel: another owner's job is not cancelled, and not touched
             await until("bob's job runs", lambda: bob.status == 'running')
@@ -70,7 +71,7 @@ def test_every_read_and_cancel_is_scoped_to_its_owner(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-# ----- options ------------------------------------------------------------------------------------------------------
+# ----- options ----------------------------------------------------------------------------------------------
 def test_options_give_owner_priority_and_a_timeout_of_its_own(no_leftover_processes):
     async def main():
         m, _ = make()  # job_timeout_seconds None: no limit but the job's own
@@ -79,7 +80,8 @@ def test_options_give_owner_priority_and_a_timeout_of_its_own(no_leftover_proces
             assert (slow.owner, slow.priority, slow.params) == ('ann', 3, {'seconds': 30})
             t0 = time.monotonic()
             done = await m.wait_for_job(slow.id, timeout=30)
-            assert done.status == 'failed' and done.error == 'Job timed out after 0.5 s; the worker was ended', done.error
+            assert (done.status == 'failed'
+                    and done.error == 'Job timed out after 0.5 s; the worker was ended'), done.error
             assert time.monotonic() - t0 < 20
             # the limit is that job's alone: the next job, without one, runs past it
             plain = await m.start_job('sleep', seconds=1.0)
@@ -113,26 +115,30 @@ def test_a_job_parameter_named_owner_is_not_an_option(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-# ----- events --------------------------------------------------------------------------------------------------------
+# ----- events -----------------------------------------------------------------------------------------------
 def test_every_job_event_names_its_owner(no_leftover_processes):
     async def main():
         m, events = make()
         try:
             ann = m.options(owner='ann')
             jobs = [await ann.start_job('echo', text='hi'), await ann.start_job('fail'),
-                    await ann.start_job('stream', text='a b', stream=True), await ann.start_job('progress', steps=2)]
+                    await ann.start_job('stream', text='a b', stream=True),
+                    await ann.start_job('progress', steps=2)]
             for j in jobs: await m.wait_for_job(j.id, timeout=30)
-            # after ann's: owners take turns, so bob's would otherwise run (and crash the worker) before her third
+            # after ann's: owners take turns, so bob's would otherwise run (and crash the worker) before her
+            # third
             jobs.append(await m.options(owner='bob').start_job('kill'))
             await m.wait_for_job(jobs[-1].id, timeout=30)
             hang = await ann.start_job('hang')
             await until("the hang job runs", lambda: hang.status == 'running')
             await m.cancel_job(hang.id)
-            await until("a worker restarted after the cancel", lambda: any(k == 'worker_restarted' for k, _ in events.events))
+            await until("a worker restarted after the cancel",
+                        lambda: any(k == 'worker_restarted' for k, _ in events.events))
         finally: m.shutdown()
         about_jobs = [(k, d) for k, d in events.events if 'job_id' in d]
         kinds = {k for k, _ in about_jobs}
-        assert {'submitted', 'started', 'progress', 'chunk', 'completed', 'failed', 'cancelled', 'worker_died'} <= kinds
+        assert {'submitted', 'started', 'progress', 'chunk', 'completed', 'failed', 'cancelled',
+                'worker_died'} <= kinds
         owner_of = {j.id: j.owner for j in jobs + [hang]}
         assert all(d['owner'] == owner_of[d['job_id']] for k, d in about_jobs), about_jobs
         died = [d for k, d in events.events if k == 'worker_died' and d.get('job_id') == jobs[-1].id]
@@ -156,13 +162,14 @@ def test_a_page_of_one_owner_sees_no_job_of_another(no_leftover_processes):
         finally: m.shutdown()
         seen = [e for e in list(ann_q._queue) if e is not None]
         assert not [e for e in seen if bobs.id in repr(e.data) or e.data.get('owner') == 'bob'], seen
-        assert [e.kind for e in seen if e.data.get('job_id') == mine.id] == ['submitted', 'started', 'completed']
+        assert [e.kind for e in seen if e.data.get('job_id') == mine.id] == ['submitted', 'started',
+                                                                             'completed']
         died = [e for e in seen if e.kind == 'worker_died']
         assert died and not {'job_id', 'owner', 'result', 'error'} & died[0].data.keys(), died
         assert [e.data['job_id'] for e in list(all_q._queue) if e and e.kind == 'worker_died'] == [bobs.id]
     run(main())
 
-# ----- the job store --------------------------------------------------------------------------------------------------
+# ----- the job store ----------------------------------------------------------------------------------------
 def test_the_store_keeps_owner_and_priority(tmp_path, no_leftover_processes):
     "Owner and priority survive a restart; a recovered pending job counts as its owner's; an old record reads back."
     import pickle
@@ -195,7 +202,7 @@ def test_the_store_keeps_owner_and_priority(tmp_path, no_leftover_processes):
     back = load_record(pickle.dumps(old, 5))
     assert (back.owner, back.priority) == (None, 0)
 
-# ----- admission ------------------------------------------------------------------------------------------------------
+# ----- admission --------------------------------------------------------------------------------------------
 async def _full_refusal(m, events, owner):
     "A start_job past a limit: QueueFull with a retry_after; nothing made, kept or announced."
     await asyncio.sleep(0.05)  # the events of the jobs before it have been delivered
@@ -218,7 +225,8 @@ def test_queue_full_at_the_total_limit(no_leftover_processes):
             await m.cancel_job(waiting[0].id)  # one fewer waits: one more is let in
             extra = await m.options(owner='cy').start_job('echo')
             await m.cancel_job(hang.id)
-            for j in waiting[1:] + [extra]: assert (await m.wait_for_job(j.id, timeout=30)).status == 'completed'
+            for j in waiting[1:] + [extra]:
+                assert (await m.wait_for_job(j.id, timeout=30)).status == 'completed'
         finally: m.shutdown()
     run(main())
 
@@ -243,14 +251,16 @@ def test_queue_full_per_owner(no_leftover_processes):
     run(main())
 
 def test_queue_full_holds_for_submissions_that_overlap(no_leftover_processes):
-    "Large jobs pickle on a thread, so submissions overlap: the limit still holds, checked again as the job is queued."
+    ("Large jobs pickle on a thread, so submissions overlap: the limit still holds, "
+     "checked again as the job is queued.")
     async def main():
         m, events = make(max_pending_jobs=3)
         try:
             hang = await m.start_job('hang')
             await until("the hang job runs", lambda: hang.status == 'running')
             big = 'x' * (2 << 20)  # past the size that is pickled off the event loop
-            out = await asyncio.gather(*(m.start_job('echo', text=big) for _ in range(8)), return_exceptions=True)
+            out = await asyncio.gather(*(m.start_job('echo', text=big) for _ in range(8)),
+                                       return_exceptions=True)
             assert sum(isinstance(o, QueueFull) for o in out) == 5, out
             assert len(m._book.unstarted) == 3 and len(m.get_all_jobs()) == 4
             await m.cancel_job(hang.id)
@@ -258,7 +268,8 @@ def test_queue_full_holds_for_submissions_that_overlap(no_leftover_processes):
     run(main())
 
 def test_queue_full_is_429_with_retry_after(no_leftover_processes):
-    "Through a FastHTML app: a session past max_pending_per_owner gets 429 and Retry-After; another is served."
+    ("Through a FastHTML app: a session past max_pending_per_owner gets 429 and Retry-After; "
+     "another is served.")
     from fasthtml.common import FastHTML
     from starlette.testclient import TestClient
     from cjm_fasthtml_workers.extensions.fasthtml import worker_lifespan
@@ -286,7 +297,7 @@ def test_queue_full_is_429_with_retry_after(no_leftover_processes):
         assert len(owners) == 3 and owners[0] == owners[1] != owners[2], owners
     # the lifespan shut the manager down, ending the hanging job
 
-# ----- the README app over HTTP ---------------------------------------------------------------------------------------
+# ----- the README app over HTTP -----------------------------------------------------------------------------
 class OwnStream:
     "One browser session's /events, read on a thread: (id, data) of each SSE message."
     def __init__(self, client:httpx.Client, url:str, last_event_id:str=None):
@@ -346,18 +357,20 @@ def test_two_owners_200_jobs_each_through_the_readme_app(tmp_path, no_leftover_p
         assert [len(s) for s in ids] == [200, 200] and not ids[0] & ids[1]
         deadline = time.monotonic() + 60
         while (time.monotonic() < deadline and
-               any(len(set(re.findall(r'<strong>completed</strong> (\w+):', s.text()))) < 200 for s in streams)):
+               any(len(set(re.findall(r'<strong>completed</strong> (\w+):', s.text()))) < 200
+                   for s in streams)):
             time.sleep(0.1)
         for mine, theirs, s in ((ids[0], ids[1], streams[0]), (ids[1], ids[0], streams[1])):
             seen = set(re.findall(r'id="job-(\w+)"', s.text()))
-            assert seen == mine, (len(seen - mine), len(mine - seen))  # every event of its own; 0 of the other's
+            # every event of its own; 0 of the other's
+            assert seen == mine, (len(seen - mine), len(mine - seen))
             assert not any(t in s.text() for t in theirs)
             assert len(set(re.findall(r'<strong>completed</strong> (\w+):', s.text()))) == 200
             assert all(event_id for event_id, _ in s.messages)  # every message has an id
         stop(proc)
     finally: kill_tree(proc)
 
-# ----- a stream that reconnects ------------------------------------------------------------------------------------------
+# ----- a stream that reconnects -----------------------------------------------------------------------------
 def test_a_reconnect_with_last_event_id_loses_no_chunk(no_leftover_processes):
     "A page's connection drops mid-stream; it reconnects with the last id it got and the text has no hole."
     import uvicorn
@@ -374,7 +387,8 @@ def test_a_reconnect_with_last_event_id_loses_no_chunk(no_leftover_processes):
 
     @app.post('/jobs')
     async def submit(session, text:str):
-        return (await m.options(owner=owner(session)).start_job('stream', text=text, delay=0.02, stream=True)).id
+        return (await m.options(owner=owner(session)).start_job('stream', text=text, delay=0.02,
+                                                                stream=True)).id
 
     port = free_port()
     base = f'http://127.0.0.1:{port}'
@@ -407,8 +421,10 @@ def test_a_reconnect_with_last_event_id_loses_no_chunk(no_leftover_processes):
         ids = [i for i, _ in got + second.messages]
         assert len(ids) == len(set(ids))
         n_before = sum(d.startswith('chunk:') for _, d in got)
-        replayed = [d for i, d in second.messages if int(i.split('-')[1]) <= seq_at_reconnect and d.startswith('chunk:')]
-        assert 20 <= n_before < 140 and len(replayed) >= 5, (n_before, len(replayed))  # dropped mid-stream, caught up
+        replayed = [d for i, d in second.messages if int(i.split('-')[1]) <= seq_at_reconnect
+                    and d.startswith('chunk:')]
+        # dropped mid-stream, caught up
+        assert 20 <= n_before < 140 and len(replayed) >= 5, (n_before, len(replayed))
         assert not any(their_job in d for _, d in got + second.messages)  # the other owner's job: never
         assert any(their_job in d for _, d in theirs.messages)  # though its own page got it
     finally:
@@ -417,12 +433,13 @@ def test_a_reconnect_with_last_event_id_loses_no_chunk(no_leftover_processes):
         thread.join(15)
     assert not thread.is_alive() and m._closed  # the lifespan shut the manager down
 
-# ----- benchmarks/queue_full.py keeps working ------------------------------------------------------------------------
+# ----- benchmarks/queue_full.py keeps working ---------------------------------------------------------------
 def test_queue_full_benchmark_runs(tmp_path, no_leftover_processes):
     "A quick run exits 0 and reports each shape with numbers (no timing is asserted)."
     import json, subprocess
     out = tmp_path/'queue_full.json'
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1]/'benchmarks'/'queue_full.py'), '--quick',
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1]/'benchmarks'/'queue_full.py'),
+                           '--quick',
                            '--json', str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())['shapes']

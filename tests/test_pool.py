@@ -22,7 +22,7 @@ EXTRA_PLUGINS = ['alpha', 'beta', 'environ']
 INFO_KEYS = {'worker_id', 'pid', 'alive', 'state', 'gpu', 'loaded_plugin', 'current_job_id', 'restart_count',
              'crashes', 'cancels', 'jobs_done', 'last_exit'}
 
-# ----- what the workers run (module level: spawned workers import it by name) ---------------------------------
+# ----- what the workers run (module level: spawned workers import it by name) -------------------------------
 class PoolPluginManager(ScenarioPluginManager):
     "The scenario plugins, `alpha`/`beta` (cheap, count their loads) and `environ`; every load is logged."
     def discover_plugins(self): return [{'name': n} for n in PLUGIN_NAMES + EXTRA_PLUGINS]
@@ -52,7 +52,8 @@ class PoolPluginManager(ScenarioPluginManager):
 
 def pool_worker_process(request_queue, result_queue, response_queue):
     "Worker entry point running `PoolPluginManager` plugins."
-    base_worker_process(request_queue, result_queue, response_queue, PoolPluginManager, supports_streaming=True)
+    base_worker_process(request_queue, result_queue, response_queue, PoolPluginManager,
+                        supports_streaming=True)
 
 class PoolManager(TextJobManager):
     def get_worker_entry_point(self): return pool_worker_process
@@ -77,7 +78,8 @@ def load_log(tmp_path, monkeypatch):
 
 def loads(path):
     if not path.exists(): return []
-    return [(int(p), k, n) for p, k, n in (line.split() for line in path.read_text().splitlines() if line.strip())]
+    return [(int(p), k, n)
+            for p, k, n in (line.split() for line in path.read_text().splitlines() if line.strip())]
 
 # ----- 1. crash matrix: one worker's crash stays with it ----------------------------------------------------
 CRASHES = {'kill': ({}, 'SIGKILL'), 'segv': ({}, 'SIGSEGV'), 'exit': ({'code': 3}, 'exited with code 3')}
@@ -89,7 +91,8 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
         try:
             await m.start()
             rows = info(m)
-            assert [r['worker_id'] for r in rows] == [0, 1, 2] and all(set(r) >= INFO_KEYS for r in rows), rows
+            assert ([r['worker_id'] for r in rows] == [0, 1, 2]
+                    and all(set(r) >= INFO_KEYS for r in rows)), rows
             assert all_idle(m), rows
             before = pids(m)
             params, reason = CRASHES[crash]
@@ -99,12 +102,14 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
             behind = [await m.start_job('echo', text=f'w{i}') for i in range(4)]
             bad = await finish(m, bad)
             assert bad.status == 'failed' and reason in bad.error, bad.error
-            assert all(j.status == 'running' for j in long), [j.status for j in long]  # the others kept running
+            # the others kept running
+            assert all(j.status == 'running' for j in long), [j.status for j in long]
             # three jobs on three workers at once
             ran_on = [j.worker_pid for j in long] + [bad.worker_pid]
             assert len(set(ran_on)) == 3 and set(ran_on) == set(before), (ran_on, before)
             long = [await finish(m, j) for j in long]
-            assert [j.status for j in long] == ['completed'] * 2 and [j.result['text'] for j in long] == ['a', 'b']
+            assert ([j.status for j in long] == ['completed'] * 2
+                    and [j.result['text'] for j in long] == ['a', 'b'])
             done = [await finish(m, j) for j in behind]
             assert [j.status for j in done] == ['completed'] * 4, [(j.status, j.error) for j in done]
             assert [j.result['text'] for j in done] == [f'w{i}' for i in range(4)]
@@ -114,7 +119,8 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
             after = info(m)
             for i, r in enumerate(after):
                 if i == crashed:
-                    assert r['pid'] != before[i] and r['alive'] and r['restart_count'] == 1 and r['crashes'] == 1, r
+                    assert (r['pid'] != before[i] and r['alive'] and r['restart_count'] == 1
+                            and r['crashes'] == 1), r
                 else:  # the other two workers were not touched
                     assert r['pid'] == before[i] and r['restart_count'] == 0 and r['crashes'] == 0, r
             await asyncio.sleep(0.05)
@@ -124,10 +130,12 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
             assert died[0]['job_id'] == bad.id and reason in died[0]['reason'], died
             restarted = of_kind(events, 'worker_restarted')
             assert len(restarted) == 1 and restarted[0]['worker_id'] == crashed, restarted
-            assert restarted[0]['pid'] == after[crashed]['pid'] and restarted[0]['restart_count'] == 1, restarted
+            assert (restarted[0]['pid'] == after[crashed]['pid']
+                    and restarted[0]['restart_count'] == 1), restarted
             started = {d['job_id']: d for d in of_kind(events, 'started')}
             for j in long + [bad] + done:
-                assert started[j.id]['worker_pid'] == j.worker_pid and started[j.id]['plugin_id'] == j.plugin_id
+                assert (started[j.id]['worker_pid'] == j.worker_pid
+                        and started[j.id]['plugin_id'] == j.plugin_id)
                 assert 'worker_id' in started[j.id] and 'gpu' not in started[j.id], started[j.id]
             assert started[bad.id]['worker_id'] == crashed
             assert_str_job_ids(events)
@@ -135,7 +143,7 @@ def test_crash_matrix_pool(no_leftover_processes, crash):
         assert_terminal(m)
     run(main())
 
-# ----- 2. cancel ends only that job's worker --------------------------------------------------------------------
+# ----- 2. cancel ends only that job's worker ----------------------------------------------------------------
 def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
     async def main():
         m, events = make(3, cls=PoolManager)
@@ -172,22 +180,25 @@ def test_cancel_leaves_other_workers(no_leftover_processes, load_log):
             a2, b2 = await m.start_job('alpha', text='3'), await m.start_job('beta', text='4')
             a2, b2 = await finish(m, a2), await finish(m, b2)
             assert (a2.worker_pid, b2.worker_pid) == (a.worker_pid, b.worker_pid)
-            assert Counter(n for _, _, n in loads(load_log) if n in ('alpha', 'beta')) == {'alpha': 1, 'beta': 1}
+            assert Counter(n for _, _, n in loads(load_log) if n in ('alpha', 'beta')) == {'alpha': 1,
+                                                                                           'beta': 1}
             assert 'echo' not in [n for _, _, n in loads(load_log)]  # the cancelled pending job never ran
             await asyncio.sleep(0.05)
             assert events.of(pending.id) == ['submitted', 'cancelled']
             assert hang.status == 'cancelled' and hang.error is None
             died = of_kind(events, 'worker_died')
-            assert len(died) == 1 and died[0]['worker_id'] == victim['worker_id'] and died[0]['pid'] == hang.worker_pid
+            assert (len(died) == 1 and died[0]['worker_id'] == victim['worker_id']
+                    and died[0]['pid'] == hang.worker_pid)
             assert 'gpu' not in died[0] and 'exitcode' in died[0] and died[0]['reason'], died
             assert died[0].get('job_id') == hang.id, died  # it was running the (now cancelled) job
         finally: m.shutdown()
         assert_terminal(m)
     run(main())
 
-# ----- 3. model affinity ----------------------------------------------------------------------------------------
+# ----- 3. model affinity ------------------------------------------------------------------------------------
 def test_affinity_loads_each_plugin_once(no_leftover_processes, load_log):
-    "Alternating alpha/beta, two at a time on two workers: each goes to the worker that has it, one load each."
+    ("Alternating alpha/beta, two at a time on two workers: each goes to the worker that has it, "
+     "one load each.")
     async def main():
         m, _ = make(2, cls=PoolManager)
         try:
@@ -196,12 +207,14 @@ def test_affinity_loads_each_plugin_once(no_leftover_processes, load_log):
             for i in range(50):
                 pair = [await m.start_job('alpha', text=str(i)), await m.start_job('beta', text=str(i))]
                 jobs += [await finish(m, j) for j in pair]
-            assert [j.result['text'] for j in jobs] == [f'{p}:{i}' for i in range(50) for p in ('alpha', 'beta')]
+            assert [j.result['text'] for j in jobs] == [f'{p}:{i}' for i in range(50)
+                                                        for p in ('alpha', 'beta')]
             assert all(j.status == 'completed' for j in jobs)
             lines = loads(load_log)
             assert Counter(n for _, _, n in lines) == {'alpha': 1, 'beta': 1}, lines
             by_plugin = {p: {j.worker_pid for j in jobs if j.plugin_id == p} for p in ('alpha', 'beta')}
-            assert all(len(s) == 1 for s in by_plugin.values()) and by_plugin['alpha'] != by_plugin['beta'], by_plugin
+            assert (all(len(s) == 1 for s in by_plugin.values())
+                    and by_plugin['alpha'] != by_plugin['beta']), by_plugin
             assert sorted(r['loaded_plugin'] for r in info(m)) == ['alpha', 'beta']
             assert sum(r['jobs_done'] for r in info(m)) == 100
         finally: m.shutdown()
@@ -219,7 +232,8 @@ def test_affinity_prefers_an_empty_worker(no_leftover_processes, load_log):
             e = await finish(m, await m.start_job('echo', text='z'))
             assert e.worker_pid not in (a.worker_pid, b.worker_pid)
             assert sorted(r['loaded_plugin'] for r in info(m)) == ['alpha', 'beta', 'echo']
-            assert Counter(n for _, _, n in loads(load_log)) == {'alpha': 1, 'beta': 1, 'echo': 1}  # nothing evicted
+            # nothing evicted
+            assert Counter(n for _, _, n in loads(load_log)) == {'alpha': 1, 'beta': 1, 'echo': 1}
         finally: m.shutdown()
     run(main())
 
@@ -244,7 +258,8 @@ def test_reload_reaches_every_holder(no_leftover_processes, load_log):
             assert await m.reload_plugin('echo', {'prefix': 'S:'})
             again = [await m.start_job('echo', text=str(i), seconds=0.2) for i in range(2)]
             again = [await finish(m, j) for j in again]
-            assert [j.result['text'] for j in again] == ['S:0', 'S:1'] and len({j.worker_pid for j in again}) == 2
+            assert ([j.result['text'] for j in again] == ['S:0', 'S:1']
+                    and len({j.worker_pid for j in again}) == 2)
             assert set(pids(m)) == {j.worker_pid for j in first}  # nobody was restarted for it
         finally: m.shutdown()
     run(main())
@@ -268,7 +283,8 @@ def test_reload_busy_holder_no_holder_and_unload(no_leftover_processes, load_log
             await until('the slow job runs', lambda: slow.status == 'running')
             t0 = time.monotonic()
             assert await m.reload_plugin('alpha', {'prefix': 'Z:'})
-            assert slow.status == 'completed' and slow.result['text'] == 'alpha:slow'  # it ran with the old config
+            # it ran with the old config
+            assert slow.status == 'completed' and slow.result['text'] == 'alpha:slow'
             assert time.monotonic() - t0 > 0.3  # the busy holder was reloaded after its job, not interrupted
             reloaded = {p for p, k, n in loads(load_log) if (k, n) == ('reload', 'alpha')}
             assert reloaded == set(pids(m)), loads(load_log)
@@ -281,7 +297,8 @@ def test_reload_busy_holder_no_holder_and_unload(no_leftover_processes, load_log
             assert [r['loaded_plugin'] for r in info(m)] == [None, None]
             assert all(r['restart_count'] == 0 for r in info(m))
             # and the next alpha job loads it afresh, with its reloaded config
-            assert (await finish(m, await m.start_job('alpha', text='again'))).result['text'] == 'Z:alpha:again'
+            assert (await finish(m,
+                                 await m.start_job('alpha', text='again'))).result['text'] == 'Z:alpha:again'
         finally: m.shutdown()
     run(main())
 
@@ -293,14 +310,15 @@ def test_reload_reaches_a_worker_that_loads_it_later(no_leftover_processes, load
             await m.start()
             assert await m.reload_plugin('beta', {'prefix': 'N:'})  # no holder: loads it in one worker
             holder = next(r['pid'] for r in info(m) if r['loaded_plugin'] == 'beta')
-            two = [await m.start_job('beta', text=str(i), seconds=0.3) for i in range(2)]  # one on each worker
+            # one on each worker
+            two = [await m.start_job('beta', text=str(i), seconds=0.3) for i in range(2)]
             two = [await finish(m, j) for j in two]
             assert {j.worker_pid for j in two} == set(pids(m)) and two[0].worker_pid == holder
             assert [j.result['text'] for j in two] == ['N:beta:0', 'N:beta:1'], [j.result for j in two]
         finally: m.shutdown()
     run(main())
 
-# ----- 5. soak -------------------------------------------------------------------------------------------------
+# ----- 5. soak ----------------------------------------------------------------------------------------------
 def test_pool_soak_random_kills(no_leftover_processes):
     "Hundreds of jobs on three workers killed at random: every job ends exactly once, results are right."
     async def main():
@@ -327,7 +345,8 @@ def test_pool_soak_random_kills(no_leftover_processes):
                 else: assert j.status == 'failed' and 'Worker died' in j.error, (j.status, j.error)
             completed = sum(j.status == 'completed' for j in jobs)
             rows = info(m)
-            print(f"\nsoak: {kills} kills, {completed}/{len(jobs)} completed, restarts {[r['restart_count'] for r in rows]}")
+            print(f"\nsoak: {kills} kills, {completed}/{len(jobs)} completed, restarts "
+                  f"{[r['restart_count'] for r in rows]}")
             assert kills >= 5 and completed > 400
             assert len(jobs) - completed <= kills  # a kill fails at most the job running on that worker
             assert sum(r['crashes'] for r in rows) == len(of_kind(events, 'worker_died')) <= kills
@@ -337,7 +356,7 @@ def test_pool_soak_random_kills(no_leftover_processes):
         assert_terminal(m)
     run(main(), 90)
 
-# ----- 6. GPU placement ----------------------------------------------------------------------------------------
+# ----- 6. GPU placement -------------------------------------------------------------------------------------
 GPU_KEYS = ['CUDA_VISIBLE_DEVICES', 'CUDA_DEVICE_ORDER']
 
 async def _env_per_worker(m):
@@ -358,7 +377,8 @@ def test_gpu_placement_explicit(no_leftover_processes):
             assert [r['gpu'] for r in info(m)] == ['GPU-aaa', 'GPU-bbb']
             envs, jobs = await _env_per_worker(m)
             for r in info(m):
-                assert envs[r['pid']] == {'CUDA_VISIBLE_DEVICES': r['gpu'], 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'}, envs
+                assert envs[r['pid']] == {'CUDA_VISIBLE_DEVICES': r['gpu'],
+                                          'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'}, envs
             await asyncio.sleep(0.05)
             started = {d['job_id']: d for d in of_kind(events, 'started')}
             for j in jobs:
@@ -377,14 +397,17 @@ def test_gpu_placement_explicit(no_leftover_processes):
             assert envs[info(m)[slot]['pid']]['CUDA_VISIBLE_DEVICES'] == gpu
             await asyncio.sleep(0.05)
             died, restarted = of_kind(events, 'worker_died'), of_kind(events, 'worker_restarted')
-            assert [(d['worker_id'], d['gpu'], d['pid']) for d in died] == [(slot, gpu, hang.worker_pid)], died
-            assert [(d['worker_id'], d['gpu'], d['restart_count']) for d in restarted] == [(slot, gpu, 1)], restarted
+            assert [(d['worker_id'], d['gpu'], d['pid'])
+                    for d in died] == [(slot, gpu, hang.worker_pid)], died
+            assert [(d['worker_id'], d['gpu'], d['restart_count'])
+                    for d in restarted] == [(slot, gpu, 1)], restarted
         finally: m.shutdown()
     run(main())
 
 def test_gpu_placement_auto_with_fake_nvml(no_leftover_processes):
     from cjm_fasthtml_workers.extensions.resources import ResourceManager, FakeNVML
-    rm = ResourceManager(nvml=FakeNVML([FakeNVML.gpu(total=8 << 30, used=6 << 30), FakeNVML.gpu(total=8 << 30, used=1 << 30)]))
+    rm = ResourceManager(nvml=FakeNVML([FakeNVML.gpu(total=8 << 30, used=6 << 30),
+                                        FakeNVML.gpu(total=8 << 30, used=1 << 30)]))
     async def main():
         m, events = make(2, gpus='auto', resource_manager=rm, cls=PoolManager)
         try:
@@ -398,7 +421,7 @@ def test_gpu_placement_auto_with_fake_nvml(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
-# ----- 7. recycling after max_jobs_per_worker -------------------------------------------------------------------
+# ----- 7. recycling after max_jobs_per_worker ---------------------------------------------------------------
 def test_recycle_after_max_jobs(no_leftover_processes):
     async def main():
         m, events = make(2, max_jobs_per_worker=5, cls=PoolManager)
@@ -422,7 +445,7 @@ def test_recycle_after_max_jobs(no_leftover_processes):
         assert_terminal(m)
     run(main())
 
-# ----- 8. preload ---------------------------------------------------------------------------------------------
+# ----- 8. preload -------------------------------------------------------------------------------------------
 def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
     async def main():
         m, _ = make(2, preload_plugins=['alpha'], cls=PoolManager)
@@ -447,14 +470,16 @@ def test_preload_loads_once_per_worker(no_leftover_processes, load_log):
                         and [r['loaded_plugin'] for r in info(m)].count('alpha') == 2)
             new = (set(pids(m)) - before).pop()
             assert [n for p, _, n in loads(load_log) if p == new] == ['alpha']
-            job, other = await m.start_job('alpha', text='x', seconds=0.3), await m.start_job('alpha', text='y', seconds=0.3)
+            job, other =(await m.start_job('alpha', text='x', seconds=0.3),
+                         await m.start_job('alpha', text='y', seconds=0.3))
             job, other = await finish(m, job), await finish(m, other)
             assert {job.worker_pid, other.worker_pid} == set(pids(m))  # one each, the new worker too
-            assert [n for p, _, n in loads(load_log) if p == new] == ['alpha']  # its first job did not load again
+            # its first job did not load again
+            assert [n for p, _, n in loads(load_log) if p == new] == ['alpha']
         finally: m.shutdown()
     run(main())
 
-# ----- 9. N=1 ---------------------------------------------------------------------------------------------------
+# ----- 9. N=1 -----------------------------------------------------------------------------------------------
 def test_single_worker_info_matches(no_leftover_processes):
     async def main():
         m, events = make(1, cls=PoolManager)
@@ -465,10 +490,12 @@ def test_single_worker_info_matches(no_leftover_processes):
             assert job.result['text'] == 'one'
             rows, old = info(m), m.get_worker_info()
             assert len(rows) == 1 and set(rows[0]) >= INFO_KEYS, rows
-            assert rows[0]['worker_id'] == 0 and rows[0]['pid'] == old['pid'] == job.worker_pid == m.worker_process.pid
+            assert (rows[0]['worker_id'] == 0
+                    and rows[0]['pid'] == old['pid'] == job.worker_pid == m.worker_process.pid)
             assert rows[0]['gpu'] is None and rows[0]['loaded_plugin'] == old['loaded_plugin'] == 'echo'
             assert rows[0]['jobs_done'] == 1 and old['pending_jobs'] == 0
-            assert {'pid', 'alive', 'state', 'restart_count', 'current_job_id', 'loaded_plugin', 'pending_jobs'} <= set(old)
+            assert {'pid', 'alive', 'state', 'restart_count', 'current_job_id', 'loaded_plugin',
+                    'pending_jobs'} <= set(old)
             await asyncio.sleep(0.05)
             assert events.of(job.id) == ['submitted', 'started', 'completed']
             assert of_kind(events, 'started')[0]['worker_id'] == 0
@@ -476,7 +503,7 @@ def test_single_worker_info_matches(no_leftover_processes):
         assert info(m)[0]['state'] == 'stopped'
     run(main())
 
-# ----- more: handed back, nobody left, per-slot budget -------------------------------------------------------
+# ----- more: handed back, nobody left, per-slot budget ------------------------------------------------------
 def test_handed_job_that_never_started_goes_to_another_worker(no_leftover_processes):
     async def main():
         m, events = make(2, RestartPolicy.ALWAYS, cls=PoolManager)
@@ -493,10 +520,12 @@ def test_handed_job_that_never_started_goes_to_another_worker(no_leftover_proces
             for p in frozen:
                 if p != holder['pid']: os.kill(p, signal.SIGCONT)
             job = await finish(m, job)
-            assert job.status == 'completed' and job.result['text'] == 'survivor' and job.worker_pid != holder['pid']
+            assert (job.status == 'completed' and job.result['text'] == 'survivor'
+                    and job.worker_pid != holder['pid'])
             await asyncio.sleep(0.05)
             died = of_kind(events, 'worker_died')
-            assert len(died) == 1 and died[0]['worker_id'] == holder['worker_id'] and 'job_id' not in died[0], died
+            assert (len(died) == 1 and died[0]['worker_id'] == holder['worker_id']
+                    and 'job_id' not in died[0]), died
         finally:
             for p in frozen:
                 try: os.kill(p, signal.SIGCONT)
@@ -515,12 +544,13 @@ def test_waiting_jobs_fail_only_when_no_worker_can_come_back(no_leftover_process
             bad = await finish(m, bad)
             assert bad.status == 'failed' and 'SIGKILL' in bad.error
             done = [await finish(m, j) for j in behind]  # the other worker is still there: they run
-            assert [j.status for j in done] == ['completed'] * 3 and {j.worker_pid for j in done} == {slow.worker_pid}
+            assert ([j.status for j in done] == ['completed'] * 3
+                    and {j.worker_pid for j in done} == {slow.worker_pid})
             dead = next(r for r in info(m) if r['pid'] != slow.worker_pid)
             assert not dead['alive'] and dead['crashes'] == 1 and dead['restart_count'] == 0, dead
-            # start() (as would a submission) brings the dead slot back; with both workers busy, the kills and the
-            # jobs behind them all wait, then both workers die in turn (had one died first, a submission would
-            # have brought its slot back too)
+            # start() (as would a submission) brings the dead slot back; with both workers busy, the kills and
+            # the jobs behind them all wait, then both workers die in turn (had one died first, a submission
+            # would have brought its slot back too)
             await m.start()
             busy = [await m.start_job('sleep', seconds=0.3) for _ in range(2)]
             kills = [await m.start_job('kill') for _ in range(2)]
@@ -529,7 +559,8 @@ def test_waiting_jobs_fail_only_when_no_worker_can_come_back(no_leftover_process
             kills = [await finish(m, j) for j in kills]
             assert [j.status for j in kills] == ['failed'] * 2 and len({j.worker_pid for j in kills}) == 2
             left = [await finish(m, j) for j in left]
-            assert [j.status for j in left] == ['failed'] * 2 and all('not restarted' in j.error for j in left), \
+            assert ([j.status for j in left] == ['failed'] * 2
+                    and all('not restarted' in j.error for j in left)), \
                 [j.error for j in left]
             assert all(not r['alive'] and r['pid'] is None for r in info(m)), info(m)
             assert [r['crashes'] for r in info(m)] == [1, 2], info(m)  # slot 1 died in the first part too
@@ -552,7 +583,8 @@ def test_restart_budget_is_per_worker(no_leftover_processes):
                         lambda: not info(m)[0]['alive'] and info(m)[0]['crashes'] == 2)
             await asyncio.sleep(0.3)
             r0, r1 = info(m)
-            assert not r0['alive'] and r0['state'] in ('stopped', 'not started') and r0['restart_count'] == 1, r0
+            assert (not r0['alive'] and r0['state'] in ('stopped', 'not started')
+                    and r0['restart_count'] == 1), r0
             assert r1['pid'] == p1 and r1['alive'] and r1['restart_count'] == 0 and r1['crashes'] == 0, r1
             done = [await finish(m, await m.start_job('echo', text=str(i))) for i in range(3)]
             assert [j.status for j in done] == ['completed'] * 3 and {j.worker_pid for j in done} == {p1}

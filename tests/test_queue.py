@@ -51,21 +51,25 @@ def test_queue_position_estimate_and_queued_events(no_leftover_processes):
         m, events = make(2, prefetch_jobs=0)
         try:
             await m.start()
-            for j in [await m.start_job('sleep', seconds=0.6) for _ in range(4)]: await m.wait_for_job(j.id, 30)
+            for j in [await m.start_job('sleep', seconds=0.6) for _ in range(4)]:
+                await m.wait_for_job(j.id, 30)
             busy = [await m.start_job('sleep', seconds=0.6) for _ in range(2)]
             await until("both workers busy", lambda: all(j.status == 'running' for j in busy))
             waiting = [await m.options(owner='ann').start_job('sleep', seconds=0.6) for _ in range(4)]
             assert [m.queue_position(j.id) for j in waiting] == [0, 1, 2, 3]
             etas = [m.estimated_wait(j.id) for j in waiting]
-            assert etas[2] > etas[0] + 0.1 and etas[3] > etas[1] + 0.1, etas  # the next two wait for the first two
+            # the next two wait for the first two
+            assert etas[2] > etas[0] + 0.1 and etas[3] > etas[1] + 0.1, etas
             assert 0.6 < etas[-1] < 2.5, etas  # two workers, about 0.6 s left, then 0.6 s jobs two at a time
             assert m.queue_position(busy[0].id) is None and m.estimated_wait('no such job') is None
             await until("a queued event for the last one",
-                        lambda: any(e == 'text:queued' and d['job_id'] == waiting[-1].id for e, d in events.events))
+                        lambda: any(e == 'text:queued' and d['job_id'] == waiting[-1].id
+                                    for e, d in events.events))
             for j in waiting: await m.wait_for_job(j.id, 30)
         finally: m.shutdown()
         queued = [d for e, d in events.events if e == 'text:queued']
         assert all(d['owner'] == 'ann' and d['eta_seconds'] >= 0 for d in queued)
         last = [d["position"] for d in queued if d["job_id"] == waiting[-1].id]
-        assert last and last[0] <= 3 and last == sorted(last, reverse=True), last  # its place only moves forward
+        # its place only moves forward
+        assert last and last[0] <= 3 and last == sorted(last, reverse=True), last
     run(main())

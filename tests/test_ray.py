@@ -12,13 +12,14 @@ from cjm_fasthtml_workers.testing import closing_worker_process, raw_writer_proc
 from conftest import RAY_MARK_ENV, assert_nothing_left_on_ray, live_hosts, pid_gone
 from helpers import TextJobManager, assert_terminal, finish, make, run, until
 
-# ----- one local Ray instance for the module (conftest's); nothing of ours outlives a test -----------------------
+# ----- one local Ray instance for the module (conftest's); nothing of ours outlives a test ------------------
 @pytest.fixture(scope='module', autouse=True)
 def _ray(ray_instance): return ray_instance
 
 @pytest.fixture
 def nothing_left(ray_instance):
-    "Every test ends with no host actor, no worker process (nor anything a worker started) and every GPU free."
+    ("Every test ends with no host actor, no worker process (nor anything a worker started) and every GPU "
+     "free.")
     yield
     assert_nothing_left_on_ray(ray_instance)
 
@@ -28,13 +29,15 @@ def host_of(m):
     "The first worker's host actor."
     return m._supervisor.slots[0].worker.transport.actor
 
-# The manager's matrix (lifecycle, cancel pending and running, crashes under each policy, timeout, streaming, progress,
-# reload and unload, shutdown, the soak with random kills, the loop never waiting) runs on this backend too: the tests
-# of tests/test_manager.py that take the `backend` fixture (conftest). Here: what only the Ray backend has.
+# The manager's matrix (lifecycle, cancel pending and running, crashes under each policy, timeout, streaming,
+# progress, reload and unload, shutdown, the soak with random kills, the loop never waiting) runs on this
+# backend too: the tests of tests/test_manager.py that take the `backend` fixture (conftest). Here: what only
+# the Ray backend has.
 
-# ----- streaming, progress, plugin commands ------------------------------------------------------------------------
+# ----- streaming, progress, plugin commands -----------------------------------------------------------------
 def test_flood_of_chunks_arrives_whole_and_in_order(nothing_left, monkeypatch):
-    "20000 chunks as fast as the worker makes them, the relay held back past 8 unread: none lost or reordered."
+    ("20000 chunks as fast as the worker makes them, the relay held back past 8 unread: "
+     "none lost or reordered.")
     monkeypatch.setattr(ray_backend, '_HIGH_WATER', 8)  # the supervisor lags all the time
     async def main():
         m, _ = make(**RAY)
@@ -46,9 +49,10 @@ def test_flood_of_chunks_arrives_whole_and_in_order(nothing_left, monkeypatch):
         finally: m.shutdown()
     run(main(), 110)  # its waits add up to more than run's default
 
-# ----- what a worker writes: unreadable objects, garbage, closed pipes -------------------------------------------------
+# ----- what a worker writes: unreadable objects, garbage, closed pipes --------------------------------------
 def test_unreadable_result_fails_only_its_job(nothing_left):
-    "An object only the worker can rebuild crosses the actor as bytes: its job fails saying so, the worker goes on."
+    ("An object only the worker can rebuild crosses the actor as bytes: "
+     "its job fails saying so, the worker goes on.")
     async def main():
         m, _ = make(**RAY)
         try:
@@ -78,9 +82,10 @@ def test_broken_stream_ends_the_worker(nothing_left, entry_point, error):
         finally: m.shutdown()
     run(main())
 
-# ----- shutdown --------------------------------------------------------------------------------------------------
+# ----- shutdown ---------------------------------------------------------------------------------------------
 def test_interpreter_exit_with_ray_started_by_the_manager(nothing_left, tmp_path):
-    "An app that lets the manager start Ray, and exits without shutdown(): one exit, prompt, and nothing left."
+    ("An app that lets the manager start Ray, and exits without shutdown(): "
+     "one exit, prompt, and nothing left.")
     mark = uuid.uuid4().hex
     script = tmp_path / 'app.py'
     script.write_text(textwrap.dedent('''
@@ -98,13 +103,15 @@ def test_interpreter_exit_with_ray_started_by_the_manager(nothing_left, tmp_path
             print(m.worker_process.pid, flush=True)
         if __name__ == '__main__': asyncio.run(main())
     ''' % (os.path.dirname(__file__), RAY_MARK_ENV, mark)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     pid = int(proc.stdout.readline())
     t0 = time.monotonic()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert time.monotonic() - t0 < 10, "the app took too long to exit"
-    assert err.count('Started a local Ray instance') == 1, err[-3000:]  # a restart at exit starts no second one
+    # a restart at exit starts no second one
+    assert err.count('Started a local Ray instance') == 1, err[-3000:]
     assert pid_gone(pid)
     def theirs(p):
         try: return p.environ().get(RAY_MARK_ENV) == mark
@@ -114,7 +121,7 @@ def test_interpreter_exit_with_ray_started_by_the_manager(nothing_left, tmp_path
         time.sleep(0.1)
     assert not left, f"the app's Ray left processes behind: {left}"
 
-# ----- placement, and the actor's own death ----------------------------------------------------------------------
+# ----- placement, and the actor's own death -----------------------------------------------------------------
 def test_gpu_placement_in_events_and_workers_info(nothing_left):
     "Two workers with a GPU each: Ray picks them, the worker sees its own, events and rows say which."
     async def main():
@@ -138,7 +145,8 @@ def test_gpu_placement_in_events_and_workers_info(nothing_left):
 
 @pytest.mark.parametrize('policy', [RestartPolicy.ALWAYS, RestartPolicy.ON_CANCELLATION])
 def test_actor_death_fails_only_the_running_job(nothing_left, tmp_path, policy):
-    "ray.kill of the host actor: its running job fails saying why, its tree ends, the slot restarts by policy."
+    ("ray.kill of the host actor: its running job fails saying why, its tree ends, "
+     "the slot restarts by policy.")
     async def main():
         m, events = make(policy=policy, **RAY)
         try:
@@ -150,7 +158,8 @@ def test_actor_death_fails_only_the_running_job(nothing_left, tmp_path, policy):
             pid, grandchild = m.worker_process.pid, int(pid_file.read_text())
             ray.kill(host_of(m))
             running = await finish(m, running)
-            assert running.status == 'failed' and 'Worker died' in running.error and 'SIGKILL' in running.error
+            assert (running.status == 'failed' and 'Worker died' in running.error
+                    and 'SIGKILL' in running.error)
             assert pid_gone(pid) and pid_gone(grandchild)
             behind = await finish(m, behind)
             if policy == RestartPolicy.ALWAYS:
@@ -190,8 +199,10 @@ def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
             assert await m.cancel_job(hang.id)
             assert (await finish(m, hang, 20)).status == 'cancelled'
             assert (await finish(m, await m.start_job('echo', text='after'), 30)).status == 'completed'
-            # the cancelled worker's replacement, or the waiting one, took the freed GPU: one slot waits, whichever
-            def waiting(): return [r['worker_id'] for r in m.get_workers_info() if r['state'] in ('starting', 'restarting')]
+            # the cancelled worker's replacement, or the waiting one, took the freed GPU: one slot waits,
+            # whichever
+            def waiting(): return [r['worker_id'] for r in m.get_workers_info()
+                                   if r['state'] in ('starting', 'restarting')]
             await until('one worker waiting', lambda: len(waiting()) == 1, 20)
             assert len(live_hosts()) == 3
         finally: m.shutdown()
@@ -213,7 +224,8 @@ def test_the_wait_for_a_node_is_bounded_by_the_start_timeout(nothing_left, caplo
     run(main(), 110)  # its waits add up to more than run's default
 
 def test_unplaceable_actor_is_a_clear_error(nothing_left):
-    "More GPUs than the cluster has: start() fails after its timeout saying what was asked, and leaves no actor."
+    ("More GPUs than the cluster has: start() fails after its timeout saying what was asked, "
+     "and leaves no actor.")
     w = RayWorker(scenario_worker_process, 'unplaceable', actor_options={'num_gpus': 3}, start_timeout=1)
     with pytest.raises(TimeoutError, match=r"did not place its actor \({'num_gpus': 3"): w.start()
     assert w.actor is None and w.fds() == [] and w.stop(graceful=False, timeout=0) is None

@@ -23,7 +23,8 @@ class Job(BaseJob):
     params: Dict[str, Any] = field(default_factory=dict)
 
 class Manager(BaseJobManager[Job]):
-    def create_job(self, plugin_id, **kwargs): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+    def create_job(self, plugin_id, **kwargs): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id,
+                                                          params=kwargs)
     def get_worker_entry_point(self): return scenario_worker_process
     def prepare_execute_request(self, job): return job.params
     def extract_job_result(self, job, result_data): return result_data

@@ -27,16 +27,17 @@ def read_lines(path) -> List[str]:
     except FileNotFoundError: return []
 
 def stored(db, namespace='text') -> Dict[str, tuple]:
-    "job id -> (status, attempts, the unpickled record), read by a sqlite connection of its own, in submission order."
+    ("job id -> (status, attempts, the unpickled record), read by a sqlite connection of its own, "
+     "in submission order.")
     with closing(sqlite3.connect(db, timeout=10)) as c:
         rows = c.execute('SELECT id, status, attempts, blob FROM worker_jobs WHERE namespace = ? ORDER BY seq',
                          (namespace,)).fetchall()
     return {i: (s, a, pickle.loads(b)) for i, s, a, b in rows}
 
-# ----- the app -------------------------------------------------------------------------------------------------------
-# argv[1]: a JSON spec. After recovery it appends `{run, pending: [ids]}` to recovered.jsonl, starts its workers and
-# prints `started`; its event broadcaster appends `<run> <job id>` to submitted, started or ended (an event means the
-# store has that state). Then, by `mode`:
+# ----- the app ----------------------------------------------------------------------------------------------
+# argv[1]: a JSON spec. After recovery it appends `{run, pending: [ids]}` to recovered.jsonl, starts its
+# workers and prints `started`; its event broadcaster appends `<run> <job id>` to submitted, started or ended
+# (an event means the store has that state). Then, by `mode`:
 #   loop:   submits echo and short sleep jobs until it is killed (or `deadline` s pass)
 #   hold:   once the first job it recovered as pending (or else a new `hang` job) is started, prints `running <id>`
 #           and waits to be killed
@@ -155,7 +156,7 @@ def runs(out:Path, name:str='runs') -> List[tuple]:
     "(app run, job id) of each line of `name`: the worker's log of jobs it ran, or the app's of an event."
     return [(int(r), i) for r, i in (l.split() for l in read_lines(out / name))]
 
-# ----- 1. kill -9 of the app, again and again ------------------------------------------------------------------------
+# ----- 1. kill -9 of the app, again and again ---------------------------------------------------------------
 KILLS = int(os.environ.get('CJM_STORE_KILLS', 100))
 
 def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
@@ -190,7 +191,8 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
     # 0 lost: every submission announced is in the store, and has ended
     assert set(submitted) <= set(rows) and set(submitted) <= set(final)
     assert all(final[i][0] in TERMINAL_STATUSES and rows[i][0] == final[i][0] for i in final)
-    lost_returns = set(returned) - set(rows)  # start_job returned, the app died before the submission was stored
+    # start_job returned, the app died before the submission was stored
+    lost_returns = set(returned) - set(rows)
 
     # no job runs again once its start (or end) was stored, under recovery='fail'
     first_run: Dict[str, int] = {}
@@ -214,7 +216,8 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
         assert ran[:len(pending)] == pending[:len(ran)], f"run {rec['run']}: {ran[:5]} ... vs {pending[:5]} ..."
     print(f"\n{KILLS} kill -9 in {killed:.1f} s ({killed / KILLS * 1e3:.0f} ms a cycle), seed {seed}: "
           f"{len(rows)} jobs stored, {len(submitted)} submissions announced, 0 lost; "
-          f"{len(interrupted)} failed '{INTERRUPTED}', {len(reruns)} ran again (start not yet stored when killed), "
+          f"{len(interrupted)} failed '{INTERRUPTED}', {len(reruns)} ran again (start not yet stored when "
+          f"killed), "
           f"{len(twice)} of them completed; {len(lost_returns)} start_job returns not stored before the kill")
 
 
@@ -243,7 +246,7 @@ def test_a_job_reaches_its_worker_only_once_its_handover_is_stored(tmp_path, no_
     assert [r for r, i in runs(tmp_path) if i == echo_id] == [1] and final[echo_id][0] == 'completed'
 
 
-# ----- 2. recovery policies through the manager ----------------------------------------------------------------------
+# ----- 2. recovery policies through the manager -------------------------------------------------------------
 def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_processes):
     "kill -9 while a job runs: the restart fails it 'interrupted by an app restart'; a second restart changes nothing."
     db = tmp_path / 'jobs.db'
@@ -266,7 +269,8 @@ def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_proce
         assert job == settled  # the second restart found it settled: same record, same completed_at
         assert recoveries(tmp_path)[-1]['pending'] == []
     assert [r for r, i in runs(tmp_path) if i == job_id] == [0]  # it never ran again
-    assert job_id not in {i for _, i in runs(tmp_path, 'ended')}  # recovery settles it quietly, before any loop
+    # recovery settles it quietly, before any loop
+    assert job_id not in {i for _, i in runs(tmp_path, 'ended')}
 
 
 def test_recovery_requeue_runs_again_until_max_attempts(tmp_path, no_leftover_processes):
@@ -305,7 +309,7 @@ def test_recovery_requeue_runs_again_until_max_attempts(tmp_path, no_leftover_pr
     assert [r for r, i in runs(tmp_path) if i == killer] == [0]
 
 
-# ----- 6. two app processes on one store -----------------------------------------------------------------------------
+# ----- 6. two app processes on one store --------------------------------------------------------------------
 def test_a_second_app_process_is_refused_naming_the_first(tmp_path, no_leftover_processes):
     db = tmp_path / 'jobs.db'
     first = App(tmp_path, db, 0, 'hold')
@@ -321,12 +325,12 @@ def test_a_second_app_process_is_refused_naming_the_first(tmp_path, no_leftover_
     assert third.finish() == 0, (tmp_path / 'stderr').read_text()[-2000:]
 
 
-# ----- in this process -----------------------------------------------------------------------------------------------
+# ----- in this process --------------------------------------------------------------------------------------
 def manager(db, kind=RunLogManager, broadcaster=None, worker_type='text', **store):
     return kind(worker_type, 'test', supports_streaming=True, event_broadcaster=broadcaster,
                 job_store=SQLiteJobStore(db, **store))
 
-# ----- 3. a corrupt database, a locked one ---------------------------------------------------------------------------
+# ----- 3. a corrupt database, a locked one ------------------------------------------------------------------
 def _truncated_store(path):
     with closing(sqlite3.connect(path)) as c, c:
         c.execute('CREATE TABLE filler (x)')
@@ -335,7 +339,8 @@ def _truncated_store(path):
     path.write_bytes(data[:len(data) // 3] + os.urandom(4096))  # the header says more pages than there are
 
 @pytest.mark.parametrize('content', ['garbage', 'text', 'truncated'])
-def test_a_corrupt_database_file_fails_the_manager_and_is_left_as_it_is(tmp_path, content, no_leftover_processes):
+def test_a_corrupt_database_file_fails_the_manager_and_is_left_as_it_is(tmp_path, content,
+                                                                        no_leftover_processes):
     db = tmp_path / 'jobs.db'
     if content == 'garbage': db.write_bytes(os.urandom(16384))
     elif content == 'text': db.write_text('name,status\njob 1,done\n' * 100)
@@ -368,7 +373,7 @@ def test_a_database_another_connection_locks_fails_the_manager_in_bounded_time(t
     m.shutdown()
 
 
-# ----- 4. a job type of the app's own ----------------------------------------------------------------------------------
+# ----- 4. a job type of the app's own -----------------------------------------------------------------------
 @dataclass
 class TranscriptJob(BaseJob):
     "A job type with fields of its own (module level: it pickles by name)."
@@ -379,7 +384,8 @@ class TranscriptJob(BaseJob):
 
 class TranscriptManager(RunLogManager):
     def create_job(self, plugin_id, audio_path='', language=None, **options):
-        return TranscriptJob(id=uuid.uuid4().hex, plugin_id=plugin_id, audio_path=audio_path, language=language,
+        return TranscriptJob(id=uuid.uuid4().hex, plugin_id=plugin_id, audio_path=audio_path,
+                             language=language,
                              options=options, metadata={'user': 7, 'tags': ('a', 'b')})
     def prepare_execute_request(self, job):
         if job.plugin_id == 'sleep': return {'seconds': job.options['seconds']}
@@ -398,7 +404,8 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
             busy = await m.start_job('sleep', seconds=5.0)
             waiting = await m.start_job('echo', audio_path='/b.wav', language='de', beam=2, vad=True)
             while busy.status != 'running': await asyncio.sleep(0.005)
-            await asyncio.sleep(0.05)  # 'submitted' of `waiting` is stored by now (flushed by shutdown anyway)
+            # 'submitted' of `waiting` is stored by now (flushed by shutdown anyway)
+            await asyncio.sleep(0.05)
             return done, busy, waiting
         finally: m.shutdown()  # busy and waiting stay stored as running and pending
     done, busy, waiting = run(first())
@@ -411,10 +418,12 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
             assert type(back) is TranscriptJob and back == done  # every field, the segments and metadata too
             assert m.get_job_result(done.id) == {'status': 'success', 'data': done.result}
             interrupted = m.get_job(busy.id)
-            assert (interrupted.status, interrupted.error, interrupted.options) == ('failed', INTERRUPTED, {'seconds': 5.0})
+            assert (interrupted.status, interrupted.error, interrupted.options) == ('failed', INTERRUPTED,
+                                                                                    {'seconds': 5.0})
             pending = m.get_job(waiting.id)
             assert type(pending) is TranscriptJob and pending.status == 'pending'
-            assert (pending.audio_path, pending.language, pending.options) == ('/b.wav', 'de', {'beam': 2, 'vad': True})
+            assert (pending.audio_path, pending.language, pending.options) == ('/b.wav', 'de',
+                                                                               {'beam': 2, 'vad': True})
             assert [j.id for j in m.get_all_jobs()] == [done.id, busy.id, waiting.id]
             ran = await m.wait_for_job(waiting.id, timeout=30)  # recovered, queued, run from its own fields
             assert ran.status == 'completed'
@@ -425,7 +434,7 @@ def test_a_custom_job_type_round_trips_through_a_restart(tmp_path, no_leftover_p
     run(second())
 
 
-# ----- 4b. a record the app did not write (issue 18) ------------------------------------------------------------------
+# ----- 4b. a record the app did not write (issue 18) --------------------------------------------------------
 class Planted:
     "A record someone could plant: unpickling it runs a shell command."
     def __init__(self, command): self.command = command
@@ -439,7 +448,8 @@ def test_a_planted_record_runs_nothing_and_the_manager_works_on(tmp_path, no_lef
         finally: m.shutdown()
     kept = run(first())
     with closing(sqlite3.connect(db)) as c, c:  # what another user could write, had they the file
-        c.execute("INSERT INTO worker_jobs (namespace, id, status, blob) VALUES ('text', 'planted', 'pending', ?)",
+        c.execute("INSERT INTO worker_jobs (namespace, id, status, blob) VALUES ('text', 'planted', "
+                  "'pending', ?)",
                   (pickle.dumps(Planted(f'touch {ran}'), 5),))
     async def second():
         m = manager(db)
@@ -455,9 +465,10 @@ def test_a_planted_record_runs_nothing_and_the_manager_works_on(tmp_path, no_lef
         assert c.execute("SELECT status FROM worker_jobs WHERE id = 'planted'").fetchall() == [('pending',)]
 
 
-# ----- 5. a job that cannot be stored -----------------------------------------------------------------------------------
+# ----- 5. a job that cannot be stored -----------------------------------------------------------------------
 class CallbackManager(RunLogManager):
-    "Keeps a callback in the job record that is never sent to the worker: the request pickles, the record does not."
+    ("Keeps a callback in the job record that is never sent to the worker: "
+     "the request pickles, the record does not.")
     def create_job(self, plugin_id, on_done=None, **kwargs):
         job = super().create_job(plugin_id, **kwargs)
         if on_done is not None: job.metadata['on_done'] = on_done
@@ -485,7 +496,7 @@ def test_a_job_that_cannot_be_stored_fails_at_start_job_and_is_not_kept(tmp_path
     run(main())
 
 
-# ----- 7. events and wait_for_job come after the store ---------------------------------------------------------------
+# ----- 7. events and wait_for_job come after the store ------------------------------------------------------
 RANK = {'pending': 0, 'running': 1, 'completed': 2, 'failed': 2, 'cancelled': 2}
 AT_LEAST = {'submitted': 'pending', 'started': 'running', 'progress': 'running', 'chunk': 'running'}
 
@@ -511,7 +522,8 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
             have = status(job_id)
             seen.append(kind)
             want = AT_LEAST.get(kind, kind)
-            ok = have is not None and (have == want if kind in TERMINAL_STATUSES else RANK[have] >= RANK[want])
+            ok =(have is not None
+                 and (have == want if kind in TERMINAL_STATUSES else RANK[have] >= RANK[want]))
             if not ok: behind.append((kind, job_id, have))
     async def main():
         m = manager(db, broadcaster=Checker())
@@ -519,7 +531,8 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
             await m.start()
             jobs = [await m.start_job('echo', text=str(i)) for i in range(40)]
             jobs += [await m.start_job('fail', message='no') for _ in range(5)]
-            jobs += [await m.start_job('progress', seconds=0.05, steps=5), await m.start_job('stream', text='a b c', stream=True)]
+            jobs += [await m.start_job('progress', seconds=0.05, steps=5),
+                     await m.start_job('stream', text='a b c', stream=True)]
             slow_one = await m.start_job('sleep', seconds=0.3)
             dropped = [await m.start_job('echo', text='dropped') for _ in range(3)]
             for j in dropped: assert await m.cancel_job(j.id)
@@ -538,13 +551,14 @@ def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypa
     assert seen.count('progress') >= 1 and seen.count('chunk') >= 1
 
 
-# ----- 8. clear_completed_jobs and retention ---------------------------------------------------------------------------
+# ----- 8. clear_completed_jobs and retention ----------------------------------------------------------------
 def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_leftover_processes):
     db = tmp_path / 'jobs.db'
     async def clear():
         m = manager(db)
         try:
-            done = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30) for i in range(5)]
+            done = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30)
+                    for i in range(5)]
             assert m.clear_completed_jobs() == 5 and m.get_all_jobs() == []
             assert m.job_store.flush() and stored(db) == {}
             kept = await m.wait_for_job((await m.start_job('echo', text='kept')).id, timeout=30)
@@ -561,20 +575,23 @@ def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_lefto
         m = manager(db, worker_type='kept', retention=3)
         try:
             await m.start()
-            jobs = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30) for i in range(8)]
+            jobs = [await m.wait_for_job((await m.start_job('echo', text=str(i))).id, timeout=30)
+                    for i in range(8)]
             busy = await m.start_job('sleep', seconds=5.0)
             waiting = await m.start_job('echo', text='waiting')
             while busy.status != 'running': await asyncio.sleep(0.005)
             assert m.job_store.flush()
             assert list(stored(db, 'kept')) == [j.id for j in jobs[-3:]] + [busy.id, waiting.id]
-            assert len(m.get_all_jobs()) == 10  # retention bounds the file; the app's memory is its own to clear
+            # retention bounds the file; the app's memory is its own to clear
+            assert len(m.get_all_jobs()) == 10
             return jobs, busy, waiting
         finally: m.shutdown()
     jobs, busy, waiting = run(retained())
     async def restart_retained():
         m = manager(db, worker_type='kept', retention=3)
         try:
-            # the interrupted one is finished now: the newest 3 finished stay, the pending one is never trimmed
+            # the interrupted one is finished now: the newest 3 finished stay, the pending one is never
+            # trimmed
             assert [j.id for j in m.get_all_jobs()] == [j.id for j in jobs[-2:]] + [busy.id, waiting.id]
             assert m.get_job(busy.id).error == INTERRUPTED
             assert (await m.wait_for_job(waiting.id, timeout=30)).status == 'completed'
@@ -584,9 +601,10 @@ def test_cleared_jobs_leave_the_store_and_retention_bounds_it(tmp_path, no_lefto
     run(restart_retained())
 
 
-# ----- 9. the event loop while 2,000 jobs are submitted -----------------------------------------------------------------
+# ----- 9. the event loop while 2,000 jobs are submitted -----------------------------------------------------
 async def longest_stall(m, n:int) -> float:
-    "Seconds of the longest gap of a 1 ms ticker (less the 1 ms) while `n` echo jobs are submitted, then awaited."
+    ("Seconds of the longest gap of a 1 ms ticker (less the 1 ms) while `n` echo jobs are submitted, "
+     "then awaited.")
     gaps, last, running = [], time.perf_counter(), True
     async def tick():
         nonlocal last
@@ -622,16 +640,18 @@ def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_
         for store in ((True, False) if k % 2 == 0 else (False, True)):
             (with_store if store else without).append(run(main(store, k), 60))
     print(f"\nlongest event-loop stall while 2,000 jobs were submitted: with a store "
-          f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; without {', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
+          f"{', '.join(f'{x * 1e3:.1f}' for x in with_store)} ms; without "
+          f"{', '.join(f'{x * 1e3:.1f}' for x in without)} ms")
     assert sorted(with_store)[1] < 0.1
     assert len(stored(tmp_path / 'jobs0.db')) == 2000
 
 
-# ----- benchmarks/store.py keeps working ---------------------------------------------------------------------------------
+# ----- benchmarks/store.py keeps working --------------------------------------------------------------------
 def test_the_store_benchmark_runs(tmp_path, no_leftover_processes):
     "A --quick run exits 0 and prints every row with finite numbers; no timing is asserted."
     out = tmp_path / 'store.json'
-    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'store.py'), '--quick', '--json', str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'store.py'), '--quick', '--json',
+                           str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -639,7 +659,9 @@ def test_the_store_benchmark_runs(tmp_path, no_leftover_processes):
     for sid, row in result['shapes'].items():
         assert row['title'] in proc.stdout, sid
         for side in ('with', 'without', 'overhead'):
-            assert all(isinstance(row[side][k], float) and math.isfinite(row[side][k]) for k in ('median', 'min', 'max')), (sid, side)
+            assert all(isinstance(row[side][k], float) and math.isfinite(row[side][k])
+                       for k in ('median', 'min', 'max')), (sid, side)
         assert row['with']['median'] > 0 and row['without']['median'] > 0, sid
-        assert row['ratio'] is not None and math.isfinite(row['ratio']['median']) and row['ratio']['median'] > 0, sid
+        assert (row['ratio'] is not None and math.isfinite(row['ratio']['median'])
+                and row['ratio']['median'] > 0), sid
         assert row['met'] in (True, False, None), sid

@@ -17,7 +17,8 @@ TIMEOUT = 10.0  # seconds any single message may take; a broken worker fails the
 
 
 def get(q, timeout:float=TIMEOUT) -> dict:
-    "Next item of `q`, a `Queue` or a `SimpleQueue` (which has no timeout of its own); `queue.Empty` after `timeout`."
+    ("Next item of `q`, a `Queue` or a `SimpleQueue` (which has no timeout of its own); "
+     "`queue.Empty` after `timeout`.")
     if not isinstance(q, SimpleQueue): return q.get(timeout=timeout)
     deadline = time.monotonic() + timeout
     while q.empty():
@@ -29,10 +30,12 @@ def get(q, timeout:float=TIMEOUT) -> dict:
 class WorkerUnderTest:
     "A spawned worker and its three queues, driven the way a manager drives them."
     def __init__(self, target=scenario_worker_process, queue_kind:str='Queue'):
-        # the manager gives the worker SimpleQueues for results and responses; plain Queues are the spec's default
+        # the manager gives the worker SimpleQueues for results and responses; plain Queues are the spec's
+        # default
         make = getattr(ctx, queue_kind)
         self.request_queue, self.result_queue, self.response_queue = ctx.Queue(), make(), make()
-        self.process = ctx.Process(target=target, args=(self.request_queue, self.result_queue, self.response_queue),
+        self.process = ctx.Process(target=target,
+                                   args=(self.request_queue, self.result_queue, self.response_queue),
                                    daemon=True)
         self.process.start()
 
@@ -87,7 +90,8 @@ class WorkerUnderTest:
 
 @pytest.fixture(params=['Queue', 'SimpleQueue'])
 def worker(request, no_leftover_processes):
-    "A fresh scenario worker answering on either kind of queue; spawning one costs about 0.1 s, so each test gets its own."
+    ("A fresh scenario worker answering on either kind of queue; spawning one costs about 0.1 s, "
+     "so each test gets its own.")
     w = WorkerUnderTest(queue_kind=request.param)
     try: yield w
     finally: w.close()
@@ -108,7 +112,8 @@ def test_execute_started_then_result_and_plugin_reuse(worker):
     started, result = worker.execute('echo', text='hi', extra=1)
     assert isinstance(started, WorkerJobStarted) and started.pid == worker.process.pid
     assert result.status == 'success' and result.error is None
-    assert result.data == {'text': '> hi', 'params': {'extra': 1}}  # every key beside job_id, plugin_name, stream
+    # every key beside job_id, plugin_name, stream
+    assert result.data == {'text': '> hi', 'params': {'extra': 1}}
     assert worker.execute('echo', text='again')[-1].data['text'] == '> again'
     # the second echo job reused the loaded plugin; switching plugins unloads the previous one first
     assert worker.execute('history')[-1].data['events'] == ['load echo', 'unload echo', 'load history']
@@ -130,10 +135,12 @@ def test_reload_unload_get_state_answer_their_request(worker):
     assert worker.command(Req.GET_STATE).data['current_config'] == {'prefix': '>> '}
 
     unload = worker.command(Req.UNLOAD, plugin_name='echo')
-    assert unload.type == Resp.RESPONSE and unload.data['status'] == 'success' and unload.data['was_loaded'] is True
+    assert (unload.type == Resp.RESPONSE and unload.data['status'] == 'success'
+            and unload.data['was_loaded'] is True)
     assert 'error' not in unload.data and unload.data['request_type'] == 'unload'
     state = worker.command(Req.GET_STATE).data
-    assert state['current_plugin'] is None and state['current_config'] is None and state['loaded_plugins'] == []
+    assert (state['current_plugin'] is None and state['current_config'] is None
+            and state['loaded_plugins'] == [])
     again = worker.command(Req.UNLOAD, plugin_name='echo')  # not loaded: still a success, and says so
     assert again.data['status'] == 'success' and again.data['success'] and again.data['was_loaded'] is False
 
@@ -141,7 +148,8 @@ def test_reload_unload_get_state_answer_their_request(worker):
 def test_reload_goes_through_reload_plugin_one_plugin_at_a_time(worker):
     worker.init(echo={'prefix': '> '})
     worker.execute('history')
-    # reloading a plugin that is not loaded: the loaded one is unloaded, then the plugin manager's reload_plugin runs
+    # reloading a plugin that is not loaded: the loaded one is unloaded, then the plugin manager's
+    # reload_plugin runs
     assert worker.command(Req.RELOAD, plugin_name='echo', config={'prefix': '# '}).data['status'] == 'success'
     state = worker.command(Req.GET_STATE).data
     assert (state['current_plugin'], state['current_config']) == ('echo', {'prefix': '# '})
@@ -200,7 +208,8 @@ def test_plugin_exception_fails_the_job_and_worker_runs_the_next(worker):
 
 @pytest.mark.parametrize('plugin,params,error,error_type', [
     ('sysexit', {}, '5', 'SystemExit'),
-    ('fail', {'exception': 'KeyboardInterrupt', 'message': 'interrupted'}, 'interrupted', 'KeyboardInterrupt'),
+    ('fail', {'exception': 'KeyboardInterrupt', 'message': 'interrupted'}, 'interrupted',
+     'KeyboardInterrupt'),
     ('fail', {'exception': 'GeneratorExit'}, 'failed', 'GeneratorExit'),
     ('badstr', {}, '<unprintable UnprintableError>', 'UnprintableError'),
     ('fail', {'message': ''}, 'RuntimeError', 'RuntimeError'),
@@ -232,7 +241,8 @@ def test_wire_dicts_have_the_documented_keys(worker):
     worker.init()
     started, ok = worker.execute_raw('echo', text='hi')
     job = {'type': 'result', 'job_id': ok['job_id'], 'status': 'success'}
-    assert ok == {**job, 'data': {'text': 'hi', 'params': {}}}  # no None-valued error, traceback or error_type
+    # no None-valued error, traceback or error_type
+    assert ok == {**job, 'data': {'text': 'hi', 'params': {}}}
     failed = worker.execute_raw('fail', message='boom')[-1]
     assert set(failed) == {'type', 'job_id', 'status', 'error', 'error_type', 'traceback'}
     assert (failed['error'], failed['error_type']) == ('boom', 'RuntimeError')
@@ -248,7 +258,8 @@ def test_unknown_plugin_and_execute_before_init_are_job_errors(worker):
     assert before.status == 'error' and 'not initialised' in before.error
     worker.init()
     unknown = worker.execute('no-such-plugin')[-1]
-    assert unknown.status == 'error' and unknown.error_type == 'ValueError' and 'no-such-plugin' in unknown.error
+    assert (unknown.status == 'error' and unknown.error_type == 'ValueError'
+            and 'no-such-plugin' in unknown.error)
     assert worker.execute('echo', text='ok')[-1].status == 'success'
 
 
@@ -328,7 +339,8 @@ def test_worker_death_is_seen_as_its_exit_code(no_leftover_processes, plugin, pa
         assert isinstance(started, WorkerJobStarted) and started.job_id == job_id
         w.process.join(TIMEOUT)
         assert w.process.exitcode == exitcode
-        with pytest.raises(queue.Empty): w.result(timeout=0.2)  # no result and no STOPPED: a death, not an exit
+        # no result and no STOPPED: a death, not an exit
+        with pytest.raises(queue.Empty): w.result(timeout=0.2)
     finally: w.close()
 
 
@@ -341,11 +353,12 @@ def test_failing_init_reports_error_and_exits_nonzero(no_leftover_processes):
         assert err.data['error'] == 'BrokenPluginManagerError: plugin manager could not be created'
         assert 'broken_plugin_manager' in err.data['traceback']
         w.process.join(TIMEOUT)
-        assert w.process.exitcode == 1  # the INIT exception ends the process, as any uncaught exception in it would
+        # the INIT exception ends the process, as any uncaught exception in it would
+        assert w.process.exitcode == 1
     finally: w.close()
 
 
-# ----- cancel that keeps the model (issue 22, the worker's side) ---------------------------------------------------
+# ----- cancel that keeps the model (issue 22, the worker's side) --------------------------------------------
 def _until(w:WorkerUnderTest, kind:str) -> list:
     "Raw result messages up to the first of type `kind`."
     got = [w.raw_result()]
@@ -360,7 +373,8 @@ def _start(w:WorkerUnderTest, plugin_name:str, job_id:str, first:str, stream:boo
 def _history(w:WorkerUnderTest) -> list: return w.execute('history')[-1].data['events']
 
 @pytest.mark.parametrize('plugin, params, first, how', [
-    ('stream', {'stream': True, 'text': ' '.join(['w'] * 200), 'delay': 0.02}, 'stream_chunk', 'stream closed'),
+    ('stream', {'stream': True, 'text': ' '.join(['w'] * 200), 'delay': 0.02}, 'stream_chunk',
+     'stream closed'),
     ('progress', {'seconds': 10, 'steps': 500}, 'progress', None),
     ('cancellable', {'seconds': 10, 'steps': 500}, 'job_started', 'cancellable stopped')],
     ids=['stream', 'report_progress', 'check_cancelled'])
@@ -386,7 +400,8 @@ def test_running_job_stops_at_its_cancel_and_the_plugin_stays_loaded(worker, plu
 def test_cancel_of_another_job_is_never_acted_on(worker):
     worker.init()
     _start(worker, 'cancellable', 'run', 'job_started', seconds=0.5, steps=50)
-    worker.send(Req.EXECUTE, job_id='next', plugin_name='echo', text='never')  # handed behind it, then cancelled
+    # handed behind it, then cancelled
+    worker.send(Req.EXECUTE, job_id='next', plugin_name='echo', text='never')
     worker.send(Req.CANCEL, job_id='next')
     worker.send(Req.CANCEL, job_id='gone')  # a job that is not here at all
     done = _until(worker, 'result')

@@ -99,9 +99,12 @@ class WorkerConfig:
         if not (self.gpus is None or self.gpus == 'auto' or isinstance(self.gpus, (list, tuple))):
             raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, got {self.gpus!r}")
         self.preload_plugins = list(self.preload_plugins)
-        if self.backend not in ('process', 'ray'): raise ValueError(f"backend must be 'process' or 'ray', got {self.backend!r}")
-        if self.backend == 'ray' and self.gpus is not None:  # CUDA_VISIBLE_DEVICES of this host would override Ray's
-            raise ValueError("gpus= pins workers to this machine's GPUs; with backend='ray' ask Ray for them: "
+        if self.backend not in ('process', 'ray'):
+            raise ValueError(f"backend must be 'process' or 'ray', got {self.backend!r}")
+        # CUDA_VISIBLE_DEVICES of this host would override Ray's
+        if self.backend == 'ray' and self.gpus is not None:
+            raise ValueError("gpus= pins workers to this machine's GPUs; with backend='ray' ask Ray for "
+                             "them: "
                              "ray_actor_options={'num_gpus': 1}")
         if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")
         for name in ('max_pending_jobs', 'max_pending_per_owner'):

@@ -47,23 +47,27 @@ def frame_header(n:int # Length of the payload that follows
 
 OOB_MAGIC = b'\xffCJB'  # starts a payload with out-of-band buffers (a pickle starts with 0x80)
 OOB_MIN = 1 << 16  # buffers this long or longer go out of band
-OOB_HEAD, OOB_ENTRY = struct.Struct('!4sIQ'), struct.Struct('!cQ')  # (magic, buffers, pickle length); (kind, length)
+# (magic, buffers, pickle length); (kind, length)
+OOB_HEAD, OOB_ENTRY = struct.Struct('!4sIQ'), struct.Struct('!cQ')
 _OOB_MAX_BUFFERS = 1 << 16  # more in one table is garbage
 
 def _holds_big(obj, depth:int=4) -> bool:
-    "Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, lists and tuples (64 items each)."
+    ("Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, "
+     "lists and tuples (64 items each).")
     t = type(obj)
     if t is bytes or t is bytearray: return len(obj) >= OOB_MIN
     if t is dict: obj = obj.values()
     elif t is not list and t is not tuple: return False
-    for o in (obj if len(obj) <= 64 else itertools.islice(obj, 64)):  # no call for what cannot hold one: hot path
+    # no call for what cannot hold one: hot path
+    for o in (obj if len(obj) <= 64 else itertools.islice(obj, 64)):
         t = type(o)
         if (t is bytes or t is bytearray) and len(o) >= OOB_MIN: return True
         if (t is dict or t is list or t is tuple) and depth > 1 and _holds_big(o, depth - 1): return True
     return False
 
 def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # False: out of band
-    "A `buffer_callback`: a large contiguous buffer goes out of band, its kind to `kinds`, itself to `buffers`."
+    ("A `buffer_callback`: a large contiguous buffer goes out of band, its kind to `kinds`, "
+     "itself to `buffers`.")
     try: raw = pb.raw()
     except BufferError: return True  # not contiguous: in band
     if raw.nbytes < OOB_MIN: return True
@@ -71,11 +75,14 @@ def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # Fa
     return False
 
 class _ByIdPickler(pickle.Pickler):
-    "Protocol 5 with large buffers out of band: protocol-5 buffers by `_out_of_band`, `bytes` and `bytearray` by persistent id."
+    ("Protocol 5 with large buffers out of band: protocol-5 buffers by `_out_of_band`, "
+     "`bytes` and `bytearray` by persistent id.")
     def __init__(self, file, kinds:list, buffers:list):
-        # a partial, not a bound method: a pickler in a cycle would hold the buffers (and pin them) until a collection
+        # a partial, not a bound method: a pickler in a cycle would hold the buffers (and pin them) until a
+        # collection
         super().__init__(file, 5, buffer_callback=functools.partial(_out_of_band, kinds, buffers))
-        self.kinds, self.buffers, self.seen = kinds, buffers, {}  # seen: id -> persistent id (one object, sent once)
+        # seen: id -> persistent id (one object, sent once)
+        self.kinds, self.buffers, self.seen = kinds, buffers, {}
 
     def persistent_id(self, obj):  # called for every object: this pickler is used only when a large one is there
         if type(obj) not in (bytes, bytearray) or len(obj) < OOB_MIN: return None
@@ -99,13 +106,15 @@ def dumps_message(msg:Any # A message: a dict of picklable values
     return [OOB_HEAD.pack(OOB_MAGIC, len(buffers), len(pickled)) + table + pickled, *buffers]
 
 # %% ../../nbs/core/wire.ipynb #oob00004
+# (kinds, lengths, where the pickle starts, the pickle's length); None if incomplete
 def oob_table(buf, # A frame's payload so far (bytes, bytearray, memoryview)
               start:int=0 # Where the payload starts in `buf`
-             ) -> Optional[tuple]: # (kinds, lengths, where the pickle starts, the pickle's length); None if incomplete
+             ) -> Optional[tuple]:
     "The table of a payload with out-of-band buffers; `ValueError` if it is none."
     if len(buf) - start < OOB_HEAD.size: return None
     magic, count, pickled = OOB_HEAD.unpack_from(buf, start)
-    if magic != OOB_MAGIC or count > _OOB_MAX_BUFFERS: raise ValueError(f'bad out-of-band table {bytes(magic)!r}')
+    if magic != OOB_MAGIC or count > _OOB_MAX_BUFFERS:
+        raise ValueError(f'bad out-of-band table {bytes(magic)!r}')
     at = start + OOB_HEAD.size
     if len(buf) < at + count * OOB_ENTRY.size: return None
     entries = [OOB_ENTRY.unpack_from(buf, at + i * OOB_ENTRY.size) for i in range(count)]
@@ -114,7 +123,8 @@ def oob_table(buf, # A frame's payload so far (bytes, bytearray, memoryview)
     return kinds, [n for _, n in entries], at + count * OOB_ENTRY.size, pickled
 
 class BufferUnpickler(pickle.Unpickler):
-    "Unpickles a pickle made by `dumps_message` with its out-of-band buffers, `objs`, whose kinds are `kinds`."
+    ("Unpickles a pickle made by `dumps_message` with its out-of-band buffers, `objs`, "
+     "whose kinds are `kinds`.")
     def __init__(self, pickled, kinds:str='', objs:tuple=()):
         super().__init__(BytesIO(pickled), buffers=[o for k, o in zip(kinds, objs) if k in 'rw'])
         self.objs = objs
@@ -129,7 +139,8 @@ def loads_frame(payload:bytes # One frame's payload, whole
     if payload[:4] != OOB_MAGIC: return pickle.loads(payload)
     kinds, lengths, at, n = oob_table(payload)
     if at + n + sum(lengths) != len(payload):
-        raise ValueError(f'payload of {len(payload)} bytes; its out-of-band table says {at + n + sum(lengths)}')
+        raise ValueError(f'payload of {len(payload)} bytes; its out-of-band table says '
+                         f'{at + n + sum(lengths)}')
     view, objs = memoryview(payload), []
     pickled, at = view[at:at + n], at + n
     for kind, n in zip(kinds, lengths):
@@ -137,7 +148,8 @@ def loads_frame(payload:bytes # One frame's payload, whole
     return BufferUnpickler(pickled, kinds, objs).load()
 
 def payload_views(payload) -> List[memoryview]: # Flat byte views of a payload's parts
-    return [memoryview(p).cast('B') for p in ([payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload)]
+    return [memoryview(p).cast('B')
+            for p in ([payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload)]
 
 def advance(views:deque, # Memoryviews to write or fill, in order
              n:int): # Bytes done
@@ -203,7 +215,8 @@ def get(self:PipeEnd,
         with self._rlock: payload = self._ahead.popleft() if self._ahead else self._next_payload()
         return loads_frame(payload)
     deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-    if not (self._rlock.acquire(True, max(timeout, 0.0)) if block else self._rlock.acquire(False)): raise queue.Empty
+    if not (self._rlock.acquire(True, max(timeout, 0.0)) if block else self._rlock.acquire(False)):
+        raise queue.Empty
     try:
         if not self._ahead and self._head is None:
             if not self._poll(max(0.0, deadline - time.monotonic()) if block else 0.0): raise queue.Empty
@@ -351,7 +364,8 @@ def loads_message(payload:bytes, # One frame's payload, or the pickle of one wit
                   objs:tuple=() # Those buffers, as the objects they become
                  ) -> dict: # The message; `'_unreadable'` says what `Unreadable` stand-ins replaced
     "Unpickle a worker's message, replacing only what cannot be rebuilt; `CorruptStream` if it is no message."
-    if not objs:  # the common message, nothing out of band: a plain load; the careful one below only if it fails
+    # the common message, nothing out of band: a plain load; the careful one below only if it fails
+    if not objs:
         try: msg = pickle.loads(payload)
         except Exception: msg = None
         if type(msg) is dict and 'type' in msg: return msg
@@ -418,7 +432,8 @@ def _empty(kind:str, # A buffer's kind: `b` or `r` for bytes, `a` or `w` for byt
     if kind in 'aw':
         obj = _new_bytearray(None, n)
         return obj, memoryview(obj)
-    obj = _new_bytes(None, n)  # a bytes object nobody holds yet: writing into it is what CPython's os.read does
+    # a bytes object nobody holds yet: writing into it is what CPython's os.read does
+    obj = _new_bytes(None, n)
     return obj, memoryview((ctypes.c_char * n).from_address(_bytes_data(obj))).cast('B')
 
 class _Buffers:
@@ -457,8 +472,10 @@ class Inbox:
     def __init__(self, fd:int): # The pipe's read end, non-blocking
         self.fd, self.buf = fd, bytearray()  # the bytes read of the frame still arriving
         self.frames = deque()  # complete frames not yet taken: (pickle, kinds, buffers)
-        self.big: Optional[_Buffers] = None  # the buffers of the frame still arriving, once they are being read
-        self.eof, self.more, self.corrupt = False, False, None  # at end of file; bytes left unread; why corrupt
+        # the buffers of the frame still arriving, once they are being read
+        self.big: Optional[_Buffers] = None
+        # at end of file; bytes left unread; why corrupt
+        self.eof, self.more, self.corrupt = False, False, None
 
     @property
     def open(self) -> bool: return not self.eof and self.corrupt is None
@@ -485,9 +502,10 @@ class Inbox:
         return None
 
 # %% ../../nbs/core/wire.ipynb #d4501ae1
+# (header length, payload length, out-of-band table or None); None if not all here
 def _span(buf, # The bytes read (a memoryview of them)
           start:int # Where the frame starts in them
-         ) -> Optional[tuple]: # (header length, payload length, out-of-band table or None); None if not all here
+         ) -> Optional[tuple]:
     "What the frame at `start` is, as far as it has arrived; `ValueError` if it is no frame of ours."
     avail = len(buf) - start
     if avail < 4: return None
@@ -502,7 +520,8 @@ def _span(buf, # The bytes read (a memoryview of them)
         if (table := oob_table(buf, start + head)) is None: return None
         kinds, lengths, at, n = table
         if at - start - head + n + sum(lengths) != size:
-            raise ValueError(f'frame of {size} bytes whose out-of-band table says {at - start - head + n + sum(lengths)}')
+            raise ValueError(f'frame of {size} bytes whose out-of-band table says '
+                             f'{at - start - head + n + sum(lengths)}')
         return head, size, table
     if first != pickle.PROTO[0] or not 2 <= buf[start + head + 1] <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(f'frame of {size} bytes holds no pickle: {bytes(buf[start:start + 16])!r}')

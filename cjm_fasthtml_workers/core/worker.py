@@ -34,7 +34,8 @@ def _patch(f):
 class JobCancelled(Exception):
     "Raised in plugin code, by `report_progress` or `check_cancelled`, once the job it runs is cancelled."
 
-_current_job = None  # (job_id, result_queue) while this process executes a job; (tuple of ids, ...) for a batch
+# (job_id, result_queue) while this process executes a job; (tuple of ids, ...) for a batch
+_current_job = None
 _cancel_check: Optional[Callable[[], bool]] = None  # while a job runs: whether a CANCEL of it has arrived
 
 def check_cancelled() -> None:
@@ -46,7 +47,8 @@ def report_progress(
     progress:float, # Fraction of the job done, 0.0 to 1.0 (clamped)
     message:Optional[str]=None # Optional human-readable status
 ) -> None:
-    "Report progress of the job this worker is executing; does nothing outside a job; `JobCancelled` once cancelled."
+    ("Report progress of the job this worker is executing; does nothing outside a job; "
+     "`JobCancelled` once cancelled.")
     current = _current_job
     if current is None: return
     check_cancelled()
@@ -55,8 +57,10 @@ def report_progress(
         result_queue.put(WorkerProgress(job_id, min(max(float(progress), 0.0), 1.0), message).to_dict())
 
 # %% ../../nbs/core/worker.ipynb #618d3a5f
-_ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream', 'reload_plugin',
-                    'unload_plugin', 'check_streaming_support')  # what `PluginManagerAdapter` asks of a plugin manager
+# what `PluginManagerAdapter` asks of a plugin manager
+_ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream',
+                    'reload_plugin',
+                    'unload_plugin', 'check_streaming_support')
 
 def _format_traceback(e:BaseException # The exception whose traceback is wanted
                      ) -> str: # The formatted traceback
@@ -76,10 +80,11 @@ class _Worker:
                  supports_streaming:bool=False): # Whether this worker may stream a job
         self.result_queue, self.response_queue, self.factory = result_queue, response_queue, factory
         self.adapt, self.supports_streaming = result_adapter or default_result_adapter, supports_streaming
-        # the plugin manager, discovered plugins by name, configurations by name, the name of the one loaded plugin
+        # the plugin manager, discovered plugins by name, configurations by name, the name of the one loaded
+        # plugin
         self.pm, self.plugins, self.configs, self.loaded = None, {}, {}, None
-        # the request queue and what was read off it early (set by the loop); the running job, and the one whose
-        # CANCEL was noticed; `reading` lets one thread at a time read requests while a job runs
+        # the request queue and what was read off it early (set by the loop); the running job, and the one
+        # whose CANCEL was noticed; `reading` lets one thread at a time read requests while a job runs
         self.requests, self.ahead, self.running, self.cancelled = None, deque(), None, None
         self.reading = threading.Lock()
 
@@ -100,7 +105,8 @@ class _Worker:
         missing = [n for n in _ADAPTER_METHODS if not callable(getattr(self.pm, n, None))]
         if missing:  # fail at the start, naming what is missing, not in the first job that needs it
             raise TypeError(f"the plugin manager {type(self.pm).__name__} lacks {', '.join(missing)} of "
-                            "PluginManagerAdapter; wrap it with core.adapters.create_simple_adapter(plugin_manager)")
+                            "PluginManagerAdapter; wrap it with "
+                            "core.adapters.create_simple_adapter(plugin_manager)")
         for meta in self.pm.discover_plugins():
             if (name := meta_name(meta)) is None: log.warning("plugin without a name skipped: %r", meta)
             else: self.plugins[name] = meta
@@ -119,7 +125,8 @@ class _Worker:
     def ensure_loaded(self, name:str):
         "Make `name` the loaded plugin, unloading the previous one first."
         if name == self.loaded: return
-        if name not in self.plugins: raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
+        if name not in self.plugins:
+            raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
         self.unload_current()
         self.pm.load_plugin(self.plugins[name], self.configs.get(name) or {})
         self.loaded = name
@@ -151,7 +158,8 @@ def run_job(self:_Worker,
             self.result_queue.put(WorkerStreamChunk(job_id, str(chunk)).to_dict())
             if self.cancel_seen(job_id): raise JobCancelled("the job was cancelled")  # between chunks
     finally:
-        if (close := getattr(chunks, 'close', None)) is not None: close()  # GeneratorExit in the plugin's finally
+        # GeneratorExit in the plugin's finally
+        if (close := getattr(chunks, 'close', None)) is not None: close()
     self.result_queue.put(WorkerStreamChunk(job_id, '', is_final=True).to_dict())
     return WorkerResult(job_id, 'success', {'streamed': True})
 
@@ -160,7 +168,8 @@ def run_job(self:_Worker,
 def execute(self:_Worker,
             req:WorkerRequest # An EXECUTE: `job_id`, `plugin_name`, `stream`, the plugin's keyword arguments
            ):
-    "Run one job; then exactly one RESULT for it goes on the result queue, or JOB_CANCELLED once it was cancelled."
+    ("Run one job; then exactly one RESULT for it goes on the result queue, "
+     "or JOB_CANCELLED once it was cancelled.")
     global _current_job, _cancel_check
     params = dict(req.data)
     job_id, name, stream = params.pop('job_id'), params.pop('plugin_name'), params.pop('stream', False)
@@ -202,7 +211,8 @@ def execute_batch(self:_Worker,
         else: later.append(raw)
     self.ahead.extend(later + list(early))
     ids = [j for j in expected if j in items]
-    params = [{k: v for k, v in items[j].items() if k not in ('type', 'job_id', 'plugin_name', 'stream')} for j in ids]
+    params = [{k: v for k, v in items[j].items() if k not in ('type', 'job_id', 'plugin_name', 'stream')}
+              for j in ids]
     for job_id in ids: self.send(self.result_queue, WorkerJobStarted(job_id, os.getpid()).to_dict())
     _current_job = (tuple(ids), self.result_queue)
     try:
@@ -266,7 +276,8 @@ def state(self:_Worker) -> dict: # The STATE payload
     "What the worker has loaded: the documented keys, then ours."
     config = None if self.loaded is None else self.configs.get(self.loaded) or {}
     return {'current_plugin': self.loaded, 'current_config': config, 'loaded_plugins': self.loaded_plugins(),
-            'request_type': WorkerRequestType.GET_STATE.value, 'pid': os.getpid(), 'loaded_plugin': self.loaded,
+            'request_type': WorkerRequestType.GET_STATE.value, 'pid': os.getpid(),
+            'loaded_plugin': self.loaded,
             'plugins': list(self.plugins)}
 
 @_patch
@@ -299,7 +310,8 @@ def _cancelled(request_queue, ahead:deque, job_id) -> bool: # Whether a CANCEL o
     "Read what has arrived into `ahead`; take out a CANCEL of `job_id` if there is one."
     while not request_queue.empty(): ahead.append(request_queue.get())
     for i, r in enumerate(ahead):
-        if isinstance(r, dict) and r.get('type') == WorkerRequestType.CANCEL.value and r.get('job_id') == job_id:
+        if (isinstance(r, dict) and r.get('type') == WorkerRequestType.CANCEL.value
+            and r.get('job_id') == job_id):
             del ahead[i]
             return True
     return False
@@ -324,7 +336,8 @@ def base_worker_process(
             req = WorkerRequest.from_dict(raw)
             if req.type == WorkerRequestType.STOP: break
             if req.type == WorkerRequestType.CANCEL: continue  # its job ran already, or was dropped
-            if req.type == WorkerRequestType.EXECUTE and _cancelled(request_queue, ahead, req.data.get('job_id')):
+            if (req.type == WorkerRequestType.EXECUTE
+                and _cancelled(request_queue, ahead, req.data.get('job_id'))):
                 log.debug("worker %s dropped cancelled job %s", os.getpid(), req.data.get('job_id'))
                 continue
             handlers.get(req.type, worker.command)(req)
@@ -340,7 +353,8 @@ def base_worker_process(
 import ctypes, subprocess, sys
 import multiprocessing.connection
 
-TOKEN_ENV = 'CJM_WORKER_TOKEN'  # names one worker's processes: set by the app at spawn, inherited by descendants
+# names one worker's processes: set by the app at spawn, inherited by descendants
+TOKEN_ENV = 'CJM_WORKER_TOKEN'
 WATCHDOG_ENV = 'CJM_WORKER_WATCHDOG'  # '0' in a hardened worker's environment: start no watchdog
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # from <linux/prctl.h>
 
@@ -397,7 +411,8 @@ def _start_watchdog(app_session:int # The app's session: its processes are spare
 def worker_main(entry_point:Callable, # The entry point: `entry_point(request_queue, result_queue, response_queue)`
                 request_queue, result_queue, response_queue, # The three queues, passed on to `entry_point`
                 harden:bool=False): # PDEATHSIG, subreaper, watchdog; the parent spawns from a lasting thread
-    "Spawned process target: tie the worker to the app, give it a process group of its own, run `entry_point`."
+    ("Spawned process target: tie the worker to the app, give it a process group of its own, "
+     "run `entry_point`.")
     parent, app_session = multiprocessing.parent_process(), os.getsid(0)
     dies_with_parent = harden and parent is not None and _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if dies_with_parent and os.getppid() != parent.pid: os._exit(1)  # the app died before the prctl

@@ -159,7 +159,8 @@ def publish(self:SSEBroadcaster, event:Event):
         else:
             self._end(q)
             self.dropped += 1
-            log.warning("dropped an SSE client %d events behind (%d clients left)", self.max_queue, len(self.clients))
+            log.warning("dropped an SSE client %d events behind (%d clients left)", self.max_queue,
+                        len(self.clients))
 
 # %% ../../nbs/extensions/fasthtml.ipynb #480f214c
 @patch
@@ -313,7 +314,8 @@ def worker_lifespan(*managers, # the `BaseJobManager`s whose workers the app run
     return lifespan
 
 # %% ../../nbs/extensions/fasthtml.ipynb #e3a78bd5
-STATIC_DIR = Path(cjm_fasthtml_workers.__file__).parent/'static'  # htmx, its SSE extension and the demo's files
+# htmx, its SSE extension and the demo's files
+STATIC_DIR = Path(cjm_fasthtml_workers.__file__).parent/'static'
 STATIC_PREFIX = '/cjm-workers'  # where `serve_static` serves them
 
 def static_hdrs(prefix:str=STATIC_PREFIX # where `serve_static` serves the files
@@ -328,7 +330,8 @@ def serve_static(app, # a FastHTML app (made with default_hdrs=False)
     app.mount(prefix, StaticFiles(directory=STATIC_DIR), name='cjm-workers-static')
     hdrs = static_hdrs(prefix)
     # after the app's metas and links, before its scripts: those may use htmx as they load
-    first_script = next((i for i, h in enumerate(app.hdrs) if getattr(h, 'tag', None) == 'script'), len(app.hdrs))
+    first_script = next((i for i, h in enumerate(app.hdrs) if getattr(h, 'tag', None) == 'script'),
+                        len(app.hdrs))
     app.hdrs[first_script:first_script] = [h for h in hdrs if h not in app.hdrs]
     return hdrs
 
@@ -422,7 +425,8 @@ def worker_cells(self:WorkersBoard, r:dict, job, used:Optional[Dict[str, int]]) 
         'gpu': Span(gpu or '–', title=r['gpu'] or ''),
         'plugin': Span(plugin or '–',
                        Small(f" idle {_duration(idle)}") if plugin and idle is not None else ''),
-        'job': Span(Code(job.id), Small(f" {job.status} {_duration(_ago(job.started_at or job.created_at))} "),
+        'job': Span(Code(job.id),
+                    Small(f" {job.status} {_duration(_ago(job.started_at or job.created_at))} "),
                     _post(self, f"jobs/{job.id}/cancel", 'Cancel', cls='small danger')) if job else Span('–'),
         'progress': Span(Progress(value=progress, max=100),
                          Small(f" {progress} % {job.progress_message or ''}"))

@@ -38,7 +38,8 @@ class EventPump:
         self.delivered = self.coalesced = self.given_up = 0  # counters, for metrics
 
     @property
-    def waiting(self) -> int: return len(self.inbox) + len(self.buffer) # Events not yet handed to the broadcaster
+    # Events not yet handed to the broadcaster
+    def waiting(self) -> int: return len(self.inbox) + len(self.buffer)
 
 # %% ../../nbs/managers/events.ipynb #59924012
 @patch
@@ -78,7 +79,8 @@ def _queue(self:EventPump, event:str, data:dict, kind:Optional[str]):
         else: entry[1] = data  # progress: the latest is what counts
         self.coalesced += 1
         if self.coalesced in (1, 10, 100) or self.coalesced % 10000 == 0:
-            log.info("%s: the event broadcaster lags; %d chunk/progress events coalesced", self.name, self.coalesced)
+            log.info("%s: the event broadcaster lags; %d chunk/progress events coalesced", self.name,
+                     self.coalesced)
         return
     entry = [event, data, kind, [data['chunk']] if kind == 'chunk' else None]
     self.buffer.append(entry)
@@ -111,7 +113,8 @@ async def _run(self:EventPump):
 
 @patch
 def _watch(self:EventPump):
-    "The watchdog, one per pump: give up a broadcast that has taken `timeout` s; re-armed while the task runs."
+    ("The watchdog, one per pump: give up a broadcast that has taken `timeout` s; "
+     "re-armed while the task runs.")
     self.watchdog, task = None, self.task
     if task is None or task.done(): return
     loop, started = task.get_loop(), self.started

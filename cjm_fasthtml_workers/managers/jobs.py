@@ -56,8 +56,10 @@ class JobBook:
         self.jobs: Dict[str, Any] = {}  # every job not yet cleared, by id, in submission order
         self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job
         self.waiting = WaitingJobs()  # the jobs that wait, in the order they will start
-        self.stats = JobStats()  # what outlives the jobs: ends by plugin and status, wait and run times, loads
-        self.requests: Dict[str, Tuple[str, bytes]] = {}  # job id -> (plugin name, pickled EXECUTE) until it ends
+        # what outlives the jobs: ends by plugin and status, wait and run times, loads
+        self.stats = JobStats()
+        # job id -> (plugin name, pickled EXECUTE) until it ends
+        self.requests: Dict[str, Tuple[str, bytes]] = {}
         self.chunks: Dict[str, List[str]] = {}  # job id -> chunks streamed so far
         self.waiters: Dict[str, list] = {}  # job id -> [(loop, future)] of wait_for_job
         self.listeners: Dict[str, list] = {}  # job id -> [(loop, asyncio.Queue)] of stream_job
@@ -75,7 +77,8 @@ class JobBook:
         self.queue(job.id)
 
     def announce(self, jobs:list, fn:Callable[[], None]):
-        "Run `fn` once the current state of `jobs` is stored: at once without a store, after its commit with one."
+        ("Run `fn` once the current state of `jobs` is stored: at once without a store, "
+         "after its commit with one.")
         if self.store is None: fn()
         else: self.store.write(jobs, fn)
 
@@ -88,7 +91,8 @@ class JobBook:
     def queue(self, job_id:str, front:bool=False):
         "Put a job (back) in the waiting queue; `front` for one that a dead worker never started."
         job = self.jobs[job_id]
-        self.waiting.push(job_id, self.requests[job_id][0], getattr(job, 'owner', None), getattr(job, 'priority', 0),
+        self.waiting.push(job_id, self.requests[job_id][0], getattr(job, 'owner', None),
+                          getattr(job, 'priority', 0),
                           front, at=time.monotonic())
 
 # %% ../../nbs/managers/jobs.ipynb #jb000017
@@ -125,7 +129,8 @@ def finish(self:JobBook, job, # The job to end
     if error is not None: job.error = error
     job.completed_at, job.status = now_iso(), status
     self.results[job.id] = result_envelope(job)
-    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)  # its plugin's name, counted past clear()
+    # its plugin's name, counted past clear()
+    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)
     self.requests.pop(job.id, None)
     if not self.requests: self.requests.clear()  # gives back the table a burst left
     self.timeouts.pop(job.id, None)
@@ -159,7 +164,8 @@ def add_chunk(self:JobBook, job, chunk:str):
 @patch
 def clear(self:JobBook, keep=()) -> int: # How many jobs were dropped
     "Drop the finished jobs (except those in `keep`), their chunks and envelopes; from the store too."
-    done = [i for i, j in self.jobs.items() if j.status in TERMINAL_STATUSES and i not in keep and i not in self.unsaved]
+    done = [i for i, j in self.jobs.items() if j.status in TERMINAL_STATUSES and i not in keep
+            and i not in self.unsaved]
     gone = set(done)
     for table in (self.jobs, self.chunks, self.results):
         kept = {i: v for i, v in table.items() if i not in gone} if gone else table

@@ -19,8 +19,10 @@ from fastcore.basics import patch
 class WaitingJobs:
     "The jobs waiting to start, in the order they will: by priority, owners in turn, each owner's in submission order."
     def __init__(self):
-        self.info: Dict[str, Tuple[str, Optional[str], int]] = {}  # job id -> (plugin, owner, priority), while it waits
-        self.levels: Dict[int, OrderedDict] = {}  # priority -> owner -> deque of job ids; the first owner goes next
+        # job id -> (plugin, owner, priority), while it waits
+        self.info: Dict[str, Tuple[str, Optional[str], int]] = {}
+        # priority -> owner -> deque of job ids; the first owner goes next
+        self.levels: Dict[int, OrderedDict] = {}
         self.wanted: Counter = Counter()  # plugin -> how many waiting jobs need it (for affinity)
         self.since: Dict[str, float] = {}  # job id -> when it began to wait (the caller's clock), if given
 
@@ -48,7 +50,8 @@ class WaitingJobs:
         info = self.info.pop(job_id, None)
         if info is None: return False
         self.since.pop(job_id, None)
-        if not self.info: self.info.clear()  # gives back the table a burst left (a dict never shrinks by deletions)
+        # gives back the table a burst left (a dict never shrinks by deletions)
+        if not self.info: self.info.clear()
         self.wanted[info[0]] -= 1
         if not self.wanted[info[0]]: del self.wanted[info[0]]
         return True
@@ -204,8 +207,10 @@ def schedule(waiting:WaitingJobs, # The queue (the jobs handed or failed leave i
             ) -> Plan:
     "Decide which waiting jobs go where, which models leave for memory, which jobs fail or wait."
     plan, limits = Plan(), limits or {}
-    if memory is None and not limits and not holds and not sizes: plan.hand = assign(waiting, workers); return plan
-    held, blocked, stuck = Counter(p for w in workers for p in w.running), False, dict(holds or {})  # plugin -> why
+    if memory is None and not limits and not holds and not sizes:
+        plan.hand = assign(waiting, workers); return plan
+    # plugin -> why
+    held, blocked, stuck = Counter(p for w in workers for p in w.running), False, dict(holds or {})
     for job_id in list(waiting.order()):
         if job_id not in waiting: continue  # it went along with a batch
         takers = [w for w in workers if w.free and not w.unloading] or [w for w in workers if w.room > 0]
@@ -258,7 +263,8 @@ def batch_holds(waiting:WaitingJobs, # The queue (with `since` given at push)
     for plugin, (size, wait) in batching.items():
         n = waiting.wanted.get(plugin, 0)
         if not n or n >= size: continue
-        oldest = min((waiting.since.get(j, now) for j, (p, *_) in waiting.info.items() if p == plugin), default=now)
+        oldest = min((waiting.since.get(j, now) for j, (p, *_) in waiting.info.items() if p == plugin),
+                     default=now)
         if now - oldest < wait:
             holds[plugin] = WAIT_BATCH
             due = oldest + wait if due is None else min(due, oldest + wait)

@@ -22,7 +22,8 @@ from ..backends.process import CorruptStream, describe_exit
 from ..backends.transport import Transport
 from .jobs import TERMINAL_STATUSES, JobBook, now_iso, resolve
 from cjm_fasthtml_workers.managers.scheduler import (
-    WAIT_MEMORY, GpuView, Memory, WorkerView, assign, batch_holds, forecast, idle_unloads, next_unload, over_memory,
+    WAIT_MEMORY, GpuView, Memory, WorkerView, assign, batch_holds, forecast, idle_unloads, next_unload,
+    over_memory,
     schedule)
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class Slot:
 class SupervisorHooks(Protocol):
     "What a supervisor asks of its manager."
     def alive(self) -> bool: ... # The manager still exists
-    def round(self) -> None: ... # Run one round (the documented `_monitor_results`, which calls `Supervisor.round`)
+    # Run one round (the documented `_monitor_results`, which calls `Supervisor.round`)
+    def round(self) -> None: ...
     def start(self, slot:Slot, restart:bool) -> None: ... # `_start_worker` or `_restart_worker`, about `slot`
     def init(self, slot:Slot) -> None: ... # `_init_worker`, about `slot`
     def death(self, slot:Slot) -> None: ... # `_handle_worker_error`, about `slot`
@@ -123,10 +125,12 @@ class Supervisor:
                  prefetch:int=0, # Jobs a busy worker may hold ahead of its own
                  name:str='workers', # The manager's worker type, for names and logs
                 ):
-        self.config, self.book, self.lock, self.hooks, self.prefetch, self.name = config, book, lock, hooks, prefetch, name
+        self.config, self.book, self.lock, self.hooks, self.prefetch, self.name =(config, book, lock, hooks,
+                                                                                  prefetch, name)
         self.slots = [Slot(i, gpu) for i, gpu in enumerate(gpus)]
         self.ready_fds: set = set()  # what the last wait returned
-        self.ready_waiters: list = []  # (loop, future, every): start() waits for every worker, a first job for one
+        # (loop, future, every): start() waits for every worker, a first job for one
+        self.ready_waiters: list = []
         self.fx: list = []  # calls into user code queued under the lock
         self.closed = False  # close() was called: no start, no dispatch
         self.ending: Optional[tuple] = None  # (workers, graceful ids, timeout) for whoever ends them, once
@@ -187,11 +191,13 @@ def ready_future(self:Supervisor, loop, every:bool): # every: all the pool's wor
 def command(self:Supervisor, loop, request_type:WorkerRequestType, data:dict,
             holders_only:bool # Only workers that have `data['plugin_name']` loaded; else one loads it if none has
            ) -> list: # One future per target worker, resolved with its answer (None: no answer)
-    "Queue a command for every worker holding the plugin, each sent once that worker is free (under the lock)."
+    ("Queue a command for every worker holding the plugin, each sent once that worker is free (under the "
+     "lock).")
     name = data.get('plugin_name')
     workers = [w for w in self.workers() if w.kill_reason is None]
     targets = [w for w in workers if w.loaded == name]
-    if not targets and not holders_only and workers:  # nobody holds it: one worker loads it, an empty one first
+    # nobody holds it: one worker loads it, an empty one first
+    if not targets and not holders_only and workers:
         targets = [min(workers, key=lambda w: (not w.free, w.loaded is not None))]
     futures = []
     for w in targets:
@@ -202,11 +208,13 @@ def command(self:Supervisor, loop, request_type:WorkerRequestType, data:dict,
 
 @patch
 def cancel(self:Supervisor, job) -> Optional[str]: # None: it had ended; 'ended'; 'stopping': it ends soon
-    "Cancel a job: a waiting one leaves the queue, a handed one is taken back, a running one is asked to stop."
+    ("Cancel a job: a waiting one leaves the queue, a handed one is taken back, "
+     "a running one is asked to stop.")
     if job.status in TERMINAL_STATUSES: return None
     self.retries.pop(job.id, None); self.attempt_errors.pop(job.id, None)
     holder = self.holder(job.id)
-    if holder is not None and len(holder.batch) > 1 and job.id in holder.batch:  # the rest of its batch runs on
+    # the rest of its batch runs on
+    if holder is not None and len(holder.batch) > 1 and job.id in holder.batch:
         self.book.finish(job, 'cancelled', how='stopped')  # its result, when it comes, is let go
         return 'ended'
     running = holder is not None and job.status == 'running' and holder.job_id == job.id
@@ -225,8 +233,9 @@ def cancel(self:Supervisor, job) -> Optional[str]: # None: it had ended; 'ended'
 @patch
 def may_stop(self:Supervisor, w:Worker) -> bool:
     "Whether `w`'s running job may be asked to stop (else its worker is ended at once)."
+    # a plugin may opt out: PluginPolicy(cancel='kill')
     return (self.config.cancel_grace_seconds > 0 and w.announces_starts and w.kill_reason is None
-            and self.config.policy(w.loaded).cancel != 'kill')  # a plugin may opt out: PluginPolicy(cancel='kill')
+            and self.config.policy(w.loaded).cancel != 'kill')
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000011
 @patch
@@ -250,12 +259,15 @@ def row(self:Supervisor, slot:Slot) -> Dict[str, Any]:
     "One slot of the pool, for a dashboard (under the lock)."
     w = slot.worker
     if self.closed: state = 'stopped'
-    elif w is None: state = 'not started' if slot.spawn_due is None else 'restarting' if slot.spawn_is_restart else 'starting'
+    elif w is None:
+        state =('not started' if slot.spawn_due is None else 'restarting'
+                if slot.spawn_is_restart else 'starting')
     elif not w.ready: state = 'starting'
     else: state = 'busy' if w.job_id is not None else 'idle'
     return {'worker_id': slot.id, 'pid': w.pid if w else None, 'alive': bool(w and w.transport.alive()),
             'state': state, 'gpu': slot.gpu, 'loaded_plugin': w.loaded if w else None,
-            'current_job_id': w.job_id if w else None, 'restart_count': slot.restarts, 'crashes': slot.crashes,
+            'current_job_id': w.job_id if w else None, 'restart_count': slot.restarts,
+            'crashes': slot.crashes,
             'cancels': slot.cancels, 'jobs_done': slot.jobs_done, 'last_exit': slot.last_exit,
             'idle_seconds': None if w is None or w.job_id or not w.loaded or w.idle_since is None
                             else round(time.monotonic() - w.idle_since, 3),
@@ -315,7 +327,8 @@ def run(self:Supervisor):
         try: self.hooks.round()
         except Exception: log.exception("%s supervisor: unexpected error", self.name)
     with self.lock: self.left, abandoned = True, self.abandoned
-    if not self.hooks.alive(): self.kill_all()  # the manager was collected without shutdown(): end its workers
+    # the manager was collected without shutdown(): end its workers
+    if not self.hooks.alive(): self.kill_all()
     elif abandoned: self.end_workers()  # close() stopped waiting for this thread: the workers are ended here
 
 @patch
@@ -357,7 +370,8 @@ def wait_plan(self:Supervisor):
             for fd in t.fds(): want[fd] = select.POLLIN  # its open pipes and its death fd
             if t.buffered(): due.append(0)  # messages read off the pipe last round but not handled yet
             if t.wants_write(): want[t.write_fd] = want.get(t.write_fd, 0) | select.POLLOUT
-            due += [d for d in (w.job_deadline, w.stop_deadline, w.kill_deadline, None if w.ready else w.start_deadline)
+            due += [d for d in (w.job_deadline, w.stop_deadline, w.kill_deadline, None
+                                if w.ready else w.start_deadline)
                     if d]
             due += [c[2] for c in w.commands.values() if c[2] is not None]
             if w.kill_reason and not w.kill_sent and (w.kill_reason not in _GRACEFUL or w.job_id is None):
@@ -392,7 +406,8 @@ def read(self:Supervisor) -> list: # [(worker, messages)] of the workers that se
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000016
 _NO_WORD = ("before it was ready, without saying why; its traceback is on the app's stderr. Often the worker "
-            "cannot import its entry point (or a module it imports) in a fresh process, or the app's main script "
+            "cannot import its entry point (or a module it imports) in a fresh process, or the app's main "
+            "script "
             "lacks `if __name__ == '__main__':`")
 
 def _with_where(error:Optional[str], tb:Optional[str]) -> Optional[str]:
@@ -414,7 +429,8 @@ def handle_message(self:Supervisor, w:Worker, raw:dict):
     if kind == 'job_cancelled': return self.job_stopped(w, raw.get('job_id'))
     try: msg = decode_message(raw)
     except Exception:
-        return log.warning("%s: dropped a message of unknown type from worker %s: %.200r", self.name, w.pid, raw)
+        return log.warning("%s: dropped a message of unknown type from worker %s: %.200r", self.name, w.pid,
+                           raw)
     if isinstance(msg, WorkerStreamChunk): return self.hooks.chunk(w.slot, raw)
     if isinstance(msg, WorkerProgress): return self.progress(msg)
     if msg.type == WorkerResponseType.READY: return self.worker_ready(w, msg)
@@ -468,7 +484,8 @@ def unreadable(self:Supervisor, w:Worker, raw:dict):
         self.release(w)
     if job is not None and job.status not in TERMINAL_STATUSES:
         job.error_type = 'UnreadableResult'
-        self.book.finish(job, 'failed', error=f"The job's {raw.get('type')} could not be read in the manager: "
+        self.book.finish(job, 'failed',
+                         error=f"The job's {raw.get('type')} could not be read in the manager: "
                                                f"{raw['_unreadable']}")
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000018
@@ -488,7 +505,8 @@ def worker_ready(self:Supervisor, w:Worker, msg:WorkerResponse):
 @patch
 def check_ready(self:Supervisor):
     "Resolve start() once no slot still waits for its worker to be ready, and a first job once one is."
-    if not any(s.worker is not None and s.worker.ready for s in self.slots): return  # give_up says why, if none comes
+    # give_up says why, if none comes
+    if not any(s.worker is not None and s.worker.ready for s in self.slots): return
     waiting = any(s.worker is not None and not s.worker.ready or s.worker is None and s.spawn_due is not None
                   for s in self.slots)
     for loop, fut, every in self.ready_waiters:
@@ -529,7 +547,8 @@ def answer(self:Supervisor, w:Worker, msg:WorkerResponse):
     if reload and ok and data.get('config') is not None:
         w.loaded, w.loaded_config, w.configs[name] = name, data['config'], data['config']
         w.idle_since = time.monotonic()
-        self.book.stats.plugin_loaded(name, self.config.reload_timeout_seconds - (deadline - time.monotonic()))
+        self.book.stats.plugin_loaded(name,
+                                      self.config.reload_timeout_seconds - (deadline - time.monotonic()))
     elif w.loaded == name and (reload or ok):  # unloaded; a reload to None, or one that failed, unloads too
         w.loaded = w.loaded_config = None
         if ok and (not reload or data.get('config') is None):  # an unload, decided or asked for
@@ -568,7 +587,8 @@ def settle_result(self:Supervisor, w:Worker, raw:dict):
         self.release(w)
     if stopping: return self.book.finish(job, 'cancelled', how='stopped')  # it ended before it saw the cancel
     self.hooks.result(w.slot, raw, job)
-    if job is not None and job.status == 'completed': w.slot.crash_count = 0  # a stable worker earns its budget back
+    # a stable worker earns its budget back
+    if job is not None and job.status == 'completed': w.slot.crash_count = 0
 
 @patch
 def release(self:Supervisor, w:Worker):
@@ -578,7 +598,8 @@ def release(self:Supervisor, w:Worker):
     w.idle_since, self.sample_wanted = time.monotonic(), True  # keep-alive counts from here; a reading is due
     w.slot.jobs_done += 1
     self.fx += self.hooks.resource('update_worker_state', w.pid, status='idle', job_id=None)
-    if self.config.max_jobs_per_worker and w.jobs_done >= self.config.max_jobs_per_worker: self.end(w, 'recycle')
+    if self.config.max_jobs_per_worker and w.jobs_done >= self.config.max_jobs_per_worker:
+        self.end(w, 'recycle')
 
 @patch
 def next_job(self:Supervisor, w:Worker):
@@ -633,7 +654,8 @@ def dispatch(self:Supervisor):
     by_id, memory = {w.slot.id: w for w in self.workers()}, self.memory()
     batching = self.batching()
     holds, self.batch_due = batch_holds(self.book.waiting, batching, time.monotonic())
-    if holds and threading.current_thread() is not self.thread: self.wake()  # its wait must see the hold's end
+    # its wait must see the hold's end
+    if holds and threading.current_thread() is not self.thread: self.wake()
     plan = schedule(self.book.waiting, [self.view(w) for w in by_id.values()], memory, self.limits, holds,
                     {p: size for p, (size, _) in batching.items()})
     self.waits = plan.waits
@@ -647,7 +669,8 @@ def dispatch(self:Supervisor):
 def batching(self:Supervisor) -> Dict[str, tuple]: # plugin -> (max_batch_size, batch_wait seconds)
     "The waiting plugins that run in batches."
     policies = {p: self.config.policy(p) for p in self.book.waiting.wanted}
-    return {p: (pol.max_batch_size, pol.batch_wait_ms / 1000) for p, pol in policies.items() if pol.max_batch_size > 1}
+    return {p: (pol.max_batch_size, pol.batch_wait_ms / 1000) for p, pol in policies.items()
+            if pol.max_batch_size > 1}
 
 @patch
 def room(self:Supervisor, w:Worker) -> int:
@@ -729,7 +752,9 @@ def hand(self:Supervisor, w:Worker, job_id:str, mates=()): # mates: the jobs of 
         store, payload = self.book.store, self.book.requests[j][1]
         if store is None: self.send_job(w, j, payload)
         # with a store, the handover is committed first: a job the app dies on is known to have started
-        else: store.write([self.book.jobs[j]], lambda j=j, payload=payload: self.send_job(w, j, payload), handed=True)
+        else:
+            store.write([self.book.jobs[j]], lambda j=j, payload=payload: self.send_job(w, j, payload),
+                        handed=True)
     if w.job_id == job_id and not w.announces_starts:  # it will not say when it starts: it runs from now
         self.mark_started(w, self.book.jobs[job_id])
         self.wake()  # the resource manager's update is run by the next round
@@ -738,7 +763,8 @@ def hand(self:Supervisor, w:Worker, job_id:str, mates=()): # mates: the jobs of 
 def send_job(self:Supervisor, w:Worker, job_id:str, payload:bytes):
     "Send a job's EXECUTE to `w`, unless (after a store's commit) it was taken back or `w` is gone meanwhile."
     with self.lock:
-        if w.slot.worker is not w or not (w.job_id == job_id or job_id in w.queued or job_id in w.batch): return
+        if w.slot.worker is not w or not (w.job_id == job_id or job_id in w.queued or job_id in w.batch):
+            return
         w.transport.send_pickled(payload)
         if w.transport.wants_write(): self.wake()
 
@@ -761,7 +787,8 @@ def withdraw(self:Supervisor, w:Worker, job_id:str):
 @patch
 def holder(self:Supervisor, job_id:str) -> Optional[Worker]:
     "The worker a job was handed to (None if none holds it)."
-    return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued or job_id in w.batch), None)
+    return next((w for w in self.workers() if w.job_id == job_id or job_id in w.queued or job_id in w.batch),
+                None)
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000033
 @patch
@@ -838,7 +865,8 @@ def settle_death(self:Supervisor, slot:Slot):
     if w.transport.exit_reason: what += f" ({w.transport.exit_reason})"  # e.g. its Ray actor died
     if w.last_error and (not w.ready or reason in ('corrupt', 'command')): what += f" ({w.last_error})"
     elif not w.ready and not reason and exitcode == 1: what += f" {_NO_WORD}"
-    handed = [self.book.jobs[j] for j in dict.fromkeys([w.job_id, *w.batch]) if j in self.book.jobs]  # a batch too
+    # a batch too
+    handed = [self.book.jobs[j] for j in dict.fromkeys([w.job_id, *w.batch]) if j in self.book.jobs]
     running_id = next((j.id for j in handed if j.status != 'pending'), None)  # running, or just cancelled
     unstarted = [j.id for j in handed if j.status == 'pending'] + list(w.queued)
     for job_id in reversed(unstarted): self.book.queue(job_id, front=True)  # back to the head, in order
@@ -912,7 +940,8 @@ def check_deadlines(self:Supervisor) -> List[Worker]: # The workers to kill now 
     now, kills = time.monotonic(), []
     for w in self.workers():
         if w.kill_reason is None:
-            if w.stop_deadline is not None and now >= w.stop_deadline: w.kill_reason = 'cancel'  # did not stop
+            # did not stop
+            if w.stop_deadline is not None and now >= w.stop_deadline: w.kill_reason = 'cancel'
             elif w.job_deadline is not None and now >= w.job_deadline: w.kill_reason = 'timeout'
             elif not w.ready and now >= w.start_deadline:
                 w.kill_reason = 'start'
@@ -941,7 +970,8 @@ def expire_commands(self:Supervisor, w:Worker, now:float) -> List[Worker]: # [w]
         if now < deadline: continue
         del w.commands[rid]
         why = f"its {kind} of {data.get('plugin_name')} got no answer within its timeout"
-        log.warning("%s: worker %s: %s; it is ended, so that it cannot take effect later", self.name, w.pid, why)
+        log.warning("%s: worker %s: %s; it is ended, so that it cannot take effect later", self.name, w.pid,
+                    why)
         if waiter is not None: resolve(*waiter, None)
         if w.kill_reason is None:
             w.kill_reason, w.last_error, w.kill_sent = 'command', why, True
@@ -976,7 +1006,8 @@ def take_sample(devices:list, # `extensions.resources.GPUDevice`s, as NVML repor
     used = {p.pid: p.used_memory or 0 for d in devices for p in d.processes}
     # NVML answers free memory and each process's memory in separate queries, which a load between them makes
     # disagree: the smaller free wins, so that a process seen holding memory is never counted free as well
-    free = {d.uuid: min(d.memory_free, d.memory_total - sum(p.used_memory or 0 for p in d.processes)) for d in devices}
+    free = {d.uuid: min(d.memory_free, d.memory_total - sum(p.used_memory or 0 for p in d.processes))
+            for d in devices}
     out = Sample(at, {d.uuid: GpuView(free[d.uuid] / _MB, d.memory_total / _MB) for d in devices}, {}, {})
     for pid in pids:
         tree = _tree(pid)
@@ -1134,7 +1165,8 @@ def due_slots(self:Supervisor) -> List[Slot]:
 @patch
 def hand_start(self:Supervisor, slot:Slot):
     "Start `slot`'s worker on a thread of its own."
-    t = threading.Thread(target=self.run_start, args=(slot,), name=f'{self.name}-start-{slot.id}', daemon=True)
+    t = threading.Thread(target=self.run_start, args=(slot,), name=f'{self.name}-start-{slot.id}',
+                         daemon=True)
     with self.lock: self.starters.add(t)
     t.start()
 
