@@ -1,16 +1,17 @@
-"""cjm-fasthtml-workers demo: jobs run in a pool of two supervised worker processes and show up live over Server-Sent
-Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
+"""cjm-fasthtml-workers demo: jobs run in a pool of two supervised worker processes and show up live over
+Server-Sent Events, built on `cjm_fasthtml_workers.extensions.fasthtml`.
 
     python demo_app.py [PORT]    # or PORT=8000 python demo_app.py; serves http://127.0.0.1:5001 by default
     uvicorn demo_app:app         # works too, --reload included
 
 Each browser session is a visitor who owns its jobs: a page shows, cancels and clears its visitor's jobs only.
-The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the environment
-variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or `~/.local/share/...`), a folder of
-yours only (mode 0700), with `session.key`, which signs the session cookies (so a visitor's jobs are still theirs
-after a restart); a job that was running when the app stopped comes back failed. The speech-recognition plugin
-needs the `speech` extra (`pip install -e '.[speech]'` from the clone's root, which brings pocketsphinx); without it
-the page says so. No internet needed: htmx and its SSE extension are served from the package."""
+The job history is kept across restarts in a SQLite job store, `jobs.sqlite` in the folder named by the
+environment variable CJM_DEMO_DATA (default: `$XDG_DATA_HOME/cjm-fasthtml-workers-demo`, or
+`~/.local/share/...`), a folder of yours only (mode 0700), with `session.key`, which signs the session cookies
+(so a visitor's jobs are still theirs after a restart); a job that was running when the app stopped comes back
+failed. The speech-recognition plugin needs the `speech` extra (`pip install -e '.[speech]'` from the clone's
+root, which brings pocketsphinx); without it the page says so. No internet needed: htmx and its SSE extension
+are served from the package."""
 import asyncio, json, logging, os, secrets, signal, stat, sys, uuid
 from datetime import datetime
 from pathlib import Path
@@ -130,7 +131,8 @@ def ordinal(n): return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd',
 def owner(session): return session.setdefault('owner', uuid.uuid4().hex)  # a browser session: a visitor
 
 def QueueNote(job_id, position, eta, oob=False):
-    "A waiting job's place in the one queue of every visitor's jobs (0: next; None: leaving it), and its estimate."
+    ("A waiting job's place in the one queue of every visitor's jobs (0: next; "
+     "None: leaving it), and its estimate.")
     place = None if position is None else 'next' if position == 0 else ordinal(position + 1)
     about = '' if eta is None else f", about {max(1, round(eta))} s"
     return P(place and f"waiting: {place} in line{about}", id=f'queue-{job_id}', cls='queue',
@@ -141,7 +143,8 @@ HOW = {'stopped': 'Stopped: its worker and model stay for the next job.',
        'killed': 'Its worker was ended: the plugin did not stop in time.'}
 
 def ProgressBar(job, oob=False):
-    "The part of a card that progress events replace: small, so the card's Cancel button is never replaced mid-click."
+    ("The part of a card that progress events replace: small, so the card's Cancel button is never replaced "
+     "mid-click.")
     pct = round(100 * (job.progress or 0))
     parts = [Progress(value=pct, max=100), Span(f"{pct} %", cls='pct'),
              Span(job.progress_message or '', cls='muted')]
@@ -270,7 +273,8 @@ def GpuRows(gpu):
                  Tr(Th('status'), Td(gpu.message.split(': ', 1)[-1])))
 
 def Processes(reading:dict, workers:list, oob=False):
-    "The app's processes and their memory (from `reading`); who is a worker, and in what state, from `workers`."
+    ("The app's processes and their memory (from `reading`); who is a worker, and in what state, "
+     "from `workers`.")
     # drawn with the workers panel from the same rows, so the two agree: a worker that has ended since the
     # reading is not listed, one that started since is listed with its memory to come
     by_pid = {w['pid']: w for w in workers if w['pid']}

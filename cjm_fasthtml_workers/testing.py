@@ -59,7 +59,8 @@ class ScenarioPluginManager:
             raise
 
     def execute_plugin_batch(self, plugin_name:str, params_list:list) -> list:
-        "`batch`: 50 ms a call, 5 ms an item (and its longest `seconds`); `fail`: that item's exception; `crash`: exits."
+        ("`batch`: 50 ms a call, 5 ms an item (and its longest `seconds`); `fail`: that item's exception; "
+         "`crash`: exits.")
         if any(p.get('crash') for p in params_list): os._exit(3)
         report_progress(0.0, f'a batch of {len(params_list)}')
         time.sleep(0.05 + 0.005 * len(params_list) + max(p.get('seconds', 0) for p in params_list))
@@ -124,7 +125,8 @@ _DAEMON = ("import os, time\nos.setsid()\npid = os.fork()\nif pid: print(pid, fl
            "fd = os.open(os.devnull, os.O_RDWR)\nfor n in (0, 1, 2): os.dup2(fd, n)\ntime.sleep(600)")
 
 def _daemon(how:str='double_fork', **_) -> dict: # `{'pid': ...}` of the process started
-    "Start a sleeping process outside the worker's process group: in a new session, or as a double-forked daemon."
+    ("Start a sleeping process outside the worker's process group: in a new session, "
+     "or as a double-forked daemon.")
     if how == 'setsid':
         return {'pid': subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],
                                         start_new_session=True).pid}
@@ -174,7 +176,8 @@ def failing_init_worker_process(request_queue, result_queue, response_queue):
 
 # %% ../nbs/testing.ipynb #hw000002
 def _handwritten_answer(pm, request:dict, configs:dict, loaded:list) -> dict: # The RESPONSE of a RELOAD or UNLOAD
-    "Carry out a RELOAD or an UNLOAD the way a hand-written worker does; `loaded` holds the loaded plugin's name."
+    ("Carry out a RELOAD or an UNLOAD the way a hand-written worker does; "
+     "`loaded` holds the loaded plugin's name.")
     kind, name = request['type'], request['plugin_name']
     try:
         if kind == 'reload':

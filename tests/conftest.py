@@ -13,14 +13,16 @@ def _is_resource_tracker(p: psutil.Process) -> bool:
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess): return False
 
 def _is_ray_own(p: psutil.Process) -> bool:
-    "A process of the module's Ray instance (its daemons, idle workers, actors): not ours, which carry a worker token."
+    ("A process of the module's Ray instance (its daemons, idle workers, actors): "
+     "not ours, which carry a worker token.")
     try: cmd, env = p.cmdline(), p.environ()
     except psutil.Error: return False
     return (TOKEN_ENV not in env and bool(cmd)
             and (cmd[0].startswith('ray::') or any('/ray/' in c for c in cmd[:3])))
 
 def live_children() -> list:
-    "This process's descendants that still run, the resource tracker and a Ray instance's own processes excepted."
+    ("This process's descendants that still run, the resource tracker and a Ray instance's own processes "
+     "excepted.")
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
@@ -133,7 +135,8 @@ def ray_instance():
     ray.shutdown()
 
 def token_carriers(mark: str) -> list:
-    "Our workers on the Ray instance marked `mark`, and whatever they started: processes with a worker's token."
+    ("Our workers on the Ray instance marked `mark`, and whatever they started: "
+     "processes with a worker's token.")
     out = []  # other programs on this machine (another test run) have workers with tokens too: not ours
     for p in psutil.process_iter():
         try:

@@ -1,5 +1,5 @@
-"""Issue 22: batched execution. A plugin whose policy has `max_batch_size` > 1 gets up to that many waiting jobs in
-one `execute_plugin_batch` call; each job starts, completes or fails on its own."""
+"""Issue 22: batched execution. A plugin whose policy has `max_batch_size` > 1 gets up to that many waiting
+jobs in one `execute_plugin_batch` call; each job starts, completes or fails on its own."""
 import asyncio, time
 
 import pytest

@@ -1,5 +1,5 @@
-"""Issue 22: a cancel first asks the running job to stop, so its worker and loaded model serve the next job; a job
-that does not stop within `cancel_grace_seconds` has its worker ended. Pools of 1 and 2, both backends."""
+"""Issue 22: a cancel first asks the running job to stop, so its worker and loaded model serve the next job; a
+job that does not stop within `cancel_grace_seconds` has its worker ended. Pools of 1 and 2, both backends."""
 import asyncio, time
 
 import pytest

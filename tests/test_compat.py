@@ -2,10 +2,10 @@
 examples, must keep working on this library (issue 9).
 
 The pieces are what an app built on the documented system has: a `MyJob`/`MyJobManager` pair like the spec's
-usage example, a plugin registry whose metadata is identified by `get_unique_id()`, a plugin manager written to
-the `PluginManagerAdapter` protocol and run by `base_worker_process`, a second worker written by hand to the
-documented wire protocol only (plain dicts, flat EXECUTE, no job-started message, answers without request ids),
-and a broadcaster like the spec's `SimpleEventBroadcaster` that shortens every job id it is given.
+usage example, a plugin registry whose metadata is identified by `get_unique_id()`, a plugin manager written
+to the `PluginManagerAdapter` protocol and run by `base_worker_process`, a second worker written by hand to
+the documented wire protocol only (plain dicts, flat EXECUTE, no job-started message, answers without request
+ids), and a broadcaster like the spec's `SimpleEventBroadcaster` that shortens every job id it is given.
 Worker entry points are module-level: the manager spawns them, and the child imports this module."""
 import asyncio, inspect, subprocess, sys, time, uuid
 from dataclasses import dataclass, field
@@ -40,7 +40,8 @@ CONFIGS = {ID['echo']: {'model_id': 'echo-model-v1', 'prefix': '>> '},
            **{ID[n]: {'model_id': f'{n}-model-v1'} for n in PLUGINS if n != 'echo'}}
 
 class CompatRegistry:
-    "A plugin registry like the spec's SimplePluginRegistry; it records which ids configurations are asked for."
+    ("A plugin registry like the spec's SimplePluginRegistry; it records which ids configurations are asked "
+     "for.")
     def __init__(self): self.config_requests = []
     def get_plugins_by_category(self, category): return [m for m in META.values() if m.category == category]
     def get_plugin(self, plugin_id): return next((m for m in META.values() if m.get_unique_id() == plugin_id),

@@ -78,7 +78,8 @@ def watch(card, script:str, until_status:str, timeout:float=30.0) -> list:
     return seen
 
 def record_progress(page, card):
-    "Record, in `window.__progress`, every value the card's progress bar takes from now on, whatever is swapped in."
+    ("Record, in `window.__progress`, every value the card's progress bar takes from now on, "
+     "whatever is swapped in.")
     page.evaluate('''id => { window.__progress = [];
         const note = () => { const v = document.getElementById(id)?.querySelector('progress')?.getAttribute('value');
                              if (v != null && window.__progress.at(-1) !== v) window.__progress.push(v); };
@@ -571,7 +572,8 @@ def test_data_dir_is_private(tmp_path, monkeypatch, no_leftover_processes):
     assert run.returncode == 1 and 'chmod 700' in run.stderr and 'Traceback' not in run.stderr, run.stderr
 
 def test_workers_panel_rows():
-    "What the manager says of its workers: another visitor's job by no id; idle time and GPU memory when given."
+    ("What the manager says of its workers: another visitor's job by no id; "
+     "idle time and GPU memory when given.")
     from types import SimpleNamespace
     from fasthtml.common import to_xml
     demo_app = load_demo_app()

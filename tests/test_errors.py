@@ -1,5 +1,5 @@
-"""Errors a newcomer trips on say what happened and what to do (issue 13): a worker that cannot start, a plugin
-manager that lacks a method, commands during a job, a command that times out."""
+"""Errors a newcomer trips on say what happened and what to do (issue 13): a worker that cannot start, a
+plugin manager that lacks a method, commands during a job, a command that times out."""
 import asyncio, logging, os, subprocess, sys, textwrap, time, uuid
 import pytest
 

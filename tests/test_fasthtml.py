@@ -1,5 +1,5 @@
-"""extensions.fasthtml in real servers: the README's app under serve() and uvicorn, reloaded and stopped with Ctrl+C;
-a client that does not read; the exit-signal handler."""
+"""extensions.fasthtml in real servers: the README's app under serve() and uvicorn, reloaded and stopped with
+Ctrl+C; a client that does not read; the exit-signal handler."""
 import asyncio, os, re, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 
@@ -54,7 +54,8 @@ class Stream:
         raise AssertionError(f"no message matching {pattern!r} within {timeout} s: {self.messages}")
 
 def run_one_job(base:str, stream:Stream) -> str:
-    "Submit a job in the stream's session (its client's cookie); follow it on the stream to completed; return its id."
+    ("Submit a job in the stream's session (its client's cookie); follow it on the stream to completed; "
+     "return its id.")
     assert stream.client.post(f'{base}/jobs', data={'text': 'hi <there>'}, timeout=5).status_code == 200
     # its row, added
     job_id = stream.wait_for(r'hx-swap-oob="beforeend:#jobs">\s*<li id="job-(\w+)"').group(1)

@@ -1,9 +1,9 @@
 """Issue 11: faults that each were (or are) a defect: one test per item, each on a pool of 1 and of 3 workers.
 
 Every test is bounded in time, asserts the final state and the error text of the jobs it runs, and that no
-process is left. Workers run `FaultPluginManager` (below, module level: spawned workers import it by name): the
-scenario plugins of `cjm_fasthtml_workers.testing` plus a few that misbehave in ways testing.py has no plugin for.
-Measured numbers are printed (run with -s to see them)."""
+process is left. Workers run `FaultPluginManager` (below, module level: spawned workers import it by name):
+the scenario plugins of `cjm_fasthtml_workers.testing` plus a few that misbehave in ways testing.py has no
+plugin for. Measured numbers are printed (run with -s to see them)."""
 import asyncio, json, os, pickle, signal, subprocess, sys, textwrap, threading, time
 
 import psutil
@@ -42,7 +42,8 @@ def _hang():
     while True: time.sleep(1)
 
 def _result_fd() -> int:
-    "The write end of this worker's result pipe (the plugin runs inside a job: `_current_job` holds its queue)."
+    ("The write end of this worker's result pipe (the plugin runs inside a job: "
+     "`_current_job` holds its queue).")
     return worker_module._current_job[1]._writer.fileno()
 
 def _write(path, text):
@@ -227,7 +228,8 @@ def test_garbage_on_the_result_pipe_ends_the_worker_which_restarts(no_leftover_p
 
 @POOLS
 def test_worker_dying_inside_a_large_buffer_fails_only_its_job(no_leftover_processes, n):
-    "A frame cut short by the worker's death is dropped; the job fails as the death it is, the jobs behind it run."
+    ("A frame cut short by the worker's death is dropped; the job fails as the death it is, "
+     "the jobs behind it run.")
     async def main():
         m, _ = make(n, RestartPolicy.ALWAYS, cls=FaultManager)
         try:

@@ -1,11 +1,12 @@
-"""GPU memory as a managed resource (issue 21), without a GPU: keep-alive, jobs that start only where they fit,
-eviction, learned needs, max_concurrency, memory recycling and retries.
+"""GPU memory as a managed resource (issue 21), without a GPU: keep-alive, jobs that start only where they
+fit, eviction, learned needs, max_concurrency, memory recycling and retries.
 
-The GPUs are a fake NVML (`FileNVML`, below) that accounts memory per process: a plugin `gNNNN...` "allocates" NNNN
-MiB on its worker's GPU when it loads, by writing `<gpu uuid> <MiB>` to the file `$FAKE_GPU_DIR/<its pid>`, and gives
-it back when it unloads (or its process ends). The allocation is checked under a file lock against the GPU's size
-($FAKE_GPU_TOTALS): one that would not fit is an out-of-memory error, written to `$FAKE_GPU_DIR/oom` (the tests
-assert that none happened) and raised. The manager reads the same files through `ResourceManager(nvml=FileNVML)`."""
+The GPUs are a fake NVML (`FileNVML`, below) that accounts memory per process: a plugin `gNNNN...` "allocates"
+NNNN MiB on its worker's GPU when it loads, by writing `<gpu uuid> <MiB>` to the file `$FAKE_GPU_DIR/<its
+pid>`, and gives it back when it unloads (or its process ends). The allocation is checked under a file lock
+against the GPU's size ($FAKE_GPU_TOTALS): one that would not fit is an out-of-memory error, written to
+`$FAKE_GPU_DIR/oom` (the tests assert that none happened) and raised. The manager reads the same files through
+`ResourceManager(nvml=FileNVML)`."""
 import asyncio, fcntl, os, re, time
 from collections import Counter
 from types import SimpleNamespace
@@ -44,7 +45,8 @@ def _locked(root:str):
     return f
 
 def allocate(mb:int):
-    "In a worker: take `mb` MiB of its GPU; past the GPU's size it is an out-of-memory error (recorded, raised)."
+    ("In a worker: take `mb` MiB of its GPU; past the GPU's size it is an out-of-memory error (recorded, "
+     "raised).")
     root, gpu, me = os.environ[DIR_ENV], os.environ.get('CUDA_VISIBLE_DEVICES'), os.getpid()
     with _locked(root):
         others = sum(v for p, v in usage(root, gpu).items() if p != me)
@@ -223,7 +225,8 @@ def test_jobs_wait_rather_than_overcommit_and_too_big_fails(no_leftover_processe
     run(main())
 
 def test_soak_no_overcommit(no_leftover_processes, gpus, tmp_path):
-    "1,000 tiny jobs over 4 plugins of 4096 MiB each (2x the two GPUs' memory), 2 workers per GPU: 0 overcommits."
+    ("1,000 tiny jobs over 4 plugins of 4096 MiB each (2x the two GPUs' memory), 2 workers per GPU: "
+     "0 overcommits.")
     plugins = ['g4096a', 'g4096b', 'g4096c', 'g4096d']
     async def main():
         m, events = make(4, gpus(), gpus='auto', workers_per_gpu=2, gpu_memory_margin_mb=0,

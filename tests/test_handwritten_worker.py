@@ -1,8 +1,9 @@
 """A worker entry point written by hand to the documented protocol, with its own loop, on our manager.
 
-`testing.handwritten_worker_process` calls what user code calls on a `multiprocessing.Queue`: `get(timeout=1.0)`
-with `queue.Empty`, `get_nowait()`, `put(..., timeout=...)`, `put_nowait()`, `empty()`, `qsize()`, `close()`,
-`join_thread()`, `cancel_join_thread()`. The three objects our worker process gives it must take all of them."""
+`testing.handwritten_worker_process` calls what user code calls on a `multiprocessing.Queue`:
+`get(timeout=1.0)` with `queue.Empty`, `get_nowait()`, `put(..., timeout=...)`, `put_nowait()`, `empty()`,
+`qsize()`, `close()`, `join_thread()`, `cancel_join_thread()`. The three objects our worker process gives it
+must take all of them."""
 import asyncio, queue, threading, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict

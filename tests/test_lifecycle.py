@@ -1,6 +1,7 @@
-"""Issue 18: a manager's lifecycle under the faults code written for the documented system still hit: a dropped
-manager, a shutdown racing a busy round, a death with commands waiting, memory after clearing, events that a
-broadcaster keeps up with or lags behind. Each test ran red before its fix (the numbers are in the issue's note)."""
+"""Issue 18: a manager's lifecycle under the faults code written for the documented system still hit: a
+dropped manager, a shutdown racing a busy round, a death with commands waiting, memory after clearing, events
+that a broadcaster keeps up with or lags behind. Each test ran red before its fix (the numbers are in the
+issue's note)."""
 import asyncio, gc, logging, os, signal, threading, time, tracemalloc, weakref
 
 import psutil, pytest
@@ -74,7 +75,8 @@ def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_
 # ----- shutdown racing a busy round -------------------------------------------------------------------------
 def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftover_processes, caplog,
                                                                       monkeypatch):
-    "The supervisor's read is held 6 s (an object slow to unpickle); shutdown's 5 s wait for the thread runs out."
+    ("The supervisor's read is held 6 s (an object slow to unpickle); "
+     "shutdown's 5 s wait for the thread runs out.")
     monkeypatch.setenv('CJM_TEST_SLOW_READ', str(os.getpid()))
     async def main():
         m, _ = make(1, events=None, **LIFE)

@@ -426,7 +426,8 @@ class BrokenManager(TextJobManager):
 
 @pytest.mark.parametrize('policy', [RestartPolicy.ON_CANCELLATION, RestartPolicy.ALWAYS])
 def test_worker_that_dies_in_its_loop(no_leftover_processes, policy):
-    "An exception in the worker's loop kills it: start() and start_job fail clearly, and restarts stop at the budget."
+    ("An exception in the worker's loop kills it: start() and start_job fail clearly, "
+     "and restarts stop at the budget.")
     async def main():
         m = BrokenManager('text', 'test',
                           worker_config=WorkerConfig(restart_policy=policy, max_restart_attempts=2))

@@ -1,5 +1,5 @@
-"""extensions.metrics: scrapes after a known mix of jobs, histogram buckets, several managers in one registry, GPU
-memory on a fake NVML, dropped events, and the core never importing prometheus_client."""
+"""extensions.metrics: scrapes after a known mix of jobs, histogram buckets, several managers in one registry,
+GPU memory on a fake NVML, dropped events, and the core never importing prometheus_client."""
 import asyncio, os, subprocess, sys
 
 import pytest
@@ -74,7 +74,8 @@ def test_known_mix_of_jobs(no_leftover_processes):
     run(main())
 
 def test_histogram_buckets_move(no_leftover_processes):
-    "A 0.3 s job moves the run histogram's buckets from le=0.5 up, not below; a timed reload moves the load one."
+    ("A 0.3 s job moves the run histogram's buckets from le=0.5 up, not below; "
+     "a timed reload moves the load one.")
     async def main():
         m, _ = make(**PLAIN)
         registry = CollectorRegistry()

@@ -1,6 +1,6 @@
-"""Many users, one pool (issue 20, all but the order): owners and options, reads and cancel scoped by owner, every job
-event naming its owner, QueueFull at the limits (and 429 in an app), streams scoped by owner over HTTP, and a stream
-that reconnects with Last-Event-ID."""
+"""Many users, one pool (issue 20, all but the order): owners and options, reads and cancel scoped by owner,
+every job event naming its owner, QueueFull at the limits (and 429 in an app), streams scoped by owner over
+HTTP, and a stream that reconnects with Last-Event-ID."""
 import asyncio, os, re, sys, threading, time, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +171,8 @@ def test_a_page_of_one_owner_sees_no_job_of_another(no_leftover_processes):
 
 # ----- the job store ----------------------------------------------------------------------------------------
 def test_the_store_keeps_owner_and_priority(tmp_path, no_leftover_processes):
-    "Owner and priority survive a restart; a recovered pending job counts as its owner's; an old record reads back."
+    ("Owner and priority survive a restart; a recovered pending job counts as its owner's; "
+     "an old record reads back.")
     import pickle
     from cjm_fasthtml_workers.managers.store import SQLiteJobStore, load_record
     db = tmp_path/'jobs.db'

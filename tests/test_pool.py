@@ -3,8 +3,8 @@ GPU placement, recycling, preloading, and N=1 as before.
 
 Workers run `PoolPluginManager` (below): the scenario plugins plus two cheap ones, `alpha` and `beta`, and
 `environ`, which reports the worker's environment. Every load of a plugin in any worker appends a line
-`<pid> load|reload <name>` to the file named by $POOL_LOAD_LOG (set by the test before the manager starts; spawned
-workers inherit os.environ), so that model loads can be counted across the pool."""
+`<pid> load|reload <name>` to the file named by $POOL_LOAD_LOG (set by the test before the manager starts;
+spawned workers inherit os.environ), so that model loads can be counted across the pool."""
 import asyncio, os, random, signal, time
 from collections import Counter
 

@@ -1,5 +1,5 @@
-"""Issue 20: who goes next. Owners take turns, a higher priority starts first, each job knows its place and its
-estimated wait, and a `queued` event says when either changes."""
+"""Issue 20: who goes next. Owners take turns, a higher priority starts first, each job knows its place and
+its estimated wait, and a `queued` event says when either changes."""
 import asyncio
 
 import pytest

@@ -186,8 +186,8 @@ def test_actor_death_reason_is_logged(nothing_left, caplog):
     run(main())
 
 def test_a_worker_waiting_for_a_node_holds_up_no_other(nothing_left):
-    """Three workers asking a GPU each of two: the third waits for a node (30 s at most) while the other two run jobs,
-    a cancel is handled meanwhile, and shutdown ends the waiting actor."""
+    """Three workers asking a GPU each of two: the third waits for a node (30 s at most) while the other two
+    run jobs, a cancel is handled meanwhile, and shutdown ends the waiting actor."""
     async def main():
         m, _ = make(3, ray_actor_options={'num_gpus': 1}, **RAY)
         try:

@@ -1,5 +1,5 @@
-"""An app that ignores SIGCHLD (some servers do): the system reaps its children at once, so no exit status can be
-collected (waitpid fails with ECHILD). A worker killed there ended; what is said must be what is known."""
+"""An app that ignores SIGCHLD (some servers do): the system reaps its children at once, so no exit status can
+be collected (waitpid fails with ECHILD). A worker killed there ended; what is said must be what is known."""
 import asyncio, signal, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict

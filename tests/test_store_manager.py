@@ -1,5 +1,6 @@
-"""The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files, custom job
-types, unstorable jobs, two processes, events behind the store, clearing and retention, the event loop.
+"""The durable job store through the manager (issue 14): kill -9 of the app, recovery policies, bad files,
+custom job types, unstorable jobs, two processes, events behind the store, clearing and retention, the event
+loop.
 
 The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its
 workers import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the
@@ -248,7 +249,8 @@ def test_a_job_reaches_its_worker_only_once_its_handover_is_stored(tmp_path, no_
 
 # ----- 2. recovery policies through the manager -------------------------------------------------------------
 def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_processes):
-    "kill -9 while a job runs: the restart fails it 'interrupted by an app restart'; a second restart changes nothing."
+    ("kill -9 while a job runs: the restart fails it 'interrupted by an app restart'; "
+     "a second restart changes nothing.")
     db = tmp_path / 'jobs.db'
     app = App(tmp_path, db, 0, 'hold')
     app.started()

@@ -1,6 +1,6 @@
-"""The transport seam: both backends implement `backends.transport.Transport` in full (no member probed for, no
-member missing), the package has no import cycle (the backends never import a manager), and no module of the wire
-or the backends imports another module's private name."""
+"""The transport seam: both backends implement `backends.transport.Transport` in full (no member probed for,
+no member missing), the package has no import cycle (the backends never import a manager), and no module of
+the wire or the backends imports another module's private name."""
 import ast, pathlib
 
 import pytest

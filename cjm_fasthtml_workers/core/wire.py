@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 log = logging.getLogger(__name__)
 
 def _patch(f):
-    "Add `f` to the class its `self` is annotated with: fastcore's `patch`, which a worker does not import (15 ms)."
+    ("Add `f` to the class its `self` is annotated with: fastcore's `patch`, "
+     "which a worker does not import (15 ms).")
     setattr(f.__annotations__['self'], f.__name__, f)
     return f
 
@@ -529,7 +530,8 @@ def _span(buf, # The bytes read (a memoryview of them)
 
 @_patch
 def _cut(self:Inbox):
-    "Move every complete frame to `frames`; read a frame's large buffers into place; at end of file, drop a cut frame."
+    ("Move every complete frame to `frames`; read a frame's large buffers into place; "
+     "at end of file, drop a cut frame.")
     pos = 0  # where the next frame starts in buf
     with memoryview(self.buf) as view:
         while self.corrupt is None:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 _all_ = ['PipeEnd', 'dumps_message', 'frame_header', 'loads_frame', 'oob_table']
 
 def _patch(f):
-    "Add `f` to the class its `self` is annotated with: fastcore's `patch`, which a worker does not import (15 ms)."
+    ("Add `f` to the class its `self` is annotated with: fastcore's `patch`, "
+     "which a worker does not import (15 ms).")
     setattr(f.__annotations__['self'], f.__name__, f)
     return f
 

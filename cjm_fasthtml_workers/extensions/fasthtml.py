@@ -295,7 +295,8 @@ def handle_queue_full(app # a FastHTML (or Starlette) app
 async def run_workers(*managers, # the `BaseJobManager`s whose workers the app runs
                       broadcaster:Optional[SSEBroadcaster]=None # its streams end when the app stops
                      ):
-    "Start the managers' workers; on the way out end the streams, then shut the managers down off the event loop."
+    ("Start the managers' workers; on the way out end the streams, then shut the managers down off the "
+     "event loop.")
     # a second run of the same app object (tests, a notebook) streams again
     if broadcaster is not None: broadcaster.closed = False
     try:

@@ -17,7 +17,8 @@ from fastcore.basics import patch
 
 # %% ../../nbs/managers/scheduler.ipynb #0eb29186
 class WaitingJobs:
-    "The jobs waiting to start, in the order they will: by priority, owners in turn, each owner's in submission order."
+    ("The jobs waiting to start, in the order they will: by priority, owners in turn, "
+     "each owner's in submission order.")
     def __init__(self):
         # job id -> (plugin, owner, priority), while it waits
         self.info: Dict[str, Tuple[str, Optional[str], int]] = {}

@@ -1191,7 +1191,8 @@ def run_start(self:Supervisor, slot:Slot):
 # %% ../../nbs/managers/supervisor.ipynb #sv000030
 @patch
 def start_worker(self:Supervisor, slot:Slot, transport) -> Optional[int]: # pid; None if closed meanwhile
-    "Spawn `transport` (outside the lock), make it `slot`'s worker and send it INIT (documented `_init_worker`)."
+    ("Spawn `transport` (outside the lock), make it `slot`'s worker and send it INIT (documented "
+     "`_init_worker`).")
     with self.lock: slot.starting = transport  # close() ends a start still waiting through it
     transport.start()
     with self.lock:
