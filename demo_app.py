@@ -71,8 +71,9 @@ def data_dir() -> Path:
     return data
 
 class SessionKey:
-    """The key that signs session cookies, read from the data folder (made there, 0600, the first time) when the app
-    starts, not when the module is imported (spawned workers, tests); kept, a visitor's jobs outlive a restart."""
+    """The key that signs session cookies, read from the data folder (made there, 0600, the first time) when
+    the app starts, not when the module is imported (spawned workers, tests); kept, a visitor's jobs outlive a
+    restart."""
     def __str__(self):
         path = data_dir()/'session.key'
         try: fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -86,7 +87,8 @@ def open_manager() -> DemoJobManager:
     data = data_dir()
     return DemoJobManager('demo', registry.category, supports_streaming=True, plugin_registry=registry,
                           resource_manager=resources, event_broadcaster=streams,
-                          job_store=SQLiteJobStore(data/'jobs.sqlite', retention=500),  # the newest 500 finished
+                          # the newest 500 finished
+                          job_store=SQLiteJobStore(data/'jobs.sqlite', retention=500),
                           # two workers; a crash, or a cancel of a job that does not stop, brings a new one; a
                           # visitor with 200 jobs waiting is asked to wait (QueueFull)
                           worker_config=WorkerConfig(max_workers=2, restart_policy=RestartPolicy.ALWAYS,
@@ -111,7 +113,8 @@ htmx_config = {'responseHandling': [{'code': '204', 'swap': False}, {'code': '[2
                                     {'code': '4..', 'swap': True, 'error': True},
                                     {'code': '...', 'swap': False, 'error': True}]}
 app = FastHTML(
-    default_hdrs=False,  # FastHTML's defaults load htmx and more from a CDN: serve_static serves the package's copies
+    # FastHTML's defaults load htmx and more from a CDN: serve_static serves the package's copies
+    default_hdrs=False,
     hdrs=(Meta(charset='utf-8'), Meta(name='viewport', content='width=device-width, initial-scale=1'),
           Meta(name='htmx-config', content=json.dumps(htmx_config)), Link(rel='icon', href='data:,'),
           Link(rel='stylesheet', href=f'{STATIC_PREFIX}/demo.css')),

@@ -10,7 +10,8 @@ __all__ = ['PLUGIN_NAMES', 'IMPORT_ENV', 'PROCESS_PLUGINS', 'UnprintableError', 
 # %% ../nbs/testing.ipynb #eaece20f
 import builtins, faulthandler, os, queue, signal, subprocess, sys, threading, time, types
 from typing import Any, Dict, Iterator, Optional
-from .core.worker import JobCancelled, base_worker_process, check_cancelled, report_progress
+from .core.worker import (JobCancelled, base_worker_process, check_cancelled,
+                                              report_progress)
 
 # %% ../nbs/testing.ipynb #1c283efb
 PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill',
@@ -106,7 +107,8 @@ class ScenarioPluginManager:
             self.gpu_memory = torch.empty(params.get('mib', 256) << 20, dtype=torch.uint8, device='cuda')
             return {'pid': os.getpid()}
         if plugin_name == 'gpu_server':
-            code = f"import time, torch; x = torch.empty({params.get('mib', 256) << 20}, dtype=torch.uint8, device='cuda'); time.sleep(600)"
+            code = (f"import time, torch; x = torch.empty({params.get('mib', 256) << 20}, dtype=torch.uint8, "
+                    f"device='cuda'); time.sleep(600)")
             return {'pid': subprocess.Popen([sys.executable, '-c', code]).pid}
         if plugin_name == 'spawn':
             child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
@@ -175,7 +177,7 @@ def failing_init_worker_process(request_queue, result_queue, response_queue):
     base_worker_process(request_queue, result_queue, response_queue, broken_plugin_manager)
 
 # %% ../nbs/testing.ipynb #hw000002
-def _handwritten_answer(pm, request:dict, configs:dict, loaded:list) -> dict: # The RESPONSE of a RELOAD or UNLOAD
+def _handwritten_answer(pm, request:dict, configs:dict, loaded:list) -> dict: # RESPONSE of a RELOAD or UNLOAD
     ("Carry out a RELOAD or an UNLOAD the way a hand-written worker does; "
      "`loaded` holds the loaded plugin's name.")
     kind, name = request['type'], request['plugin_name']

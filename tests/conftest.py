@@ -96,7 +96,8 @@ def start_web_app(cmd: list, cwd: Path, port: int, env: dict, timeout: float = 3
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{cmd[1:2]} exited with {proc.returncode}:\n{(cwd/'app.log').read_text()}"
+        assert proc.poll() is None, (f"{cmd[1:2]} exited with {proc.returncode}:\n"
+                                     f"{(cwd/'app.log').read_text()}")
         try:
             if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200: return proc
         except httpx.HTTPError: pass

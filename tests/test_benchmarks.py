@@ -1,4 +1,5 @@
-"benchmarks/run.py keeps working: a quick run exits 0 and reports every shape with numbers. No timing is asserted."
+("benchmarks/run.py keeps working: a quick run exits 0 and reports every shape with numbers. "
+ "No timing is asserted.")
 import json, math, os, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -81,8 +81,9 @@ def record_progress(page, card):
     ("Record, in `window.__progress`, every value the card's progress bar takes from now on, "
      "whatever is swapped in.")
     page.evaluate('''id => { window.__progress = [];
-        const note = () => { const v = document.getElementById(id)?.querySelector('progress')?.getAttribute('value');
-                             if (v != null && window.__progress.at(-1) !== v) window.__progress.push(v); };
+        const note = () => {
+            const v = document.getElementById(id)?.querySelector('progress')?.getAttribute('value');
+            if (v != null && window.__progress.at(-1) !== v) window.__progress.push(v); };
         new MutationObserver(note).observe(document.getElementById('jobs'),
                                            {subtree: true, childList: true, attributes: true});
         note(); }''', card.get_attribute('id'))
@@ -217,7 +218,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(long_stream.locator('pre.output')).to_contain_text('long long')
             expect(pending).to_have_class(status('pending'))
             expect(page.locator('#waiting')).to_have_text('2 jobs waiting')
-            expect(pending.locator('.queue')).to_have_text(re.compile(r'^waiting: next in line, about \d+ s$'))
+            expect(pending.locator('.queue')).to_have_text(
+                re.compile(r'^waiting: next in line, about \d+ s$'))
             expect(second.locator('.queue')).to_have_text(re.compile(r'^waiting: 2nd in line, about \d+ s$'))
             pids = workers(page, 'pid')
             pending.get_by_role('button', name='Cancel').click()
@@ -310,11 +312,12 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             n = runs_on(page, card)
             pid = worker(page, 'pid', n).inner_text()
             page.evaluate('''() => { window.__disagree = [];
-                const pids = sel => [...document.querySelectorAll(sel)].map(e => e.textContent).filter(t => t !== '–')
-                                                                                  .sort().join(' ');
+                const pids = sel => [...document.querySelectorAll(sel)].map(e => e.textContent)
+                                        .filter(t => t !== '–').sort().join(' ');
                 const check = () => { const w = pids('#workers tr[data-field=pid] td'),
                                             p = pids('#processes tr.worker td:first-child');
-                                      if (w !== p) window.__disagree.push(`workers: ${w}; processes: ${p}`); };
+                                      if (w !== p)
+                                          window.__disagree.push(`workers: ${w}; processes: ${p}`); };
                 new MutationObserver(check).observe(document.body,
                                                     {subtree: true, childList: true, characterData: true});
                 check(); }''')

@@ -593,7 +593,8 @@ def test_hung_or_slow_broadcaster_keeps_tasks_bounded_and_terminal_events(no_lef
                 # oldest droppable one as it comes, and is lost at once: allowed, the terminal event follows)
                 progress = sum(e == 'text:progress' for e, _ in events.events)
                 print(f"[10 stalled n={n}] {progress} of the 3000 progress events arrived")
-                assert gap < 0.1, f"progress events behind a stalled broadcaster stalled the loop {gap * 1000:.0f} ms"
+                assert gap < 0.1, (f"progress events behind a stalled broadcaster stalled the loop "
+                                   f"{gap * 1000:.0f} ms")
             # later events still arrive, in order
             last = await finish(m, await m.start_job('echo', text='last'), 20)
             await until("the last job's events",
@@ -860,7 +861,8 @@ def test_closed_result_pipe_does_not_make_the_supervisor_spin(no_leftover_proces
             assert cpu < 0.5, f"the manager used {cpu:.2f} s of CPU per second"
             try: job = await finish(m, job, 6)
             except TimeoutError: pass
-            assert job.status == 'failed', f"the job is still {job.status} 7 s after its worker closed its pipe"
+            assert job.status == 'failed', (f"the job is still {job.status} 7 s after its worker closed "
+                                            f"its pipe")
             assert 'pipe' in job.error, job.error
             print(f"[16 {how} n={n}] job error: {job.error}")
             after = await finish(m, await m.start_job('echo', text='after'), 20)

@@ -1,4 +1,5 @@
-"End to end on a real NVIDIA GPU: the manager's worker and a server it spawned are the app's; another process is not."
+("End to end on a real NVIDIA GPU: the manager's worker and a server it spawned are the app's; "
+ "another process is not.")
 import subprocess, sys
 import pytest
 
@@ -40,7 +41,8 @@ def test_worker_and_its_server_count_as_the_app(no_leftover_processes):
             outsider = subprocess.Popen([sys.executable, '-c',
                 f"import time, torch; x = torch.empty({mib << 20}, dtype=torch.uint8, device='cuda'); "
                 f"time.sleep(600)"])
-            def outsider_memory():  # NVML lists the process with its context first, its allocation a moment later
+            # NVML lists the process with its context first, its allocation a moment later
+            def outsider_memory():
                 return sum(p.used_memory or 0 for d in rm.get_gpu_info() for p in d.processes
                            if p.pid == outsider.pid)
             await until("the outsider's memory on the GPU",

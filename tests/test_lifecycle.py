@@ -66,7 +66,8 @@ def test_a_manager_dropped_while_a_job_runs_is_collected_and_its_workers_end(no_
         ref = weakref.ref(m)
         del m
         for _ in range(3): gc.collect(); await asyncio.sleep(0.05)
-        assert ref() is None, f"the manager is still referred to by {[type(r).__name__ for r in gc.get_referrers(ref())]}"
+        assert ref() is None, (f"the manager is still referred to by "
+                               f"{[type(r).__name__ for r in gc.get_referrers(ref())]}")
         t0 = time.monotonic()
         assert all(pid_gone(pid, 2.0) for pid in pids), "its workers outlived it by 2 s"
         print(f"workers gone {time.monotonic() - t0:.3f} s after the collection")
@@ -161,7 +162,8 @@ class Lagging(Counting):
         await asyncio.sleep(0.001)
         await super().broadcast(event, data)
 
-def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never_a_hole(no_leftover_processes):
+def test_a_broadcaster_that_lags_gets_chunks_joined_and_progress_coalesced_never_a_hole(
+        no_leftover_processes):
     async def main():
         events = Lagging()
         m, _ = make(1, events=events, **LIFE)

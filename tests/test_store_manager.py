@@ -5,7 +5,8 @@ loop.
 The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its
 workers import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the
 repository root go on their sys.path."""
-import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys, threading, time, uuid
+import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys
+import threading, time, uuid
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ def stored(db, namespace='text') -> Dict[str, tuple]:
     ("job id -> (status, attempts, the unpickled record), read by a sqlite connection of its own, "
      "in submission order.")
     with closing(sqlite3.connect(db, timeout=10)) as c:
-        rows = c.execute('SELECT id, status, attempts, blob FROM worker_jobs WHERE namespace = ? ORDER BY seq',
-                         (namespace,)).fetchall()
+        rows = c.execute('SELECT id, status, attempts, blob FROM worker_jobs WHERE namespace = ? '
+                         'ORDER BY seq', (namespace,)).fetchall()
     return {i: (s, a, pickle.loads(b)) for i, s, a, b in rows}
 
 # ----- the app ----------------------------------------------------------------------------------------------
@@ -40,9 +41,10 @@ def stored(db, namespace='text') -> Dict[str, tuple]:
 # workers and prints `started`; its event broadcaster appends `<run> <job id>` to submitted, started or ended
 # (an event means the store has that state). Then, by `mode`:
 #   loop:   submits echo and short sleep jobs until it is killed (or `deadline` s pass)
-#   hold:   once the first job it recovered as pending (or else a new `hang` job) is started, prints `running <id>`
-#           and waits to be killed
-#   submit: submits `jobs` ([plugin, params] each), prints `submitted <ids>` once all are stored, waits to be killed
+#   hold:   once the first job it recovered as pending (or else a new `hang` job) is started, prints
+#           `running <id>` and waits to be killed
+#   submit: submits `jobs` ([plugin, params] each), prints `submitted <ids>` once all are stored, waits to be
+#           killed
 #   drain:  waits for every job it recovered to end, writes every job to final.json, shuts down
 #   probe:  only makes the manager: a JobStoreError is printed, exit 3
 APP = r"""
@@ -67,13 +69,16 @@ class Recorder:
     async def broadcast(self, event, data):
         kind = event.split(':', 1)[1]
         if kind in ('submitted', 'started') or kind in TERMINAL_STATUSES:
-            append_line(os.path.join(out, kind if kind in ('submitted', 'started') else 'ended'), f"{run} {data['job_id']}")
+            append_line(os.path.join(out, kind if kind in ('submitted', 'started') else 'ended'),
+                        f"{run} {data['job_id']}")
 
 async def main():
-    store = SQLiteJobStore(spec['db'], recovery=spec.get('recovery', 'fail'), max_attempts=spec.get('max_attempts', 3))
+    store = SQLiteJobStore(spec['db'], recovery=spec.get('recovery', 'fail'),
+                           max_attempts=spec.get('max_attempts', 3))
     m = RunLogManager('text', 'test', event_broadcaster=Recorder(), job_store=store,
                       worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS))
-    try: jobs = m.get_all_jobs()  # the store opens at the first job access or await (never in a spawned worker)
+    # the store opens at the first job access or await (never in a spawned worker)
+    try: jobs = m.get_all_jobs()
     except JobStoreError as e:
         print(e, flush=True)
         sys.exit(3)
@@ -112,8 +117,9 @@ asyncio.run(main())
 """
 
 class App:
-    """One run of `APP`: `started()` waits for its `started` line; `kill()` is kill -9. With `wait`, it imports what
-    it needs, then waits for `go()` before it makes its manager (the kill test starts the next app early)."""
+    """One run of `APP`: `started()` waits for its `started` line; `kill()` is kill -9. With `wait`, it
+    imports what it needs, then waits for `go()` before it makes its manager (the kill test starts the next
+    app early)."""
     def __init__(self, out:Path, db:Path, run:int, mode:str, wait:bool=False, **spec):
         self.out = out
         spec = dict(paths=PATHS, out=str(out), db=str(db), run=run, mode=mode, wait=wait, **spec)
@@ -128,9 +134,11 @@ class App:
     def line(self, timeout:float=30.0) -> str:
         "The app's next line of output."
         r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert r, f"the app said nothing within {timeout} s; stderr:\n{(self.out / 'stderr').read_text()[-3000:]}"
+        assert r, (f"the app said nothing within {timeout} s; stderr:\n"
+                   f"{(self.out / 'stderr').read_text()[-3000:]}")
         line = self.proc.stdout.readline()
-        assert line, f"the app ended (rc {self.proc.wait()}); stderr:\n{(self.out / 'stderr').read_text()[-3000:]}"
+        assert line, (f"the app ended (rc {self.proc.wait()}); stderr:\n"
+                      f"{(self.out / 'stderr').read_text()[-3000:]}")
         return line.strip()
 
     def started(self, timeout:float=30.0):
@@ -161,14 +169,14 @@ def runs(out:Path, name:str='runs') -> List[tuple]:
 KILLS = int(os.environ.get('CJM_STORE_KILLS', 100))
 
 def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
-    """Issue 14's "done means": 100 kill -9 (KILLS; 41-47 s on 2 shared cores) of an app that submits echo and short
-    sleep jobs, each kill 0.05-0.3 s after the app's workers are ready, each followed by a restart of the app on the
-    same store (the next app process is started during the kill interval, for its imports; it makes its manager,
-    which reads the store back, only after the kill); a last run lets the pending jobs end.
+    """Issue 14's "done means": 100 kill -9 (KILLS; 41-47 s on 2 shared cores) of an app that submits echo and
+    short sleep jobs, each kill 0.05-0.3 s after the app's workers are ready, each followed by a restart of
+    the app on the same store (the next app process is started during the kill interval, for its imports; it
+    makes its manager, which reads the store back, only after the kill); a last run lets the pending jobs end.
 
-    Asserted: 0 jobs lost (every job whose `submitted` event was seen is stored, and has ended); no job runs twice
-    (recovery='fail': a job reaches a worker only once its handover is stored, so a job the app dies on is failed,
-    not run again); the jobs each restart recovered as pending run first, in submission order."""
+    Asserted: 0 jobs lost (every job whose `submitted` event was seen is stored, and has ended); no job runs
+    twice (recovery='fail': a job reaches a worker only once its handover is stored, so a job the app dies on
+    is failed, not run again); the jobs each restart recovered as pending run first, in submission order."""
     db, seed = tmp_path / 'jobs.db', random.randrange(1 << 30)
     rng, t0 = random.Random(seed), time.monotonic()
     app = App(tmp_path, db, 0, 'loop', seed=seed)
@@ -214,7 +222,8 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
     for rec in recs:
         pending, ran = rec['pending'], by_run.get(rec['run'], [])
         assert pending == sorted(pending, key=order.index)
-        assert ran[:len(pending)] == pending[:len(ran)], f"run {rec['run']}: {ran[:5]} ... vs {pending[:5]} ..."
+        assert ran[:len(pending)] == pending[:len(ran)], (f"run {rec['run']}: {ran[:5]} ... "
+                                                          f"vs {pending[:5]} ...")
     print(f"\n{KILLS} kill -9 in {killed:.1f} s ({killed / KILLS * 1e3:.0f} ms a cycle), seed {seed}: "
           f"{len(rows)} jobs stored, {len(submitted)} submissions announced, 0 lost; "
           f"{len(interrupted)} failed '{INTERRUPTED}', {len(reruns)} ran again (start not yet stored when "
@@ -223,10 +232,10 @@ def test_kill_9_the_app_again_and_again(tmp_path, no_leftover_processes):
 
 
 def test_a_job_reaches_its_worker_only_once_its_handover_is_stored(tmp_path, no_leftover_processes):
-    """recovery='fail' is at most once: the manager sends a job to a worker only after the store has committed its
-    handover (an attempt), so a job the app dies on is known to have started. Another connection's write lock (a
-    backup, an sqlite3 shell) holds that commit back, and with it the job: it does not run while the store cannot
-    say so; after the app dies, the restart runs it, once."""
+    """recovery='fail' is at most once: the manager sends a job to a worker only after the store has committed
+    its handover (an attempt), so a job the app dies on is known to have started. Another connection's write
+    lock (a backup, an sqlite3 shell) holds that commit back, and with it the job: it does not run while the
+    store cannot say so; after the app dies, the restart runs it, once."""
     db = tmp_path / 'jobs.db'
     app = App(tmp_path, db, 0, 'submit', jobs=[['sleep', {'seconds': 0.5}], ['echo', {'text': 'once'}]])
     app.started()
@@ -276,9 +285,9 @@ def test_recovery_fail_interrupts_a_running_job_once(tmp_path, no_leftover_proce
 
 
 def test_recovery_requeue_runs_again_until_max_attempts(tmp_path, no_leftover_processes):
-    """recovery='requeue', max_attempts=3: a job that is running at each of three kill -9 runs three times, then the
-    next restart fails it saying so. A job that kills its own worker fails in the run it kills (the supervisor settles
-    it: requeue is about app restarts) and is not run again."""
+    """recovery='requeue', max_attempts=3: a job that is running at each of three kill -9 runs three times,
+    then the next restart fails it saying so. A job that kills its own worker fails in the run it kills (the
+    supervisor settles it: requeue is about app restarts) and is not run again."""
     db, spec = tmp_path / 'jobs.db', dict(recovery='requeue', max_attempts=3)
     app = App(tmp_path, db, 0, 'submit', jobs=[['kill', {}]], **spec)
     app.started()
@@ -485,7 +494,8 @@ def test_a_job_that_cannot_be_stored_fails_at_start_job_and_is_not_kept(tmp_path
         try:
             with pytest.raises(TypeError, match="cannot be sent to the worker"):  # as without a store
                 await m.start_job('echo', text='x', lock=threading.Lock())
-            with pytest.raises(TypeError, match=r"job \w+ of plugin 'echo' cannot be stored: its record does not pickle"):
+            with pytest.raises(TypeError, match=(r"job \w+ of plugin 'echo' cannot be stored: "
+                                                 r"its record does not pickle")):
                 await m.start_job('echo', text='x', on_done=lambda job: None)
             assert m.get_all_jobs() == [] and m.get_worker_info()['pending_jobs'] == 0
             ok = await m.wait_for_job((await m.start_job('echo', text='fine')).id, timeout=30)
@@ -503,8 +513,8 @@ RANK = {'pending': 0, 'running': 1, 'completed': 2, 'failed': 2, 'cancelled': 2}
 AT_LEAST = {'submitted': 'pending', 'started': 'running', 'progress': 'running', 'chunk': 'running'}
 
 def test_events_and_wait_for_job_never_run_ahead_of_the_store(tmp_path, monkeypatch, no_leftover_processes):
-    """A broadcaster that reads each job's row through a connection of its own, on every event; the writer is slowed
-    (2 ms before each commit) so that an event announced ahead of its commit would be seen."""
+    """A broadcaster that reads each job's row through a connection of its own, on every event; the writer is
+    slowed (2 ms before each commit) so that an event announced ahead of its commit would be seen."""
     db, seen, behind = tmp_path / 'jobs.db', [], []
     real = store_module.commit_items
     def slow(*args, **kw):
@@ -627,10 +637,10 @@ async def longest_stall(m, n:int) -> float:
     return max(gaps) - 0.001
 
 def test_the_event_loop_while_2000_jobs_are_submitted_with_a_store(tmp_path, no_leftover_processes):
-    """The longest stall of a 1 ms ticker while 2,000 echo jobs are submitted and run, with a store and without, three
-    times each, interleaved. Only a generous bound on the median is asserted: on a shared 2-core machine the stall
-    is mostly the event loop waiting for the GIL (the store's writer thread is one more busy thread); the benchmark
-    (benchmarks/store.py) reports it."""
+    """The longest stall of a 1 ms ticker while 2,000 echo jobs are submitted and run, with a store and
+    without, three times each, interleaved. Only a generous bound on the median is asserted: on a shared
+    2-core machine the stall is mostly the event loop waiting for the GIL (the store's writer thread is one
+    more busy thread); the benchmark (benchmarks/store.py) reports it."""
     async def main(store:bool, k:int) -> float:
         m = manager(tmp_path / f'jobs{k}.db') if store else RunLogManager('text', 'test')
         try:

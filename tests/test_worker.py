@@ -1,4 +1,5 @@
-"base_worker_process in a real spawned subprocess over real queues: every request type, every way a job can end."
+("base_worker_process in a real spawned subprocess over real queues: every request type, "
+ "every way a job can end.")
 import functools, multiprocessing, queue, signal, time, uuid
 from multiprocessing.queues import SimpleQueue
 

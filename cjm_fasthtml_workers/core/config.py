@@ -51,29 +51,29 @@ _NOT_NUMBERS = ('restart_policy', 'gpus', 'preload_plugins', 'backend', 'ray_add
 class WorkerConfig:
     "Configuration for worker process behavior."
     request_queue_size: int = 0  # Kept for compatibility: requests go over a pipe that never blocks the app
-    result_queue_size: int = 100  # Kept for compatibility: results travel over a pipe, whose buffer gives back-pressure
+    result_queue_size: int = 100  # Kept for compatibility: results go by pipe; its buffer gives back-pressure
     response_queue_size: int = 10  # Kept for compatibility: command responses travel over a pipe too
     restart_policy: RestartPolicy = RestartPolicy.ON_CANCELLATION  # What to do when the worker dies
     max_restart_attempts: int = 3  # Consecutive crash restarts allowed before giving up
     restart_backoff_base_seconds: float = 1.0  # Base delay for exponential backoff
     restart_backoff_max_seconds: float = 60.0  # Max delay for backoff
     max_workers: int = 1  # Worker processes in the pool
-    worker_start_timeout_seconds: float = 30.0  # How long the worker may take to report READY (Ray: and to be placed)
+    worker_start_timeout_seconds: float = 30.0  # Seconds a worker has to report READY (Ray: and to be placed)
     reload_timeout_seconds: float = 30.0  # How long a reload may take before it is reported failed
     unload_timeout_seconds: float = 10.0  # How long an unload may take before it is reported failed
     shutdown_timeout_seconds: float = 5.0  # Grace given to a stopping worker before it is terminated
-    result_monitor_poll_interval_seconds: float = 0.5  # Kept for compatibility; the supervisor waits on events
-    job_timeout_seconds: Optional[float] = None  # A running job past this fails as timed out (None = no limit)
-    cancel_grace_seconds: float = 2.0  # A cancelled running job may stop this long before its worker is ended (0: at once)
+    result_monitor_poll_interval_seconds: float = 0.5  # Kept for compatibility; supervisor waits on events
+    job_timeout_seconds: Optional[float] = None  # A running job past this fails as timed out (None: no limit)
+    cancel_grace_seconds: float = 2.0  # Time a cancelled job has to stop before its worker is ended (0: none)
     gpus: Union[None, str, List[Union[int, str]]] = None  # None: no pinning; 'auto'; or GPU indices / UUIDs
     workers_per_gpu: int = 1  # Workers pinned to each GPU
     max_jobs_per_worker: Optional[int] = None  # Replace a worker after this many jobs (None: never)
-    preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before its first job
-    prefetch_jobs: Optional[int] = None  # Jobs a busy worker holds besides its own (None: 1 alone, 0 in a pool or with a job store)
-    backend: str = 'process'  # Where workers run: 'process' (subprocesses of the app) or 'ray' (on a Ray cluster)
-    ray_address: Optional[str] = None  # With backend='ray': the cluster to join (None: `ray.init()`'s default)
-    ray_init_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': more `ray.init` options
-    ray_actor_options: Dict[str, Any] = field(default_factory=dict)  # With backend='ray': e.g. {'num_gpus': 1}
+    preload_plugins: List[str] = field(default_factory=list)  # Plugins a new worker loads before any job
+    prefetch_jobs: Optional[int] = None  # Jobs queued on a busy worker (None: 1; 0 in a pool or with a store)
+    backend: str = 'process'  # Where workers run: 'process' (the app's subprocesses) or 'ray' (a Ray cluster)
+    ray_address: Optional[str] = None  # backend='ray': the cluster to join (None: `ray.init()`'s default)
+    ray_init_options: Dict[str, Any] = field(default_factory=dict)  # backend='ray': more `ray.init` options
+    ray_actor_options: Dict[str, Any] = field(default_factory=dict)  # backend='ray': e.g. {'num_gpus': 1}
     max_pending_jobs: Optional[int] = None  # Jobs submitted, not yet started, at most (None: no limit)
     max_pending_per_owner: Optional[int] = None  # The same per owner (jobs without one: one owner)
     keep_alive_seconds: Optional[float] = None  # Idle seconds before a plugin is unloaded (None: kept loaded)
@@ -97,7 +97,8 @@ class WorkerConfig:
         if self.workers_per_gpu < 1 or self.max_jobs_per_worker == 0:
             raise ValueError("workers_per_gpu and max_jobs_per_worker must be at least 1")
         if not (self.gpus is None or self.gpus == 'auto' or isinstance(self.gpus, (list, tuple))):
-            raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, got {self.gpus!r}")
+            raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, "
+                             f"got {self.gpus!r}")
         self.preload_plugins = list(self.preload_plugins)
         if self.backend not in ('process', 'ray'):
             raise ValueError(f"backend must be 'process' or 'ray', got {self.backend!r}")

@@ -85,7 +85,7 @@ class _ByIdPickler(pickle.Pickler):
         # seen: id -> persistent id (one object, sent once)
         self.kinds, self.buffers, self.seen = kinds, buffers, {}
 
-    def persistent_id(self, obj):  # called for every object: this pickler is used only when a large one is there
+    def persistent_id(self, obj):  # called for each object; this pickler is used only if a large one is there
         if type(obj) not in (bytes, bytearray) or len(obj) < OOB_MIN: return None
         if id(obj) not in self.seen:
             self.kinds.append('b' if type(obj) is bytes else 'a')

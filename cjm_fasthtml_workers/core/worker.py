@@ -60,8 +60,7 @@ def report_progress(
 # %% ../../nbs/core/worker.ipynb #618d3a5f
 # what `PluginManagerAdapter` asks of a plugin manager
 _ADAPTER_METHODS = ('discover_plugins', 'load_plugin', 'execute_plugin', 'execute_plugin_stream',
-                    'reload_plugin',
-                    'unload_plugin', 'check_streaming_support')
+                    'reload_plugin', 'unload_plugin', 'check_streaming_support')
 
 def _format_traceback(e:BaseException # The exception whose traceback is wanted
                      ) -> str: # The formatted traceback
@@ -321,8 +320,8 @@ def base_worker_process(
     request_queue:multiprocessing.Queue, # Queue for receiving job requests from parent
     result_queue:multiprocessing.Queue, # Queue for sending job results back to parent
     response_queue:multiprocessing.Queue, # Queue for sending command responses back to parent
-    plugin_manager_factory:Callable[[], PluginManagerAdapter], # Factory function that creates a plugin manager instance
-    result_adapter:Optional[Callable[[Any], Dict[str, Any]]]=None, # Optional function to adapt plugin results to dict format
+    plugin_manager_factory:Callable[[], PluginManagerAdapter], # Factory that makes a plugin manager instance
+    result_adapter:Optional[Callable[[Any], Dict[str, Any]]]=None, # Optional: adapts plugin results to dicts
     supports_streaming:bool=False # Whether this worker supports streaming execution
 ):
     "Generic long-lived worker process that handles job execution."
@@ -409,7 +408,7 @@ def _start_watchdog(app_session:int # The app's session: its processes are spare
     return _watchdog.pid
 
 # %% ../../nbs/core/worker.ipynb #27995d15
-def worker_main(entry_point:Callable, # The entry point: `entry_point(request_queue, result_queue, response_queue)`
+def worker_main(entry_point:Callable, # Called as `entry_point(request_queue, result_queue, response_queue)`
                 request_queue, result_queue, response_queue, # The three queues, passed on to `entry_point`
                 harden:bool=False): # PDEATHSIG, subreaper, watchdog; the parent spawns from a lasting thread
     ("Spawned process target: tie the worker to the app, give it a process group of its own, "

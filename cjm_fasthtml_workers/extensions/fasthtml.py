@@ -99,7 +99,7 @@ class SSEBroadcaster:
     "Fans the manager's events out to every connected client, each through a bounded queue of its own."
     def __init__(self,
                  max_queue:int=1000, # events one client may have waiting; one more and that client is dropped
-                 heartbeat_seconds:float=15.0, # an idle stream sends a comment this often, so a gone client is seen
+                 heartbeat_seconds:float=15.0, # idle streams send a comment this often: a gone client is seen
                  replay_size:int=1000, # events kept for each owner, for pages that reconnect (`ReplayBuffer`)
                  replay_owners:int=256, # owners whose recent events are kept
                 ):
@@ -120,7 +120,8 @@ class SSEBroadcaster:
         "Hand the event to every client at once; never waits."
         self.publish(Event(event_type, data))
 
-    def __repr__(self): return f"SSEBroadcaster({len(self.clients)} clients, {self.dropped} dropped, closed={self.closed})"
+    def __repr__(self):
+        return f"SSEBroadcaster({len(self.clients)} clients, {self.dropped} dropped, closed={self.closed})"
 
 # %% ../../nbs/extensions/fasthtml.ipynb #65ff945a
 @patch
@@ -229,7 +230,7 @@ def missed(self:SSEBroadcaster,
 @patch
 async def stream(self:SSEBroadcaster,
                  render:Callable, # event -> an FT, a str of HTML, or None to send nothing; may be async
-                 first:Optional[Callable]=None, # () -> what to send first (the page's state now); may be async
+                 first:Optional[Callable]=None, # () -> what to send first (page's state now); may be async
                  event:str='message', # the SSE event name of each message (what `sse-swap` listens for)
                  owner:Optional[str]=None, # only this owner's events (`scoped`); None: every event
                  last_event_id:Optional[str]=None # a reconnecting page's `Last-Event-ID`
@@ -266,7 +267,7 @@ class _EventStream(StreamingResponse):
 
 def sse_response(broadcaster:SSEBroadcaster, # whose events to stream
                  render:Callable, # event -> an FT, a str of HTML, or None to send nothing; may be async
-                 first:Optional[Callable]=None, # () -> what to send first (the page's state now); may be async
+                 first:Optional[Callable]=None, # () -> what to send first (page's state now); may be async
                  owner:Optional[str]=None, # only this owner's events (`scoped`); None: all
                  event:str='message' # the SSE event name of each message
                 ): # a StreamingResponse of text/event-stream

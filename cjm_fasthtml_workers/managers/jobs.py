@@ -47,7 +47,7 @@ def result_envelope(job) -> Dict[str, Any]:
 class JobBook:
     "Every job of one manager, the queue of those waiting, and `finish`, the one way a job ends."
     def __init__(self,
-                 emit:Callable[[str, Dict[str, Any]], None], # Called with (event suffix, data) for every change
+                 emit:Callable[[str, Dict[str, Any]], None], # Called with (event suffix, data) on each change
                  lock=None, # The manager's lock (an announcement after a store's commit takes it)
                  store=None, # A job store (`managers.store.SQLiteJobStore`), or None to keep jobs in memory
                 ):

@@ -113,7 +113,7 @@ def pick(takers:List[WorkerView], plugin:str, wanted:Counter) -> WorkerView:
     return min(takers, key=lambda w: wanted[w.loaded])
 
 def assign(waiting:WaitingJobs, # The queue; the jobs assigned leave it
-           workers:List[WorkerView] # Every worker that could take a job (changed: a worker given a job is not free)
+           workers:List[WorkerView] # Workers able to take a job (changed: a worker given a job is not free)
           ) -> List[Tuple[str, int]]: # (job id, worker id) to hand over, in order
     "Decide which waiting jobs go to which workers now."
     out = []
@@ -256,7 +256,7 @@ def take_plugin(self:WaitingJobs, plugin:str, n:int) -> List[str]: # Up to `n` j
     return out
 
 def batch_holds(waiting:WaitingJobs, # The queue (with `since` given at push)
-                batching:Dict[str, Tuple[int, float]], # plugin -> (max_batch_size, batch_wait seconds), size > 1
+                batching:Dict[str, Tuple[int, float]], # plugin -> (max_batch_size, batch_wait in s); size > 1
                 now:float # The caller's clock, as `since`
                ) -> Tuple[Dict[str, str], Optional[float]]: # plugin -> WAIT_BATCH; when the next hold ends
     "Batching plugins whose jobs wait for company now: fewer than a batch wait, the oldest not long enough."
@@ -292,7 +292,7 @@ def over_memory(workers:List[WorkerView], limit_mb:Optional[float]) -> List[int]
     return [w.worker_id for w in workers if w.free and not w.running and (w.rss_mb or 0) > limit_mb]
 
 # %% ../../nbs/managers/scheduler.ipynb #94bd6029
-def forecast(order:List[Tuple[str, str]], # (job id, plugin) of every waiting job, in the order they will start
+def forecast(order:List[Tuple[str, str]], # (job id, plugin) of each waiting job, in the order they will start
              workers:List[Tuple[float, Optional[str]]], # (seconds until free, loaded plugin) of every worker
              run:Callable[[str], float], # A plugin's average run time, seconds
              load:Callable[[str], float] # A plugin's average load time, seconds

@@ -36,14 +36,14 @@ _GRACEFUL = ('recycle', *_EXITS)  # kill reasons that ask it to STOP between job
 class Worker:
     "One worker process of a slot, as the supervisor sees it; a replacement is a new `Worker`."
     slot: 'Slot'  # The place in the pool it fills
-    transport: Transport  # Its process and pipes (`backends.process.ProcessWorker` or `backends.ray.RayWorker`)
+    transport: Transport  # Process and pipes (`backends.process.ProcessWorker` or `backends.ray.RayWorker`)
     start_deadline: float  # time.monotonic() by which it must be READY
     ready: bool = False  # It answered INIT
     stopped: bool = False  # It said STOPPED: a clean exit follows
     announces_starts: bool = True  # It sends JOB_STARTED (a worker of the documented protocol does not)
     known_plugins: Optional[set] = None  # Plugin names it discovered (None: it did not say)
     # kill reasons with idle_unload='exit' also: idle (keep-alive), memory (evicted)
-    kill_reason: Optional[str] = None  # Why the supervisor ends it: cancel, timeout, start, corrupt, recycle, command
+    kill_reason: Optional[str] = None  # Why it is ended: cancel, timeout, start, corrupt, recycle, command
     kill_sent: bool = False  # The kill (or the STOP of a recycle) went out
     kill_deadline: Optional[float] = None  # A recycled worker that has not exited by then is killed
     last_error: Optional[str] = None  # What it reported before dying (ERROR), or why it was ended
@@ -55,12 +55,12 @@ class Worker:
     job_deadline: Optional[float] = None  # time.monotonic() by which the running job must end
     job_timeout: Optional[float] = None  # The limit it runs under (its own timeout, else job_timeout_seconds)
     started_mono: float = 0.0  # time.monotonic() its running job started
-    stop_deadline: Optional[float] = None  # Its job was asked to stop: it is ended if the job runs on past this
+    stop_deadline: Optional[float] = None  # Its job was asked to stop: it is ended if the job runs past this
     loaded: Optional[str] = None  # The plugin it has loaded, as far as the supervisor knows
     loaded_config: Optional[Dict[str, Any]] = None  # That plugin's configuration
     configs: Dict[str, dict] = field(default_factory=dict)  # The configurations it was given (INIT, RELOADs)
-    pending: Deque[tuple] = field(default_factory=deque)  # Commands waiting for it to be free: (request, waiter)
-    commands: Dict[str, tuple] = field(default_factory=dict)  # Commands sent: rid -> (waiter, kind, deadline, data)
+    pending: Deque[tuple] = field(default_factory=deque)  # Commands held until it is free: (request, waiter)
+    commands: Dict[str, tuple] = field(default_factory=dict)  # Sent: rid -> (waiter, kind, deadline, data)
     jobs_done: int = 0  # Results it delivered
     idle_since: Optional[float] = None  # time.monotonic() when its plugin last ended a job or was loaded
     gpu_mb: float = 0.0  # GPU memory of its process tree at the last reading, MiB
@@ -88,7 +88,7 @@ class Slot:
     jobs_done: int = 0  # Results its workers delivered, every worker it had
     spawn_due: Optional[float] = None  # time.monotonic() when a worker is to start in it
     spawn_is_restart: bool = False  # Whether that start is a restart
-    starting: Any = None  # Once the start due is handed to a starter thread: True, then the transport it starts
+    starting: Any = None  # Once a starter thread takes the start due: True, then the transport it starts
     restart_after: Optional[str] = None  # The kill reason behind the restart due (None: a crash)
     last_exit: Optional[str] = None  # How its last worker ended
     parked: bool = False  # Its worker exited idle (idle_unload='exit'): started again once a job needs it
@@ -189,7 +189,7 @@ def ready_future(self:Supervisor, loop, every:bool): # every: all the pool's wor
 # %% ../../nbs/managers/supervisor.ipynb #sv000010
 @patch
 def command(self:Supervisor, loop, request_type:WorkerRequestType, data:dict,
-            holders_only:bool # Only workers that have `data['plugin_name']` loaded; else one loads it if none has
+            holders_only:bool # Only workers with `data['plugin_name']` loaded; else one loads it if none has
            ) -> list: # One future per target worker, resolved with its answer (None: no answer)
     ("Queue a command for every worker holding the plugin, each sent once that worker is free (under the "
      "lock).")
@@ -243,7 +243,7 @@ def holding(self:Supervisor) -> set: # Ids of the jobs handed to a worker (runni
     return {j for w in self.workers() for j in (w.job_id, *w.queued) if j}
 
 @patch
-def recycle(self:Supervisor, worker_id:int) -> Optional[int]: # its pid; None: no ready worker there, or ending
+def recycle(self:Supervisor, worker_id:int) -> Optional[int]: # its pid; None: no ready worker there or ending
     "Replace slot `worker_id`'s worker with a fresh process once its job (if any) is done (under the lock)."
     w = self.slots[worker_id].worker if 0 <= worker_id < len(self.slots) else None
     if self.closed or w is None or not w.ready or w.kill_reason is not None: return None
@@ -251,7 +251,7 @@ def recycle(self:Supervisor, worker_id:int) -> Optional[int]: # its pid; None: n
     return w.pid
 
 @patch
-def loaded_pids(self:Supervisor, plugin:Optional[str]) -> List[int]: # pids of the workers with `plugin` loaded
+def loaded_pids(self:Supervisor, plugin:Optional[str]) -> List[int]: # pids of workers with `plugin` loaded
     return [w.pid for w in self.workers() if w.loaded == plugin]
 
 @patch
@@ -792,7 +792,7 @@ def holder(self:Supervisor, job_id:str) -> Optional[Worker]:
 
 # %% ../../nbs/managers/supervisor.ipynb #sv000033
 @patch
-def queue_order(self:Supervisor) -> List[str]: # Ids of every job not started yet, in the order they will start
+def queue_order(self:Supervisor) -> List[str]: # Ids of all jobs not started yet, in the order they will start
     held = [j for w in self.workers() for j in (w.job_id, *w.queued)
             if j and j in self.book.jobs and self.book.jobs[j].status == 'pending']
     return held + list(self.book.waiting.order())
