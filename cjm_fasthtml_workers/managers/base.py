@@ -145,7 +145,7 @@ class _Hooks:
     def __init__(self, manager): self.ref, self.local = weakref.ref(manager), threading.local()
 
     @property
-    def slot(self) -> Optional[Slot]: return getattr(self.local, 'slot', None) # The slot of the hook running here
+    def slot(self) -> Optional[Slot]: return getattr(self.local, 'slot', None) # The slot of the hook run here
 
     def _call(self, slot:Optional[Slot], fn:Callable):
         "Run `fn(manager)` with `slot` as the slot its hooks are about (nothing once the manager is gone)."
@@ -157,7 +157,8 @@ class _Hooks:
 
     def alive(self) -> bool: return self.ref() is not None
     def round(self): self._call(None, lambda m: m._monitor_results())
-    def start(self, slot, restart): self._call(slot, lambda m: m._restart_worker() if restart else m._start_worker())
+    def start(self, slot, restart):
+        self._call(slot, lambda m: m._restart_worker() if restart else m._start_worker())
     def init(self, slot): self._call(slot, lambda m: m._init_worker())
     def death(self, slot): self._call(slot, lambda m: m._handle_worker_error())
     def result(self, slot, raw, job): self._call(slot, lambda m: m._settle_job_result(raw, job))
@@ -230,22 +231,24 @@ def _register_exit_hooks():
     "At the first start of any manager (importing changes nothing): shut every live manager down at exit."
     with _exit_hooks_lock:
         if _exit_hooks: return
-        # multiprocessing's exit hook joins every child process, a busy worker too, forever; its finalizers with an
-        # exit priority run first, so ours stops the workers before that join. The atexit hook covers the rest.
+        # multiprocessing's exit hook joins every child process, a busy worker too, forever; its finalizers
+        # with an exit priority run first, so ours stops the workers before that join. atexit covers the rest.
         _exit_hooks.append(multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100))
         atexit.register(_shutdown_all)
         register_before_exit(_shutdown_all)  # before a backend's own exit hook (Ray's)
 
+# %% ../../nbs/managers/base.ipynb #bs000010
 def _transport(config:WorkerConfig, entry_point:Callable, name:str, env:Optional[dict]):
-    "A new worker of the configured backend: a local process, or a Ray actor's process (Ray imported only then)."
+    "A new worker of the configured backend: a local process, or a Ray actor's (Ray imported only then)."
     if config.backend == 'ray':
         from cjm_fasthtml_workers.backends.ray import RayWorker
-        return RayWorker(entry_point, name, env=env, address=config.ray_address, init_options=config.ray_init_options,
-                         actor_options=config.ray_actor_options, start_timeout=config.worker_start_timeout_seconds)
+        return RayWorker(entry_point, name, env=env, address=config.ray_address,
+                         init_options=config.ray_init_options, actor_options=config.ray_actor_options,
+                         start_timeout=config.worker_start_timeout_seconds)
     return ProcessWorker(entry_point, name, env=env)
 
 def _check_entry_point(fn:Callable):
-    "A spawned worker imports its entry point by module and name: refuse, saying what to do, one it cannot import."
+    "A spawned worker imports its entry point by name: refuse, saying what to do, one it cannot import."
     name, module = getattr(fn, '__qualname__', None), getattr(fn, '__module__', None)
     if name is None: return  # a partial or another callable object: pickling will tell
     if '<' in name:  # '<lambda>', 'f.<locals>.g'
@@ -259,7 +262,8 @@ def _check_entry_point(fn:Callable):
 
 def _list_gpus(resource_manager) -> list:
     "The GPUs NVML sees (`extensions.resources.GPUDevice`s), through the resource manager when it can tell."
-    if resource_manager is not None and hasattr(resource_manager, 'get_gpu_info'): return resource_manager.get_gpu_info()
+    if resource_manager is not None and hasattr(resource_manager, 'get_gpu_info'):
+        return resource_manager.get_gpu_info()
     from cjm_fasthtml_workers.extensions.resources import NVMLSession
     session = NVMLSession()
     try: return session.probe()[0]
@@ -362,11 +366,11 @@ def _warn_if_app_runs_twice(manager, # The manager, at its first start
 class BaseJobManager(ABC, Generic[JobType]):
     """Abstract base class for managing jobs using worker processes.
 
-    Jobs run in long-lived worker subprocesses (one, or a pool of `max_workers`) that keep plugins loaded between
-    jobs. Cancelling a running job ends its worker (and its process tree) and restarts it by policy; a crash fails
-    only the running job; waiting jobs are kept by the manager and never lost. `async with manager:` starts the
-    workers and shuts them down."""
-    event_buffer_size = 1000  # events waiting from which a broadcaster lags: its chunks are joined, progress coalesced
+    Jobs run in long-lived worker subprocesses (one, or a pool of `max_workers`) that keep plugins loaded
+    between jobs. A cancelled running job is asked to stop (its worker and model stay), and its worker is
+    ended if it does not; a crash fails only the running job; waiting jobs are kept by the manager.
+    `async with manager:` starts the workers and shuts them down."""
+    event_buffer_size = 1000  # events waiting past which a broadcaster lags: its chunks, progress coalesced
     event_timeout_seconds = 10.0  # a broadcast that takes longer is given up (logged)
     def __init__(self,
                  worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
@@ -374,33 +378,33 @@ class BaseJobManager(ABC, Generic[JobType]):
                  supports_streaming:bool=False, # Whether this manager supports streaming jobs
                  worker_config:Optional[WorkerConfig]=None, # Worker configuration (uses defaults if None)
                  plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
-                 resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager integration
+                 resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager
                  event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
-                 job_store=None, # Optional durable job store (`managers.store.SQLiteJobStore`): jobs survive a restart
+                 job_store=None, # Optional durable job store (`managers.store.SQLiteJobStore`)
                 ):
         "Initialize the job manager."
         self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
         self.worker_config = worker_config or WorkerConfig()
         self.plugin_registry, self.resource_manager = plugin_registry, resource_manager
         self.event_broadcaster = event_broadcaster
-        self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, and what follows
+        self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, the rest
         self.job_store = job_store
         self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store)  # weakly: see _Hooks
         self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
         self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
         self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
-        self.current_plugin_name: Optional[str] = None  # plugin a worker loaded last, as far as the manager knows
+        self.current_plugin_name: Optional[str] = None  # plugin a worker loaded last, as the manager knows
         self.current_config: Optional[Dict[str, Any]] = None  # configuration of that plugin
         self.result_monitor_thread: Optional[threading.Thread] = None  # the supervisor thread
         self.monitor_running = False  # True from the first start until shutdown()
-        self._supervisor: Optional[Supervisor] = None  # made at the first start (GPU placement asks NVML then)
+        self._supervisor: Optional[Supervisor] = None  # made at the first start (GPU placement asks NVML)
         self._hooks = _Hooks(self)  # the supervisor's way into this manager
         self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
         self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
         self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
         self._closed = False
         self._store_lock = threading.Lock()  # one opening of the job store
-        self._store_open = job_store is None  # the store is opened (and its jobs recovered) at the first await
+        self._store_open = job_store is None  # the store opens (its jobs recovered) at the first await
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
         self._events = EventPump(_weakly(self, 'broadcast_event', gone=lambda: asyncio.sleep(0)),
                                  self.event_buffer_size, self.event_timeout_seconds, worker_type)
@@ -432,188 +436,214 @@ class BaseJobManager(ABC, Generic[JobType]):
                           ) -> Dict[str, Any]: # Formatted result for storage
         "Extract and format job result from worker response."
 
-    # ----- hooks --------------------------------------------------------------------------------------------
-    def _extract_plugin_resource_identifier(self,
-                                            config:Dict[str, Any] # Plugin configuration dictionary
-                                           ) -> str: # Plugin resource identifier string
-        "Extract plugin resource identifier from plugin configuration."
-        for key in ('resource_id', 'model_id', 'model', 'model_name', 'model_path'):
-            if (config or {}).get(key): return str(config[key])
-        return 'unknown'
+# %% ../../nbs/managers/base.ipynb #bs000009
+@patch
+def _extract_plugin_resource_identifier(self:BaseJobManager,
+                                        config:Dict[str, Any] # Plugin configuration dictionary
+                                       ) -> str: # Plugin resource identifier string
+    "Extract plugin resource identifier from plugin configuration."
+    for key in ('resource_id', 'model_id', 'model', 'model_name', 'model_path'):
+        if (config or {}).get(key): return str(config[key])
+    return 'unknown'
 
-    async def _validate_resources(self,
-                                  plugin_id:str, # Plugin unique identifier
-                                  plugin_config:Dict[str, Any] # Plugin configuration
-                                 ) -> Optional[str]: # Error message if validation fails, None if successful
-        "Validate resources before starting a job."
-        return None
+@patch
+async def _validate_resources(self:BaseJobManager,
+                              plugin_id:str, # Plugin unique identifier
+                              plugin_config:Dict[str, Any] # Plugin configuration
+                             ) -> Optional[str]: # Error message if validation fails, None if successful
+    "Validate resources before starting a job."
+    return None
 
-    def _on_job_completed(self,
-                          job_id:str # ID of the completed job
-                         ) -> None:
-        "Hook called when a job completes successfully."
+@patch
+def _on_job_completed(self:BaseJobManager,
+                      job_id:str # ID of the completed job
+                     ) -> None:
+    "Hook called when a job completes successfully."
 
-    # ----- worker lifecycle: documented hooks, called by the supervisor's threads (starts: its starter) -------
-    def _start_worker(self) -> Optional[int]: # pid of the new worker (None if the manager closed meanwhile)
-        "Start the worker process and result monitor."
-        slot, entry_point = self._hooks.slot, self.get_worker_entry_point()
-        _check_entry_point(entry_point)
-        env = {'CUDA_VISIBLE_DEVICES': slot.gpu, 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'} if slot.gpu else None
-        transport = _transport(self.worker_config, entry_point, f'{self.worker_type}-worker-{slot.id}', env)
-        return self._supervisor.start_worker(slot, transport)
+# %% ../../nbs/managers/base.ipynb #bs000002
+@patch
+def _start_worker(self:BaseJobManager) -> Optional[int]: # pid of the new worker (None: the manager closed)
+    "Start the worker process and result monitor."
+    slot, entry_point = self._hooks.slot, self.get_worker_entry_point()
+    _check_entry_point(entry_point)
+    env = {'CUDA_VISIBLE_DEVICES': slot.gpu, 'CUDA_DEVICE_ORDER': 'PCI_BUS_ID'} if slot.gpu else None
+    transport = _transport(self.worker_config, entry_point, f'{self.worker_type}-worker-{slot.id}', env)
+    return self._supervisor.start_worker(slot, transport)
 
-    def _init_worker(self):
-        "Send initialization message to worker with plugin configurations."
-        self._configs = self._plugin_configs()
-        self._supervisor.init_worker(self._hooks.slot, self._configs)
+@patch
+def _init_worker(self:BaseJobManager):
+    "Send initialization message to worker with plugin configurations."
+    self._configs = self._plugin_configs()
+    self._supervisor.init_worker(self._hooks.slot, self._configs)
 
-    def _restart_worker(self):
-        "Restart the worker process after an error or cancellation."
-        slot = self._hooks.slot
-        with self._lock: self.restart_count, self.last_restart_time = self.restart_count + 1, time.time()
-        pid = self._start_worker()
-        if pid is None: return
-        with self._lock:
-            if slot.worker is None: return  # it died at once: its death is settled already
-            event = self._supervisor.about(slot.worker, pid=pid, restart_count=self.restart_count)
-            after, restarts = slot.restart_after, slot.restarts
-        # a restart after a cancel (or a recycle) was asked for, not a fault
-        log.log(logging.DEBUG if after in ('cancel', 'recycle') else logging.WARNING,
-                "%s worker %s restarted (pid %s, restart %s)", self.worker_type, slot.id, pid, restarts)
-        self._emit('worker_restarted', event)
+@patch
+def _restart_worker(self:BaseJobManager):
+    "Restart the worker process after an error or cancellation."
+    slot = self._hooks.slot
+    with self._lock: self.restart_count, self.last_restart_time = self.restart_count + 1, time.time()
+    pid = self._start_worker()
+    if pid is None: return
+    with self._lock:
+        if slot.worker is None: return  # it died at once: its death is settled already
+        event = self._supervisor.about(slot.worker, pid=pid, restart_count=self.restart_count)
+        after, restarts = slot.restart_after, slot.restarts
+    # a restart after a cancel (or a recycle) was asked for, not a fault
+    log.log(logging.DEBUG if after in ('cancel', 'recycle') else logging.WARNING,
+            "%s worker %s restarted (pid %s, restart %s)", self.worker_type, slot.id, pid, restarts)
+    self._emit('worker_restarted', event)
 
-    def _monitor_results(self):
-        "Monitor the result queue in a background thread: one supervisor round."
-        self._supervisor.round()
+@patch
+def _monitor_results(self:BaseJobManager):
+    "Monitor the result queue in a background thread: one supervisor round."
+    self._supervisor.round()
 
-    def _handle_job_result(self,
-                           result:Dict[str, Any] # Result data from worker, as it came off the result queue
-                          ):
-        "Handle a job result from the worker."
-        msg = WorkerResult.from_dict(result)
-        job = self.jobs.get(msg.job_id)
-        if job is None or job.status in TERMINAL_STATUSES: return
-        if msg.status != 'success':
-            job.error_type, job.traceback = msg.error_type, msg.traceback
-            return self._book.finish(job, 'failed', error=msg.error or 'job failed')
-        try: job.result = self.extract_job_result(job, msg.data or {})
-        except Exception as e:
-            log.exception("%s: extract_job_result failed for job %s", self.worker_type, job.id)
+# %% ../../nbs/managers/base.ipynb #bs000004
+@patch
+def _handle_job_result(self:BaseJobManager,
+                       result:Dict[str, Any] # Result data from worker, as it came off the result queue
+                      ):
+    "Handle a job result from the worker."
+    msg = WorkerResult.from_dict(result)
+    job = self.jobs.get(msg.job_id)
+    if job is None or job.status in TERMINAL_STATUSES: return
+    if msg.status != 'success':
+        job.error_type, job.traceback = msg.error_type, msg.traceback
+        return self._book.finish(job, 'failed', error=msg.error or 'job failed')
+    try: job.result = self.extract_job_result(job, msg.data or {})
+    except Exception as e:
+        log.exception("%s: extract_job_result failed for job %s", self.worker_type, job.id)
+        job.error_type = type(e).__name__
+        return self._book.finish(job, 'failed', error=f"extract_job_result failed: {type(e).__name__}: {e}")
+    self._book.finish(job, 'completed')
+    if type(self)._on_job_completed is not BaseJobManager._on_job_completed:  # only a hook that does a thing
+        self._effects.run([lambda: self._on_job_completed(job.id)])
+
+@patch
+def _handle_stream_chunk(self:BaseJobManager,
+                         chunk_data:Dict[str, Any] # Chunk data from worker, as it came off the result queue
+                        ):
+    "Handle a streaming chunk from the worker."
+    msg = WorkerStreamChunk.from_dict(chunk_data)
+    job = self.jobs.get(msg.job_id)
+    if job is None or job.status in TERMINAL_STATUSES or msg.is_final: return
+    self._book.add_chunk(job, msg.chunk)
+
+@patch
+def _handle_worker_error(self:BaseJobManager):
+    "Handle worker fatal error based on restart policy."
+    self._supervisor.settle_death(self._hooks.slot)
+
+@patch
+def _settle_job_result(self:BaseJobManager, raw:dict, job):
+    "Call `_handle_job_result`; if an override raised or did not settle the job, settle it anyway."
+    self._guarded(self._handle_job_result, raw)
+    if job is not None and job.status not in TERMINAL_STATUSES: BaseJobManager._handle_job_result(self, raw)
+
+@patch
+def _guarded(self:BaseJobManager, hook:Callable, raw:dict):
+    "Call a documented hook a subclass may override; what it raises fails the message's job."
+    try: hook(raw)
+    except Exception as e:
+        log.exception("%s: %s raised", self.worker_type, hook.__name__)
+        job = self.jobs.get(raw.get('job_id'))
+        if job is not None and job.status not in TERMINAL_STATUSES:
             job.error_type = type(e).__name__
-            return self._book.finish(job, 'failed', error=f"extract_job_result failed: {type(e).__name__}: {e}")
-        self._book.finish(job, 'completed')
-        if type(self)._on_job_completed is not BaseJobManager._on_job_completed:  # only a hook that does something
-            self._effects.run([lambda: self._on_job_completed(job.id)])
+            self._book.finish(job, 'failed', error=f"{hook.__name__} raised {type(e).__name__}: {e}")
 
-    def _handle_stream_chunk(self,
-                             chunk_data:Dict[str, Any] # Chunk data from worker, as it came off the result queue
-                            ):
-        "Handle a streaming chunk from the worker."
-        msg = WorkerStreamChunk.from_dict(chunk_data)
-        job = self.jobs.get(msg.job_id)
-        if job is None or job.status in TERMINAL_STATUSES or msg.is_final: return
-        self._book.add_chunk(job, msg.chunk)
+# %% ../../nbs/managers/base.ipynb #bs000006
+@patch
+def _plugin_configs(self:BaseJobManager) -> Dict[str, dict]:
+    "Configurations for INIT: the registry's, then what reload_plugin changed."
+    configs = {}
+    if self.plugin_registry is not None:
+        for meta in self.plugin_registry.get_plugins_by_category(self.category):
+            configs[meta_name(meta)] = self.plugin_registry.load_plugin_config(meta_id(meta)) or {}
+    return {**configs, **self._config_overrides}
 
-    def _handle_worker_error(self):
-        "Handle worker fatal error based on restart policy."
-        self._supervisor.settle_death(self._hooks.slot)
+@patch
+async def _open_store(self:BaseJobManager):
+    "Open the job store off the loop and take its jobs, once (a spawned worker importing the app never does)."
+    if not self._store_open: await asyncio.to_thread(self._open_store_now)
 
-    # ----- internals --------------------------------------------------------------------------------------------
-    def _settle_job_result(self, raw:dict, job):
-        "Call `_handle_job_result`; if an override raised or did not settle the job, settle it anyway."
-        self._guarded(self._handle_job_result, raw)
-        if job is not None and job.status not in TERMINAL_STATUSES: BaseJobManager._handle_job_result(self, raw)
-
-    def _guarded(self, hook:Callable, raw:dict):
-        "Call a documented hook a subclass may override; what it raises fails the message's job."
-        try: hook(raw)
-        except Exception as e:
-            log.exception("%s: %s raised", self.worker_type, hook.__name__)
-            job = self.jobs.get(raw.get('job_id'))
-            if job is not None and job.status not in TERMINAL_STATUSES:
-                job.error_type = type(e).__name__
-                self._book.finish(job, 'failed', error=f"{hook.__name__} raised {type(e).__name__}: {e}")
-
-    def _plugin_configs(self) -> Dict[str, dict]:
-        "Configurations for INIT: the registry's, then what reload_plugin changed."
-        configs = {}
-        if self.plugin_registry is not None:
-            for meta in self.plugin_registry.get_plugins_by_category(self.category):
-                configs[meta_name(meta)] = self.plugin_registry.load_plugin_config(meta_id(meta)) or {}
-        return {**configs, **self._config_overrides}
-
-    async def _open_store(self):
-        "Open the job store off the loop and take its jobs, once (a spawned worker re-importing the app never does)."
-        if not self._store_open: await asyncio.to_thread(self._open_store_now)
-
-    def _open_store_now(self):
-        "Open the job store here and now, once: a job accessor called before the manager's first await."
+@patch
+def _open_store_now(self:BaseJobManager):
+    "Open the job store here and now, once: a job accessor called before the manager's first await."
+    if self._store_open: return
+    with self._store_lock:
         if self._store_open: return
-        with self._store_lock:
-            if self._store_open: return
-            self._recover(self.job_store.open(self.worker_type))
-            self._store_open = True
+        self._recover(self.job_store.open(self.worker_type))
+        self._store_open = True
 
-    def _recover(self, jobs:list):
-        "Take the jobs a store kept: finished ones to read, pending ones queued again in submission order."
-        with self._lock:
-            for job in jobs:
-                if job.status in TERMINAL_STATUSES:
-                    self.jobs[job.id], self.results[job.id] = job, result_envelope(job)
-                    continue
-                name = self.get_plugin_name(job.plugin_id) or job.plugin_id
-                try: self._book.add(job, name, _dumps(self._execute_request(job, name)[0], job))
-                except Exception as e:  # its subclass or plugin changed since: it cannot run any more
-                    self.jobs[job.id] = job
-                    self._book.finish(job, 'failed', error=f"could not be queued again after a restart: {e}")
-            if len(self._book.waiting): self._ensure_workers()  # jobs to run again
-        log.debug("%s: recovered %d jobs from the store", self.worker_type, len(jobs))
+@patch
+def _recover(self:BaseJobManager, jobs:list):
+    "Take the jobs a store kept: finished ones to read, pending ones queued again in submission order."
+    with self._lock:
+        for job in jobs:
+            if job.status in TERMINAL_STATUSES:
+                self.jobs[job.id], self.results[job.id] = job, result_envelope(job)
+                continue
+            name = self.get_plugin_name(job.plugin_id) or job.plugin_id
+            try: self._book.add(job, name, _dumps(self._execute_request(job, name)[0], job))
+            except Exception as e:  # its subclass or plugin changed since: it cannot run any more
+                self.jobs[job.id] = job
+                self._book.finish(job, 'failed', error=f"could not be queued again after a restart: {e}")
+        if len(self._book.waiting): self._ensure_workers()  # jobs to run again
+    log.debug("%s: recovered %d jobs from the store", self.worker_type, len(jobs))
 
-    def _config_for(self, plugin_name:str) -> Dict[str, Any]:
-        "The configuration a job of `plugin_name` runs with now."
-        if plugin_name in self._config_overrides: return self._config_overrides[plugin_name]
-        if plugin_name in self._configs: return self._configs[plugin_name]
-        return self._plugin_configs().get(plugin_name) or {}
+# %% ../../nbs/managers/base.ipynb #bs000007
+@patch
+def _config_for(self:BaseJobManager, plugin_name:str) -> Dict[str, Any]:
+    "The configuration a job of `plugin_name` runs with now."
+    if plugin_name in self._config_overrides: return self._config_overrides[plugin_name]
+    if plugin_name in self._configs: return self._configs[plugin_name]
+    return self._plugin_configs().get(plugin_name) or {}
 
-    def _ensure_workers(self):
-        "Have a worker running or coming in every slot (under the lock, from the event loop)."
-        if self._closed: raise RuntimeError(f"{self.worker_type} job manager is shut down")
-        if self._supervisor is None:
-            _register_exit_hooks()
-            cfg, p = self.worker_config, self.worker_config.prefetch_jobs
-            # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a held
-            # job cannot go to the next free worker) or with a store (a held job counts as started if the app dies)
-            prefetch = (1 if cfg.max_workers == 1 and self.job_store is None else 0) if p is None else p
-            _warn_if_app_runs_twice(self)  # another process of this app with this manager: say so, once
-            gpus = place_gpus(cfg, lambda: _list_gpus(self.resource_manager), lambda: _why_no_gpu(self.resource_manager))
-            self._supervisor = Supervisor(cfg, self._book, self._lock, self._hooks, gpus, prefetch, self.worker_type)
-            # closing the pipe wakes the supervisor when the manager is collected without shutdown()
-            weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)
-        self._supervisor.ensure()
-        self.result_monitor_thread, self.monitor_running = self._supervisor.thread, True
+@patch
+def _ensure_workers(self:BaseJobManager):
+    "Have a worker running or coming in every slot (under the lock, from the event loop)."
+    if self._closed: raise RuntimeError(f"{self.worker_type} job manager is shut down")
+    if self._supervisor is None:
+        _register_exit_hooks()
+        cfg, p = self.worker_config, self.worker_config.prefetch_jobs
+        # jobs a busy worker may hold besides its own; by default one for a single worker, none in a pool (a
+        # held job cannot go to the next free worker) or with a store (a held job counts as started if the
+        # app dies)
+        prefetch = (1 if cfg.max_workers == 1 and self.job_store is None else 0) if p is None else p
+        _warn_if_app_runs_twice(self)  # another process of this app with this manager: say so, once
+        gpus = place_gpus(cfg, lambda: _list_gpus(self.resource_manager),
+                          lambda: _why_no_gpu(self.resource_manager))
+        self._supervisor = Supervisor(cfg, self._book, self._lock, self._hooks, gpus, prefetch,
+                                      self.worker_type)
+        # closing the pipe wakes the supervisor when the manager is collected without shutdown()
+        weakref.finalize(self, _close_fds, self._supervisor.wake_r, self._supervisor.wake_w)
+    self._supervisor.ensure()
+    self.result_monitor_thread, self.monitor_running = self._supervisor.thread, True
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        "Events go to the loop the manager was started on (a new one only once that loop has closed)."
-        loop = asyncio.get_running_loop()
-        if self._loop is None or self._loop.is_closed(): self._loop = loop
-        return loop
+@patch
+def _bind_loop(self:BaseJobManager) -> asyncio.AbstractEventLoop:
+    "Events go to the loop the manager was started on (a new one only once that loop has closed)."
+    loop = asyncio.get_running_loop()
+    if self._loop is None or self._loop.is_closed(): self._loop = loop
+    return loop
 
-    @property
-    def worker_process(self): # The first worker's `multiprocessing.Process` (None while it has none)
-        w = self._supervisor.slots[0].worker if self._supervisor else None
-        return None if w is None else w.transport.process
+@patch(as_prop=True)
+def worker_process(self:BaseJobManager): # The first worker's `multiprocessing.Process` (None: it has none)
+    w = self._supervisor.slots[0].worker if self._supervisor else None
+    return None if w is None else w.transport.process
 
-    # ----- events ---------------------------------------------------------------------------------------------
-    def _emit(self, suffix:str, data:Dict[str, Any]):
-        "Send `{worker_type}:{suffix}` to the broadcaster, from any thread, in order (behind the store's writes)."
-        data = self._book.owned(data)  # an event naming a job names its owner
-        self._book.announce([], lambda: self._emit_now(suffix, data))
+@patch
+def _emit(self:BaseJobManager, suffix:str, data:Dict[str, Any]):
+    "Send `{worker_type}:{suffix}` to the broadcaster, from any thread, in order (behind the store's writes)."
+    data = self._book.owned(data)  # an event naming a job names its owner
+    self._book.announce([], lambda: self._emit_now(suffix, data))
 
-    def _emit_now(self, suffix:str, data:Dict[str, Any]):
-        "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
-        loop = self._loop
-        if self.event_broadcaster is None or loop is None: return
-        self._events.post(loop, f"{self.worker_type}:{suffix}", data, suffix if suffix in ('chunk', 'progress') else None)
+@patch
+def _emit_now(self:BaseJobManager, suffix:str, data:Dict[str, Any]):
+    "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
+    loop = self._loop
+    if self.event_broadcaster is None or loop is None: return
+    kind = suffix if suffix in ('chunk', 'progress') else None  # coalesced for a broadcaster that lags
+    self._events.post(loop, f"{self.worker_type}:{suffix}", data, kind)
 
 # %% ../../nbs/managers/base.ipynb #1648c0b4
 @patch
@@ -622,7 +652,7 @@ async def start(self:BaseJobManager) -> None:
     await self._wait_ready(every=True)
 
 @patch
-async def _wait_ready(self:BaseJobManager, every:bool): # every: all the pool's workers; else one (a first job's wait)
+async def _wait_ready(self:BaseJobManager, every:bool): # every: all the pool's workers; else one (first job)
     "Start the workers, and wait until every one (or one) is ready; `RuntimeError` if none can be."
     loop = self._bind_loop()
     await self._open_store()
@@ -651,10 +681,11 @@ async def _check_plugin(self:BaseJobManager, plugin_id:str) -> str:
         if meta is None: raise ValueError(f"Unknown plugin {plugin_id!r} for {self.worker_type} jobs")
         return meta_name(meta) or plugin_id
     if self._known_plugins is None: await self._wait_ready(every=False)  # one worker's READY lists them
-    if self._known_plugins is not None and plugin_id not in self._known_plugins:  # None: the worker did not list them
+    if self._known_plugins is not None and plugin_id not in self._known_plugins:  # None: workers did not say
         raise ValueError(f"Unknown plugin {plugin_id!r}; the worker has {sorted(self._known_plugins)}")
     return plugin_id
 
+# %% ../../nbs/managers/base.ipynb #bs000011
 _RESERVED = frozenset({'type', 'job_id', 'plugin_name', 'request_id'})
 _LARGE = 1 << 20  # requests whose strings and buffers pass this are pickled on a thread
 
@@ -662,15 +693,17 @@ _LARGE = 1 << 20  # requests whose strings and buffers pass this are pickled on 
 def _execute_request(self:BaseJobManager, job, name:str) -> tuple: # (the EXECUTE dict, a rough size of it)
     "The documented flat EXECUTE request of `job`, for the worker's plugin `name`."
     params = dict(self.prepare_execute_request(job) or {})
-    if reserved := sorted(_RESERVED & params.keys()):  # the documented EXECUTE is flat: these are its own keys
+    if reserved := sorted(_RESERVED & params.keys()):  # the documented EXECUTE is flat: these are its keys
         raise ValueError(f"prepare_execute_request returned {reserved}: these names are keys of the EXECUTE "
                          "request itself and cannot be plugin parameters")
     # the job streams only if it asks to and this manager (and the registry's plugin) can stream
-    if 'stream' in params: params['stream'] = bool(params['stream']) and self.check_streaming_support(job.plugin_id)
-    request = WorkerRequest(WorkerRequestType.EXECUTE, {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
+    if 'stream' in params:
+        params['stream'] = bool(params['stream']) and self.check_streaming_support(job.plugin_id)
+    request = WorkerRequest(WorkerRequestType.EXECUTE,
+                            {**params, 'job_id': job.id, 'plugin_name': name}).to_dict()
     return request, _rough_size(params)
 
-def _dumps(request:dict, job): # What `core.worker.dumps_message` makes: bytes, or parts with large buffers uncopied
+def _dumps(request:dict, job): # What `core.wire.dumps_message` makes: bytes, or parts (big buffers uncopied)
     "Pickle an EXECUTE request once: this payload is what the worker gets."
     try: return dumps_message(request)
     except Exception as e:
@@ -765,14 +798,15 @@ async def cancel_job(self:BaseJobManager,
                      job_id:str, # ID of the job to cancel
                      owner=ANY_OWNER # only a job of this owner (None: one without an owner); another's: False
                     ) -> bool: # True if cancellation successful
-    "Cancel a job: a waiting one is dropped; a running one is asked to stop, and its worker ended if it does not."
+    "Cancel a job: a waiting one is dropped; a running one is asked to stop (its worker ended if not)."
     self._bind_loop()
     await self._open_store()
     with self._lock:
         job = self.jobs.get(job_id)
         if not owned_by(job, owner): return False
         sup = self._supervisor
-        outcome = sup.cancel(job) if sup is not None else 'ended' if self._book.finish(job, 'cancelled') else None
+        if sup is not None: outcome = sup.cancel(job)
+        else: outcome = 'ended' if self._book.finish(job, 'cancelled') else None
     if outcome is None: return False
     # it stops at its next checkpoint (its worker and model stay), or its worker is ended after the grace
     if outcome == 'stopping': await self.wait_for_job(job_id)
@@ -808,8 +842,8 @@ def get_plugin_name(self:BaseJobManager,
 
 @patch
 async def _command(self:BaseJobManager, req_type:WorkerRequestType, data:dict,
-                   holders_only:bool) -> List[Optional[WorkerResponse]]: # Each target's answer (None: no answer)
-    "Send a command to every worker holding `data['plugin_name']`, each once it is free, and await the answers."
+                   holders_only:bool) -> List[Optional[WorkerResponse]]: # Each target's answer (None: none)
+    "Send a command to every worker holding `data['plugin_name']`, each once free; await the answers."
     try: await self.start()
     except RuntimeError: return [None]
     loop = self._bind_loop()
@@ -827,7 +861,8 @@ async def reload_plugin(self:BaseJobManager,
                         config:Dict[str, Any] # New configuration
                        ) -> bool: # True if successful, False otherwise
     "Reload a plugin with new configuration."
-    answers = await self._command(WorkerRequestType.RELOAD, {'plugin_name': plugin_name, 'config': config}, False)
+    data = {'plugin_name': plugin_name, 'config': config}
+    answers = await self._command(WorkerRequestType.RELOAD, data, False)
     if not answers or not all(map(_succeeded, answers)): return False
     with self._lock:
         self._config_overrides[plugin_name] = config  # later workers, and holders-to-be, get it too
@@ -898,7 +933,7 @@ def get_job_chunks(self:BaseJobManager,
 
 @patch
 def clear_completed_jobs(self:BaseJobManager,
-                         owner=ANY_OWNER # only this owner's jobs (None: those without an owner); ANY_OWNER: all
+                         owner=ANY_OWNER # only this owner's jobs (None: those without one); ANY_OWNER: all
                         ) -> int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     with self._lock:
@@ -920,8 +955,10 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
     "Describe every worker of the pool: state, pid, GPU, loaded plugin, job, restarts (crashes, cancels)."
     with self._lock:
         if self._supervisor is None:
-            return [{'worker_id': i, 'pid': None, 'alive': False, 'state': 'stopped' if self._closed else 'not started',
-                     'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0, 'crashes': 0,
+            state = 'stopped' if self._closed else 'not started'
+            return [{'worker_id': i, 'pid': None, 'alive': False, 'state': state,
+                     'gpu': None, 'loaded_plugin': None, 'current_job_id': None, 'restart_count': 0,
+                     'crashes': 0,
                      'cancels': 0, 'jobs_done': 0, 'last_exit': None, 'idle_seconds': None,
                      'gpu_memory_mb': None}
                     for i in range(self.worker_config.max_workers)]
@@ -929,7 +966,7 @@ def get_workers_info(self:BaseJobManager) -> List[Dict[str, Any]]: # One row per
 
 @patch
 def get_worker_info(self:BaseJobManager) -> Dict[str, Any]: # The first worker's row, with pending_jobs
-    "Describe the worker process and its work (with a pool, the first worker; `get_workers_info` has them all)."
+    "Describe the worker process and its work (with a pool, the first; `get_workers_info` has them all)."
     info = self.get_workers_info()[0]
     with self._lock:
         held = self._supervisor.holding() if self._supervisor else set()
@@ -962,7 +999,7 @@ def stats(self:BaseJobManager): # `managers.stats.JobStats`; read it through `.s
 
 @patch(as_prop=True)
 def events_coalesced(self:BaseJobManager) -> int: # Chunk and progress events joined into others so far
-    "How many events a lagging broadcaster got joined into one (chunks) or replaced by a later one (progress)."
+    "How many events a lagging broadcaster got joined into one (chunks) or replaced by a later (progress)."
     return self._events.coalesced
 
 @patch
