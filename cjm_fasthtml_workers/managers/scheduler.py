@@ -52,7 +52,9 @@ class WaitingJobs:
         if info is None: return False
         self.since.pop(job_id, None)
         # gives back the table a burst left (a dict never shrinks by deletions)
-        if not self.info: self.info.clear()
+        if not self.info:
+            self.info.clear()
+            self.since.clear()
         self.wanted[info[0]] -= 1
         if not self.wanted[info[0]]: del self.wanted[info[0]]
         return True
