@@ -218,8 +218,9 @@ def SubmitForm():
 
 def WorkersPanel(workers:list, me:str, oob=False):
     "One column per worker of the pool (a slot, whose process a restart replaces): `get_workers_info`'s rows."
-    def row(field, name, show=lambda v: '–' if v is None else v):
+    def row(field, name, show=lambda v: '–' if v is None else v, known=False):
         if not any(field in w for w in workers): return None  # what this version of the manager does not say
+        if known and all(w.get(field) is None for w in workers): return None  # e.g. GPU memory, with no GPU
         return Tr(Th(name), *[Td(show(w.get(field))) for w in workers], data_field=field)
     def group(title): return Tr(Th(title, colspan=len(workers) + 1, cls='group'))
     # another visitor's job is shown by no id
@@ -227,9 +228,11 @@ def WorkersPanel(workers:list, me:str, oob=False):
     return Section(H2('Workers'),
                    Table(Tr(Th(), *[Th(f"worker {w['worker_id']}") for w in workers]),
                          row('pid', 'pid'), row('state', 'state'), row('loaded_plugin', 'loaded plugin'),
-                         row('idle_seconds', 'idle for', lambda v: '–' if v is None else f"{v:.0f} s"),
-                         row('current_job_id', 'running job', job), row('gpu', 'GPU'),
-                         row('gpu_memory_mb', 'GPU memory', lambda v: '–' if v is None else f"{v:,} MiB"),
+                         row('idle_seconds', 'idle for', lambda v: '–' if v is None else f"{v:.0f} s",
+                             known=True),
+                         row('current_job_id', 'running job', job), row('gpu', 'GPU', known=True),
+                         row('gpu_memory_mb', 'GPU memory', lambda v: '–' if v is None else f"{v:,} MiB",
+                             known=True),
                          row('last_exit', 'last exit'),
                          # the slot's counts, whichever of its processes did the work
                          group('since the app started'), row('jobs_done', 'jobs done'),
