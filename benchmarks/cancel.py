@@ -3,28 +3,17 @@ that takes 0.5 s to load. Stop (the default, `cancel_grace_seconds=2`) against k
 the documented system does), alternating in the same run, median of 5 each.
 
     python benchmarks/cancel.py [--reps N]"""
-import asyncio, os, statistics, sys, time, uuid
-from dataclasses import dataclass, field
-from typing import Any, Dict
+import asyncio, os, statistics, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (os.path.dirname(HERE), HERE):
+for path in (os.path.dirname(HERE), HERE, os.path.join(os.path.dirname(HERE), 'tests')):
     if path not in sys.path: sys.path.insert(0, path)
 
 LOAD = {'load_seconds': 0.5}  # the scenario plugin sleeps this long in its load
 
 async def once(grace:float) -> tuple: # (seconds from the cancel to the next job's first chunk, loads of the plugin)
     from cjm_fasthtml_workers.core.config import WorkerConfig
-    from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-    from cjm_fasthtml_workers.testing import scenario_worker_process
-    @dataclass
-    class Job(BaseJob):
-        params: Dict[str, Any] = field(default_factory=dict)
-    class Manager(BaseJobManager[Job]):
-        def create_job(self, plugin_id, **kw): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw)
-        def get_worker_entry_point(self): return scenario_worker_process
-        def prepare_execute_request(self, job): return job.params
-        def extract_job_result(self, job, result_data): return result_data
+    from helpers import TextJobManager as Manager  # the tests' manager over the scenario plugins
     m = Manager('cancel', 'bench', supports_streaming=True,
                 worker_config=WorkerConfig(cancel_grace_seconds=grace, restart_policy='always'))
     try:

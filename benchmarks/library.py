@@ -137,11 +137,15 @@ async def idle_stall(seconds:float) -> float: # Longest stall of the ticker on a
 async def cancel_to_ready(m) -> tuple: # (seconds, longest event-loop stall in seconds)
     "Cancel a running job, then run the next job to its result: the worker is replaced in between."
     job = await running(m)
-    async with Ticker() as ticker:
-        t0 = time.perf_counter()
-        if not await m.cancel_job(job.id): raise RuntimeError("cancel_job refused a running job")
-        await echo(m)
-        seconds = time.perf_counter() - t0
+    # the kill path, as the documented system cancels (benchmarks/cancel.py measures a job asked to stop)
+    grace, m.worker_config.cancel_grace_seconds = m.worker_config.cancel_grace_seconds, 0.0
+    try:
+        async with Ticker() as ticker:
+            t0 = time.perf_counter()
+            if not await m.cancel_job(job.id): raise RuntimeError("cancel_job refused a running job")
+            await echo(m)
+            seconds = time.perf_counter() - t0
+    finally: m.worker_config.cancel_grace_seconds = grace
     _check(job, 'cancelled')
     return seconds, ticker.stall
 

@@ -4,24 +4,14 @@ of the same manager holding none, in the same run. Target: < 50 ms.
 
     python benchmarks/metrics.py            # 10,000 jobs, 30 scrapes each
     python benchmarks/metrics.py --jobs 2000 --scrapes 10"""
-import argparse, asyncio, os, statistics, sys, time, uuid
-from dataclasses import dataclass, field
+import argparse, asyncio, os, statistics, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(HERE) not in sys.path: sys.path.insert(0, os.path.dirname(HERE))  # this checkout's library
+for path in (os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')):  # this checkout's library
+    if path not in sys.path: sys.path.insert(0, path)
 
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from helpers import TextJobManager  # the tests' manager over the scenario plugins
 
-@dataclass
-class TextJob(BaseJob):
-    params: dict = field(default_factory=dict)
-
-class TextJobManager(BaseJobManager[TextJob]):
-    def create_job(self, plugin_id, **kw): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
 
 def timed_scrapes(registry, n:int) -> list: # ms of each scrape
     from prometheus_client import generate_latest

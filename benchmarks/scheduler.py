@@ -8,12 +8,10 @@
 2. ETA error: 20 sleep jobs of known length on 2 workers; each job's `estimated_wait` when the previous jobs
    of the same length had run (the averages known), against the time it really waited. Target: median error
    <= 25 %."""
-import asyncio, os, statistics, sys, time, uuid
-from dataclasses import dataclass, field
-from typing import Any, Dict
+import asyncio, os, statistics, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (os.path.dirname(HERE), HERE):
+for path in (os.path.dirname(HERE), HERE, os.path.join(os.path.dirname(HERE), 'tests')):
     if path not in sys.path: sys.path.insert(0, path)
 
 from cjm_fasthtml_workers.managers.scheduler import WaitingJobs, WorkerView, assign
@@ -34,16 +32,7 @@ async def eta_errors(jobs:int=20, seconds:float=0.2) -> list:
     ("Relative errors of `estimated_wait` for `jobs` sleep jobs of `seconds` on 2 workers "
      "(after 4 to learn from).")
     from cjm_fasthtml_workers.core.config import WorkerConfig
-    from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-    from cjm_fasthtml_workers.testing import scenario_worker_process
-    @dataclass
-    class Job(BaseJob):
-        params: Dict[str, Any] = field(default_factory=dict)
-    class Manager(BaseJobManager[Job]):
-        def create_job(self, plugin_id, **kw): return Job(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw)
-        def get_worker_entry_point(self): return scenario_worker_process
-        def prepare_execute_request(self, job): return job.params
-        def extract_job_result(self, job, result_data): return result_data
+    from helpers import TextJobManager as Manager  # the tests' manager over the scenario plugins
     m = Manager('eta', 'bench', worker_config=WorkerConfig(max_workers=2))
     try:
         await m.start()

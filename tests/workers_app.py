@@ -1,7 +1,6 @@
 """The app of tests/test_workers_page.py: a manager of the package's test plugins on two workers, its workers page
 behind a guard (a cookie), /metrics, and a route that submits jobs.   python tests/workers_app.py PORT"""
-import os, sys, uuid
-from dataclasses import dataclass, field
+import os, sys
 
 import uvicorn
 from fasthtml.common import FastHTML, P
@@ -11,18 +10,8 @@ from starlette.responses import JSONResponse
 from cjm_fasthtml_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_fasthtml_workers.extensions.fasthtml import metrics_route, worker_lifespan, workers_page
 from cjm_fasthtml_workers.extensions.metrics import ManagerCollector
-from cjm_fasthtml_workers.managers.base import BaseJob, BaseJobManager
-from cjm_fasthtml_workers.testing import scenario_worker_process
+from helpers import TextJobManager  # the tests' manager over the scenario plugins
 
-@dataclass
-class TextJob(BaseJob):
-    params: dict = field(default_factory=dict)
-
-class TextJobManager(BaseJobManager[TextJob]):
-    def create_job(self, plugin_id, **kw): return TextJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw)
-    def get_worker_entry_point(self): return scenario_worker_process
-    def prepare_execute_request(self, job): return job.params
-    def extract_job_result(self, job, result_data): return result_data
 
 manager = TextJobManager('text', 'test', worker_config=WorkerConfig(max_workers=2, restart_policy=RestartPolicy.ALWAYS))
 registry = CollectorRegistry()

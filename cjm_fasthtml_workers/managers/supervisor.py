@@ -668,6 +668,7 @@ def dispatch(self:Supervisor):
 @patch
 def batching(self:Supervisor) -> Dict[str, tuple]: # plugin -> (max_batch_size, batch_wait seconds)
     "The waiting plugins that run in batches."
+    if not any(p.max_batch_size > 1 for p in self.config.plugin_policies.values()): return {}  # the usual case
     policies = {p: self.config.policy(p) for p in self.book.waiting.wanted}
     return {p: (pol.max_batch_size, pol.batch_wait_ms / 1000) for p, pol in policies.items()
             if pol.max_batch_size > 1}
