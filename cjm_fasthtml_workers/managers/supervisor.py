@@ -683,7 +683,8 @@ def room(self:Supervisor, w:Worker) -> int:
 @patch
 def view(self:Supervisor, w:Worker) -> WorkerView:
     "A plain copy of `w` for one decision of the scheduler."
-    running = [self.book.requests[j][0] for j in (w.job_id, *w.queued) if j in self.book.requests]
+    held = dict.fromkeys((w.job_id, *w.batch, *w.queued))  # a batch's jobs count one by one (max_concurrency)
+    running = [self.book.requests[j][0] for j in held if j in self.book.requests]
     return WorkerView(w.slot.id, w.loaded, w.free, self.room(w), w.slot.gpu, running, w.idle_since, w.gpu_mb,
                       w.rss_mb, bool(w.unloads) or w.kill_reason in _EXITS)
 
