@@ -399,6 +399,9 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(kept.locator('pre.result')).to_have_text(words)
             expect(page.locator('#jobs article',
                                 has_text='hello browser').locator('pre.result')).to_have_text('HELLO BROWSER')
+            deadline = time.monotonic() + 10  # the panel is redrawn by the new app's first events
+            while not set(workers(page, 'pid')).isdisjoint(first_pids) and time.monotonic() < deadline:
+                page.wait_for_timeout(100)
             assert set(workers(page, 'pid')).isdisjoint(first_pids)
             page.get_by_role('button', name='Clear finished').click()
             expect(page.locator('#jobs')).to_have_text('No jobs yet: pick a plugin and submit one.')
