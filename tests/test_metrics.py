@@ -91,7 +91,8 @@ def test_histogram_buckets_move(no_leftover_processes):
         assert run(after, '0.25') == run(before, '0.25')  # 0.3 s is above 0.25
         for le in ('0.5', '1.0', '+Inf'): assert run(after, le) == run(before, le) + 1, le
         assert value(after, 'cjm_job_run_seconds_count', worker_type='text', plugin='sleep') == 2
-        assert value(after, 'cjm_job_run_seconds_sum', worker_type='text', plugin='sleep') >= 0.3
+        # the run is measured in the app, from its start's message to its result's: a little under 0.3 s at times
+        assert value(after, 'cjm_job_run_seconds_sum', worker_type='text', plugin='sleep') > 0.25
         load = lambda le: value(after, 'cjm_plugin_load_seconds_bucket', worker_type='text', plugin='echo',
                                 le=le)
         assert load('0.25') == 0 and load('+Inf') == 1
