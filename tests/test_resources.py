@@ -330,7 +330,7 @@ def test_plugs_into_base_job_manager(no_leftover_processes):
 
 def test_cancel_is_no_warning(no_leftover_processes, caplog):
     "A cancel ends its worker, which reads see dead before the manager unregisters it: no warning for that."
-    from test_manager import TextJobManager
+    from helpers import TextJobManager
     rm, stop = ResourceManager(), threading.Event()
     def read():  # as a dashboard does, but all the time: into every window between a death and its unregister
         while not stop.is_set(): rm.get_all_workers(); time.sleep(0.002)
