@@ -151,7 +151,9 @@ class _Hooks:
         "Run `fn(manager)` with `slot` as the slot its hooks are about (nothing once the manager is gone)."
         m = self.ref()
         if m is None: return None
-        before, self.local.slot = self.slot, slot
+        before = self.slot
+        if before is slot: return fn(m)  # the usual case: no slot, or the one set already
+        self.local.slot = slot
         try: return fn(m)
         finally: self.local.slot = before
 
@@ -1034,6 +1036,7 @@ def options(self:BaseJobManager,
 def _admit(self:BaseJobManager, owner:Optional[str]):
     "`QueueFull` if one more pending job of `owner` would pass `max_pending_jobs` or `max_pending_per_owner`."
     cfg, book = self.worker_config, self._book
+    if cfg.max_pending_jobs is None and cfg.max_pending_per_owner is None: return  # no bound: the usual case
     total, mine = len(book.unstarted), book.pending_by_owner.get(owner, 0)
     if cfg.max_pending_jobs is not None and total >= cfg.max_pending_jobs:
         turns = total - cfg.max_pending_jobs + 1

@@ -38,7 +38,8 @@ class WaitingJobs:
         self.info[job_id] = (plugin, owner, priority)
         self.wanted[plugin] += 1
         if at is not None: self.since[job_id] = at
-        owners = self.levels.setdefault(priority, OrderedDict())
+        owners = self.levels.get(priority)
+        if owners is None: owners = self.levels[priority] = OrderedDict()
         jobs = owners.get(owner)
         if jobs is None: jobs = owners[owner] = deque()
         if front:
@@ -62,6 +63,9 @@ class WaitingJobs:
 # %% ../../nbs/managers/scheduler.ipynb #7d968e7e
 @patch
 def head(self:WaitingJobs) -> Optional[str]: # The job that starts next (None if none waits)
+    if not self.info:  # none waits: what is left is ended jobs' entries
+        self.levels.clear()
+        return None
     for priority in sorted(self.levels, reverse=True):
         owners = self.levels[priority]
         while owners:
@@ -73,8 +77,10 @@ def head(self:WaitingJobs) -> Optional[str]: # The job that starts next (None if
     return None
 
 @patch
-def take(self:WaitingJobs) -> Optional[str]: # The job that starts next, removed (None if none waits)
-    job_id = self.head()
+def take(self:WaitingJobs,
+         head:Optional[str]=None # `head()`, if the caller has just read it (saves reading it again)
+        ) -> Optional[str]: # The job that starts next, removed (None if none waits)
+    job_id = self.head() if head is None else head
     if job_id is None: return None
     owners = self.levels[self.info[job_id][2]]
     owner = self.info[job_id][1]
@@ -123,7 +129,7 @@ def assign(waiting:WaitingJobs, # The queue; the jobs assigned leave it
         takers = [w for w in workers if w.free] or [w for w in workers if w.room > 0]
         if not takers: break
         w = pick(takers, waiting.info[job_id][0], waiting.wanted)
-        waiting.take()
+        waiting.take(job_id)
         if w.free: w.free = False
         else: w.room -= 1
         out.append((job_id, w.worker_id))
@@ -234,7 +240,7 @@ def schedule(waiting:WaitingJobs, # The queue (the jobs handed or failed leave i
                     w.unloading = True; plan.unload.append(w.worker_id)
             blocked = True; continue
         w = pick(ok, plugin, waiting.wanted)
-        if waiting.head() == job_id: waiting.take()
+        if waiting.head() == job_id: waiting.take(job_id)
         else: waiting.remove(job_id)
         if w.free and (sizes or {}).get(plugin, 1) > 1:  # a free worker takes a batch: no job ahead of it
             plan.batches[job_id], w.room = waiting.take_plugin(plugin, sizes[plugin] - 1), 0

@@ -648,12 +648,12 @@ def dispatch(self:Supervisor):
         self.wake()
     for w in self.workers():
         while w.pending and w.free: self.send_command(w, *w.pending.popleft())
-    if not len(self.book.waiting):
-        self.waits = {}
-        return
-    by_id, memory = {w.slot.id: w for w in self.workers()}, self.memory()
-    batching = self.batching()
-    holds, self.batch_due = batch_holds(self.book.waiting, batching, time.monotonic())
+    workers = self.workers()
+    if not len(self.book.waiting) or not any(w.free or self.room(w) for w in workers):
+        self.waits = {}  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
+        return self.unpark()
+    by_id, memory, batching = {w.slot.id: w for w in workers}, self.memory(), self.batching()
+    holds, self.batch_due = batch_holds(self.book.waiting, batching, time.monotonic()) if batching else ({}, None)
     # its wait must see the hold's end
     if holds and threading.current_thread() is not self.thread: self.wake()
     plan = schedule(self.book.waiting, [self.view(w) for w in by_id.values()], memory, self.limits, holds,
@@ -683,8 +683,8 @@ def room(self:Supervisor, w:Worker) -> int:
 @patch
 def view(self:Supervisor, w:Worker) -> WorkerView:
     "A plain copy of `w` for one decision of the scheduler."
-    held = dict.fromkeys((w.job_id, *w.batch, *w.queued))  # a batch's jobs count one by one (max_concurrency)
-    running = [self.book.requests[j][0] for j in held if j in self.book.requests]
+    held = dict.fromkeys((w.job_id, *w.batch, *w.queued)) if w.job_id or w.batch or w.queued else ()
+    running = [self.book.requests[j][0] for j in held if j in self.book.requests]  # a batch's jobs: one by one
     return WorkerView(w.slot.id, w.loaded, w.free, self.room(w), w.slot.gpu, running, w.idle_since, w.gpu_mb,
                       w.rss_mb, bool(w.unloads) or w.kill_reason in _EXITS)
 
@@ -960,7 +960,7 @@ def check_deadlines(self:Supervisor) -> List[Worker]: # The workers to kill now 
         elif w.kill_reason and not w.kill_sent:
             w.kill_sent = True
             kills.append(w)
-        kills += self.expire_commands(w, now)
+        if w.commands: kills += self.expire_commands(w, now)
     for w in kills: log.debug("%s: ending worker %s (%s)", self.name, w.pid, w.kill_reason)
     return kills
 
@@ -1021,6 +1021,7 @@ def take_sample(devices:list, # `extensions.resources.GPUDevice`s, as NVML repor
 @patch
 def sample(self:Supervisor):
     "Read NVML and the workers' trees if a rule needs it now: outside the lock; applied under it."
+    if not (self.memory_on or self.config.max_worker_memory_mb is not None): return  # no rule reads anything
     now = time.monotonic()
     with self.lock:
         due = self.sample_due()
