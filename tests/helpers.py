@@ -1,11 +1,11 @@
 """What the tests share: a job manager on the scenario plugins (`TextJobManager`), the one `make` of
-a manager, `run`, `until(what, pred)`, `finish`, `assert_terminal`, the event `Recorder` and a recording
-resource manager.
+a manager, `run`, `until(what, pred)`, `finish`, `assert_terminal`, the event `Recorder`, a recording
+resource manager, and `Lines`, which reads a child process's output line by line with a timeout.
 
 Test modules import from here (and from conftest), never from one another. This module is plain Python (no
 pytest): spawned workers and the apps some tests run in a process of their own import it by name (tests/ is on
 their sys.path), so worker entry points and plugin managers that several tests use live here too."""
-import asyncio, os, re, threading, time, uuid
+import asyncio, os, re, select, threading, time, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
@@ -128,3 +128,27 @@ def readme_app() -> str:
     assert README_HEADING in text, f"no '{README_HEADING}' section in {where}"
     section = text.split(README_HEADING, 1)[1].split('\n## ', 1)[0]
     return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+# ----- a child process's output, line by line, with a timeout -----------------------------------------------
+class Lines:
+    """The lines a child process writes to a pipe, each waited for at most `timeout` seconds.
+
+    It reads the pipe's file descriptor itself. `select()` on a pipe, then `readline()` on the buffered file
+    that wraps it, loses lines: when two lines arrive in one read, `readline()` keeps the second in the file's
+    buffer, and the next `select()` waits on the empty pipe until the child writes again or exits. The README
+    store quickstart's test waited 30 s that way (its 'completed' and 'stop this app now' came together)."""
+    def __init__(self, stream): # the child's stdout (text or binary): read through its fd only from now on
+        self.fd, self.buf, self.eof = stream.fileno(), b'', False
+
+    def next(self, timeout:float) -> str: # the next line with its newline; '' at end of file
+        "The next line; `TimeoutError` if none is complete within `timeout` seconds."
+        deadline = time.monotonic() + timeout
+        while b'\n' not in self.buf and not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError(f"no line within {timeout} s; read so far: {self.buf[-500:]!r}")
+            data = os.read(self.fd, 65536)
+            if data: self.buf += data
+            else: self.eof = True
+        line, sep, self.buf = self.buf.partition(b'\n')
+        return (line + sep).decode(errors='replace')

@@ -5,7 +5,7 @@ loop.
 The app of the kill tests is `APP`, a script run with `python -c` in a process of its own; it and its
 workers import tests/helpers.py by name (`RunLogManager`, `runlog_worker_process`), so tests/ and the
 repository root go on their sys.path."""
-import asyncio, json, math, os, pickle, random, select, signal, sqlite3, subprocess, sys
+import asyncio, json, math, os, pickle, random, signal, sqlite3, subprocess, sys
 import threading, time, uuid
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ import pytest
 from cjm_fasthtml_workers.managers import store as store_module
 from cjm_fasthtml_workers.managers.base import BaseJob, TERMINAL_STATUSES
 from cjm_fasthtml_workers.managers.store import INTERRUPTED, JobStoreError, SQLiteJobStore
-from helpers import RunLogManager, run
+from helpers import Lines, RunLogManager, run
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -126,6 +126,7 @@ class App:
         with open(out / 'stderr', 'a') as err:
             self.proc = subprocess.Popen([sys.executable, '-c', APP, json.dumps(spec)], cwd=REPO, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        self.lines = Lines(self.proc.stdout)
 
     def go(self):
         self.proc.stdin.write('go\n')
@@ -133,10 +134,10 @@ class App:
 
     def line(self, timeout:float=30.0) -> str:
         "The app's next line of output."
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert r, (f"the app said nothing within {timeout} s; stderr:\n"
-                   f"{(self.out / 'stderr').read_text()[-3000:]}")
-        line = self.proc.stdout.readline()
+        try: line = self.lines.next(timeout)  # not select() then readline(): a line in its buffer is missed
+        except TimeoutError:
+            raise AssertionError(f"the app said nothing within {timeout} s; stderr:\n"
+                                 f"{(self.out / 'stderr').read_text()[-3000:]}") from None
         assert line, (f"the app ended (rc {self.proc.wait()}); stderr:\n"
                       f"{(self.out / 'stderr').read_text()[-3000:]}")
         return line.strip()
