@@ -166,7 +166,9 @@ class _Hooks:
     def result(self, slot, raw, job): self._call(slot, lambda m: m._settle_job_result(raw, job))
     def chunk(self, slot, raw): self._call(slot, lambda m: m._guarded(m._handle_stream_chunk, raw))
     def emit(self, suffix, data): self._call(None, lambda m: m._emit(suffix, data))
-    def config_for(self, plugin): return self._call(None, lambda m: m._config_for(plugin)) or {}
+    def config_for(self, plugin): # twice a job: straight to the manager (no hook runs, no slot to set)
+        m = self.ref()
+        return (None if m is None else m._config_for(plugin)) or {}
     def plugins_seen(self, names): self._call(None, lambda m: setattr(m, '_known_plugins', names))
     def effects(self, calls): self._call(None, lambda m: m._effects.run(calls))
     def listening(self) -> bool: return bool(self._call(None, lambda m: m.event_broadcaster is not None))
@@ -1045,7 +1047,7 @@ def _admit(self:BaseJobManager, owner:Optional[str]):
         turns = (mine - cfg.max_pending_per_owner + 1) * len(book.pending_by_owner)  # owners take turns
         what = f"{mine} jobs of this owner wait (max_pending_per_owner={cfg.max_pending_per_owner})"
     else: return
-    runs = book.stats.mean_run  # moving averages of each plugin's run time (1 s before any job ended)
+    runs, _ = book.stats.averages()  # moving averages of each plugin's run time (1 s before any job ended)
     retry_after = (sum(runs.values()) / len(runs) if runs else 1.0) * turns / cfg.max_workers
     log.debug("%s: a job of %r refused: %s", self.worker_type, owner, what)
     raise QueueFull(f"{what}; try again in about {math.ceil(retry_after)} s", retry_after=retry_after)

@@ -36,7 +36,7 @@ class WaitingJobs:
              at:Optional[float]=None): # When it began to wait (the caller's clock; for batching)
         "Add a waiting job."
         self.info[job_id] = (plugin, owner, priority)
-        self.wanted[plugin] += 1
+        self.wanted[plugin] = self.wanted.get(plugin, 0) + 1
         if at is not None: self.since[job_id] = at
         owners = self.levels.get(priority)
         if owners is None: owners = self.levels[priority] = OrderedDict()
@@ -56,8 +56,8 @@ class WaitingJobs:
         if not self.info:
             self.info.clear()
             self.since.clear()
-        self.wanted[info[0]] -= 1
-        if not self.wanted[info[0]]: del self.wanted[info[0]]
+        left = self.wanted.pop(info[0]) - 1
+        if left: self.wanted[info[0]] = left
         return True
 
 # %% ../../nbs/managers/scheduler.ipynb #7d968e7e
@@ -82,8 +82,8 @@ def take(self:WaitingJobs,
         ) -> Optional[str]: # The job that starts next, removed (None if none waits)
     job_id = self.head() if head is None else head
     if job_id is None: return None
-    owners = self.levels[self.info[job_id][2]]
-    owner = self.info[job_id][1]
+    _, owner, priority = self.info[job_id]
+    owners = self.levels[priority]
     owners[owner].popleft()
     owners.move_to_end(owner)  # its next job waits for every other owner's turn
     self.remove(job_id)

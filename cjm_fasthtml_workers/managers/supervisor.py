@@ -802,10 +802,10 @@ def queue_order(self:Supervisor) -> List[str]: # Ids of all jobs not started yet
 @patch
 def forecast(self:Supervisor) -> Dict[str, float]: # job id -> seconds until it starts, in start order
     "Estimate when each job not started yet starts (under the lock)."
-    stats, now = self.book.stats, time.monotonic()
-    fallback = sum(stats.mean_run.values()) / len(stats.mean_run) if stats.mean_run else 0.0
-    run = lambda plugin: stats.mean_run.get(plugin, fallback)
-    load = lambda plugin: stats.mean_load.get(plugin, 0.0)
+    (mean_run, mean_load), now = self.book.stats.averages(), time.monotonic()
+    fallback = sum(mean_run.values()) / len(mean_run) if mean_run else 0.0
+    run = lambda plugin: mean_run.get(plugin, fallback)
+    load = lambda plugin: mean_load.get(plugin, 0.0)
     workers = []
     for slot in self.slots:
         w = slot.worker
