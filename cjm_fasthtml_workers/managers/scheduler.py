@@ -66,8 +66,9 @@ def head(self:WaitingJobs) -> Optional[str]: # The job that starts next (None if
     if not self.info:  # none waits: what is left is ended jobs' entries
         self.levels.clear()
         return None
-    for priority in sorted(self.levels, reverse=True):
-        owners = self.levels[priority]
+    levels = self.levels
+    for priority in sorted(levels, reverse=True) if len(levels) > 1 else tuple(levels):
+        owners = levels[priority]
         while owners:
             owner, jobs = next(iter(owners.items()))
             while jobs and jobs[0] not in self.info: jobs.popleft()  # ended while it waited

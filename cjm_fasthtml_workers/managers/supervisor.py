@@ -656,7 +656,8 @@ def dispatch(self:Supervisor):
     holds, self.batch_due = batch_holds(self.book.waiting, batching, time.monotonic()) if batching else ({}, None)
     # its wait must see the hold's end
     if holds and threading.current_thread() is not self.thread: self.wake()
-    plan = schedule(self.book.waiting, [self.view(w) for w in by_id.values()], memory, self.limits, holds,
+    full = memory is not None or bool(self.limits or batching)  # else affinity alone decides
+    plan = schedule(self.book.waiting, [self.view(w, full) for w in by_id.values()], memory, self.limits, holds,
                     {p: size for p, (size, _) in batching.items()})
     self.waits = plan.waits
     for job_id, error in plan.fail: self.book.finish(self.book.jobs[job_id], 'failed', error=error)
@@ -681,8 +682,9 @@ def room(self:Supervisor, w:Worker) -> int:
 
 # %% ../../nbs/managers/supervisor.ipynb #gm000101
 @patch
-def view(self:Supervisor, w:Worker) -> WorkerView:
+def view(self:Supervisor, w:Worker, full:bool=True) -> WorkerView: # full=False: what affinity alone reads
     "A plain copy of `w` for one decision of the scheduler."
+    if not full: return WorkerView(w.slot.id, w.loaded, w.free, self.room(w))  # no rule but affinity is on
     held = dict.fromkeys((w.job_id, *w.batch, *w.queued)) if w.job_id or w.batch or w.queued else ()
     running = [self.book.requests[j][0] for j in held if j in self.book.requests]  # a batch's jobs: one by one
     return WorkerView(w.slot.id, w.loaded, w.free, self.room(w), w.slot.gpu, running, w.idle_since, w.gpu_mb,
