@@ -52,6 +52,7 @@ OOB_MIN = 1 << 16  # buffers this long or longer go out of band
 OOB_HEAD, OOB_ENTRY = struct.Struct('!4sIQ'), struct.Struct('!cQ')
 _OOB_MAX_BUFFERS = 1 << 16  # more in one table is garbage
 
+# %% ../../nbs/core/wire.ipynb #236c309b
 def _holds_big(obj, depth:int=4) -> bool:
     ("Whether `obj` holds a large `bytes` or `bytearray` within `depth` levels of dicts, "
      "lists and tuples (64 items each).")
@@ -75,6 +76,7 @@ def _out_of_band(kinds:list, buffers:list, pb:pickle.PickleBuffer) -> bool: # Fa
     kinds.append('r' if raw.readonly else 'w'); buffers.append(raw)
     return False
 
+# %% ../../nbs/core/wire.ipynb #42553136
 class _ByIdPickler(pickle.Pickler):
     ("Protocol 5 with large buffers out of band: protocol-5 buffers by `_out_of_band`, "
      "`bytes` and `bytearray` by persistent id.")
@@ -93,6 +95,7 @@ class _ByIdPickler(pickle.Pickler):
             self.seen[id(obj)] = len(self.buffers) - 1
         return self.seen[id(obj)]
 
+# %% ../../nbs/core/wire.ipynb #6dcad760
 def dumps_message(msg:Any # A message: a dict of picklable values
                  ) -> Union[bytes, List]: # The payload: one pickle, or its parts if it has large buffers
     "`msg` pickled as one frame's payload; large buffers out of band, as parts to write one after the other."
