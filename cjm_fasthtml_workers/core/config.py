@@ -44,9 +44,6 @@ class PluginPolicy:
             raise ValueError(f"PluginPolicy.cancel must be None, 'stop' or 'kill', got {self.cancel!r}")
 
 # %% ../../nbs/core/config.ipynb #c7ea3fc6
-_NOT_NUMBERS = ('restart_policy', 'gpus', 'preload_plugins', 'backend', 'ray_address', 'ray_init_options',
-                'ray_actor_options', 'plugin_policies', 'idle_unload')  # not range-checked by __post_init__
-
 @dataclass
 class WorkerConfig:
     "Configuration for worker process behavior."
@@ -82,40 +79,52 @@ class WorkerConfig:
     idle_unload: str = 'unload'  # How an idle plugin leaves: 'unload' (UNLOAD) or 'exit' (its worker ends)
     max_worker_memory_mb: Optional[int] = None  # A worker whose tree's RSS passed this is replaced
 
-    def __post_init__(self):
-        if isinstance(self.restart_policy, str): self.restart_policy = RestartPolicy(self.restart_policy)
-        if not isinstance(self.restart_policy, RestartPolicy):
-            raise ValueError(f"restart_policy must be a RestartPolicy, got {self.restart_policy!r}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in _NOT_NUMBERS or v is None: continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{f.name} must be a number, got {v!r}")
-            if v < 0: raise ValueError(f"{f.name} must not be negative, got {v!r}")
-        if not isinstance(self.max_workers, int) or self.max_workers < 1:
-            raise ValueError(f"max_workers must be a positive integer, got {self.max_workers!r}")
-        if self.workers_per_gpu < 1 or self.max_jobs_per_worker == 0:
-            raise ValueError("workers_per_gpu and max_jobs_per_worker must be at least 1")
-        if not (self.gpus is None or self.gpus == 'auto' or isinstance(self.gpus, (list, tuple))):
-            raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, "
-                             f"got {self.gpus!r}")
-        self.preload_plugins = list(self.preload_plugins)
-        if self.backend not in ('process', 'ray'):
-            raise ValueError(f"backend must be 'process' or 'ray', got {self.backend!r}")
-        # CUDA_VISIBLE_DEVICES of this host would override Ray's
-        if self.backend == 'ray' and self.gpus is not None:
-            raise ValueError("gpus= pins workers to this machine's GPUs; with backend='ray' ask Ray for "
-                             "them: "
-                             "ray_actor_options={'num_gpus': 1}")
-        if self.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")
-        for name in ('max_pending_jobs', 'max_pending_per_owner'):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
-        if self.idle_unload not in ('unload', 'exit'):
-            raise ValueError(f"idle_unload must be 'unload' or 'exit', got {self.idle_unload!r}")
-        self.plugin_policies = {k: v if isinstance(v, PluginPolicy) else PluginPolicy(**v)
-                                for k, v in dict(self.plugin_policies).items()}
+    def __post_init__(self): _check_numbers(self); _check_choices(self)  # the checks, below, in this order
+
+# %% ../../nbs/core/config.ipynb #f7a901d9
+_NOT_NUMBERS = ('restart_policy', 'gpus', 'preload_plugins', 'backend', 'ray_address', 'ray_init_options',
+                'ray_actor_options', 'plugin_policies', 'idle_unload')  # not range-checked by _check_numbers
+
+def _check_numbers(cfg:WorkerConfig # The configuration being made; a wrong value raises `ValueError`
+                  ):
+    "Check the restart policy, the numbers and the pool; normalise `restart_policy`, `preload_plugins`."
+    if isinstance(cfg.restart_policy, str): cfg.restart_policy = RestartPolicy(cfg.restart_policy)
+    if not isinstance(cfg.restart_policy, RestartPolicy):
+        raise ValueError(f"restart_policy must be a RestartPolicy, got {cfg.restart_policy!r}")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in _NOT_NUMBERS or v is None: continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{f.name} must be a number, got {v!r}")
+        if v < 0: raise ValueError(f"{f.name} must not be negative, got {v!r}")
+    if not isinstance(cfg.max_workers, int) or cfg.max_workers < 1:
+        raise ValueError(f"max_workers must be a positive integer, got {cfg.max_workers!r}")
+    if cfg.workers_per_gpu < 1 or cfg.max_jobs_per_worker == 0:
+        raise ValueError("workers_per_gpu and max_jobs_per_worker must be at least 1")
+    if not (cfg.gpus is None or cfg.gpus == 'auto' or isinstance(cfg.gpus, (list, tuple))):
+        raise ValueError(f"gpus must be None, 'auto' or a list of GPU indices or UUIDs, "
+                         f"got {cfg.gpus!r}")
+    cfg.preload_plugins = list(cfg.preload_plugins)
+
+# %% ../../nbs/core/config.ipynb #c78c74d1
+def _check_choices(cfg:WorkerConfig # The configuration being made; a wrong value raises `ValueError`
+                  ):
+    "Check the backend, job timeout, queue bounds and `idle_unload`; make `plugin_policies` `PluginPolicy`s."
+    if cfg.backend not in ('process', 'ray'):
+        raise ValueError(f"backend must be 'process' or 'ray', got {cfg.backend!r}")
+    # CUDA_VISIBLE_DEVICES of this host would override Ray's
+    if cfg.backend == 'ray' and cfg.gpus is not None:
+        raise ValueError("gpus= pins workers to this machine's GPUs; with backend='ray' ask Ray for "
+                         "them: ray_actor_options={'num_gpus': 1}")
+    if cfg.job_timeout_seconds == 0: raise ValueError("job_timeout_seconds must be positive or None")
+    for name in ('max_pending_jobs', 'max_pending_per_owner'):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+    if cfg.idle_unload not in ('unload', 'exit'):
+        raise ValueError(f"idle_unload must be 'unload' or 'exit', got {cfg.idle_unload!r}")
+    cfg.plugin_policies = {k: v if isinstance(v, PluginPolicy) else PluginPolicy(**v)
+                           for k, v in dict(cfg.plugin_policies).items()}
 
 # %% ../../nbs/core/config.ipynb #pp000005
 @patch

@@ -177,7 +177,8 @@ _JOB_BY_VALUE = {t.value: cls for t, cls in _JOB_MESSAGES.items()}
 def decode_message(d:Dict[str, Any] # A message dict received from the result or response queue
                   ): # WorkerResult, WorkerStreamChunk, WorkerJobStarted, WorkerProgress or WorkerResponse
     "Build the typed message for a wire dict from the worker."
-    t = d['type']  # a plain string on the hot path: one dict lookup, not an Enum call (which validates the rest)
+    # a plain string on the hot path: one dict lookup, not an Enum call (which validates the rest)
+    t = d['type']
     cls = _JOB_BY_VALUE.get(t) if type(t) is str else None
     if cls is None: cls = _JOB_MESSAGES.get(WorkerResponseType(t))
     return cls.from_dict(d) if cls else WorkerResponse.from_dict(d)

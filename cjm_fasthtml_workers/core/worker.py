@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'TOKEN_ENV', 'WATCHDOG_ENV', 'PR_SET_PDEATHSIG', 'PR_SET_CHILD_SUBREAPER', 'JobCancelled', 'check_cancelled',
-           'report_progress', 'run_job', 'execute', 'execute_batch', 'send_result', 'reload', 'unload', 'state',
-           'plugin_command', 'command', 'base_worker_process', 'worker_main', 'PipeEnd', 'dumps_message',
-           'frame_header', 'loads_frame', 'oob_table']
+           'report_progress', 'init', 'unload_current', 'ensure_loaded', 'cancel_seen', 'run_job', 'execute',
+           'execute_batch', 'send_result', 'reload', 'unload', 'state', 'plugin_command', 'command',
+           'base_worker_process', 'worker_main', 'PipeEnd', 'dumps_message', 'frame_header', 'loads_frame', 'oob_table']
 
 # %% ../../nbs/core/worker.ipynb #becfcd5f
 import functools, logging, os, pickle, signal, threading, traceback
@@ -99,45 +99,52 @@ class _Worker:
 
     def loaded_plugins(self) -> list: return [] if self.loaded is None else [self.loaded]
 
-    def init(self, req:WorkerRequest):
-        "Create the plugin manager, discover its plugins, keep their configurations; answer READY."
-        self.pm, self.plugins = self.factory(), {}
-        missing = [n for n in _ADAPTER_METHODS if not callable(getattr(self.pm, n, None))]
-        if missing:  # fail at the start, naming what is missing, not in the first job that needs it
-            raise TypeError(f"the plugin manager {type(self.pm).__name__} lacks {', '.join(missing)} of "
-                            "PluginManagerAdapter; wrap it with "
-                            "core.adapters.create_simple_adapter(plugin_manager)")
-        for meta in self.pm.discover_plugins():
-            if (name := meta_name(meta)) is None: log.warning("plugin without a name skipped: %r", meta)
-            else: self.plugins[name] = meta
-        self.configs.update(req.data.get('plugin_configs') or {})
-        log.debug("worker %s ready with plugins %s", os.getpid(), list(self.plugins))
-        # `announces_starts`: this worker sends JOB_STARTED (one written to the documented protocol does not)
-        ready = {'loaded_plugins': self.loaded_plugins(), 'plugins': list(self.plugins), 'pid': os.getpid(),
-                 'announces_starts': True}
-        self.send(self.result_queue, WorkerResponse(WorkerResponseType.READY, ready).to_dict())
+# %% ../../nbs/core/worker.ipynb #ac974a0d
+@_patch
+def init(self:_Worker, req:WorkerRequest):
+    "Create the plugin manager, discover its plugins, keep their configurations; answer READY."
+    self.pm, self.plugins = self.factory(), {}
+    missing = [n for n in _ADAPTER_METHODS if not callable(getattr(self.pm, n, None))]
+    if missing:  # fail at the start, naming what is missing, not in the first job that needs it
+        raise TypeError(f"the plugin manager {type(self.pm).__name__} lacks {', '.join(missing)} of "
+                        "PluginManagerAdapter; wrap it with "
+                        "core.adapters.create_simple_adapter(plugin_manager)")
+    for meta in self.pm.discover_plugins():
+        if (name := meta_name(meta)) is None: log.warning("plugin without a name skipped: %r", meta)
+        else: self.plugins[name] = meta
+    self.configs.update(req.data.get('plugin_configs') or {})
+    log.debug("worker %s ready with plugins %s", os.getpid(), list(self.plugins))
+    # `announces_starts`: this worker sends JOB_STARTED (one written to the documented protocol does not)
+    ready = {'loaded_plugins': self.loaded_plugins(), 'plugins': list(self.plugins), 'pid': os.getpid(),
+             'announces_starts': True}
+    self.send(self.result_queue, WorkerResponse(WorkerResponseType.READY, ready).to_dict())
 
-    def unload_current(self):
-        "Unload the loaded plugin, if any; it is forgotten first, so a failing unload leaves none loaded."
-        name, self.loaded = self.loaded, None
-        if name is not None: self.pm.unload_plugin(name)
+# %% ../../nbs/core/worker.ipynb #903187bf
+@_patch
+def unload_current(self:_Worker):
+    "Unload the loaded plugin, if any; it is forgotten first, so a failing unload leaves none loaded."
+    name, self.loaded = self.loaded, None
+    if name is not None: self.pm.unload_plugin(name)
 
-    def ensure_loaded(self, name:str):
-        "Make `name` the loaded plugin, unloading the previous one first."
-        if name == self.loaded: return
-        if name not in self.plugins:
-            raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
-        self.unload_current()
-        self.pm.load_plugin(self.plugins[name], self.configs.get(name) or {})
-        self.loaded = name
+@_patch
+def ensure_loaded(self:_Worker, name:str):
+    "Make `name` the loaded plugin, unloading the previous one first."
+    if name == self.loaded: return
+    if name not in self.plugins:
+        raise ValueError(f"Unknown plugin {name!r}; known: {sorted(self.plugins)}")
+    self.unload_current()
+    self.pm.load_plugin(self.plugins[name], self.configs.get(name) or {})
+    self.loaded = name
 
-    def cancel_seen(self, job_id:str # The running job
-                   ) -> bool: # Whether a CANCEL of it has arrived
-        "Read what has arrived, never waiting; note a CANCEL of `job_id` (one of another job stays queued)."
-        with self.reading:
-            if self.cancelled != job_id and self.running == job_id and self.requests is not None:
-                if _cancelled(self.requests, self.ahead, job_id): self.cancelled = job_id
-            return self.cancelled == job_id
+# %% ../../nbs/core/worker.ipynb #a9a1d2ec
+@_patch
+def cancel_seen(self:_Worker, job_id:str # The running job
+               ) -> bool: # Whether a CANCEL of it has arrived
+    "Read what has arrived, never waiting; note a CANCEL of `job_id` (one of another job stays queued)."
+    with self.reading:
+        if self.cancelled != job_id and self.running == job_id and self.requests is not None:
+            if _cancelled(self.requests, self.ahead, job_id): self.cancelled = job_id
+        return self.cancelled == job_id
 
 # %% ../../nbs/core/worker.ipynb #3c9a7cb2
 @_patch

@@ -376,44 +376,6 @@ class BaseJobManager(ABC, Generic[JobType]):
     `async with manager:` starts the workers and shuts them down."""
     event_buffer_size = 1000  # events waiting past which a broadcaster lags: its chunks, progress coalesced
     event_timeout_seconds = 10.0  # a broadcast that takes longer is given up (logged)
-    def __init__(self,
-                 worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
-                 category:Any, # Plugin category this manager handles
-                 supports_streaming:bool=False, # Whether this manager supports streaming jobs
-                 worker_config:Optional[WorkerConfig]=None, # Worker configuration (uses defaults if None)
-                 plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
-                 resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager
-                 event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
-                 job_store=None, # Optional durable job store (`managers.store.SQLiteJobStore`)
-                ):
-        "Initialize the job manager."
-        self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
-        self.worker_config = worker_config or WorkerConfig()
-        self.plugin_registry, self.resource_manager = plugin_registry, resource_manager
-        self.event_broadcaster = event_broadcaster
-        self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, the rest
-        self.job_store = job_store
-        self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store)  # weakly: see _Hooks
-        self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
-        self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
-        self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
-        self.current_plugin_name: Optional[str] = None  # plugin a worker loaded last, as the manager knows
-        self.current_config: Optional[Dict[str, Any]] = None  # configuration of that plugin
-        self.result_monitor_thread: Optional[threading.Thread] = None  # the supervisor thread
-        self.monitor_running = False  # True from the first start until shutdown()
-        self._supervisor: Optional[Supervisor] = None  # made at the first start (GPU placement asks NVML)
-        self._hooks = _Hooks(self)  # the supervisor's way into this manager
-        self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
-        self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
-        self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
-        self._closed = False
-        self._store_lock = threading.Lock()  # one opening of the job store
-        self._store_open = job_store is None  # the store opens (its jobs recovered) at the first await
-        self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
-        self._events = EventPump(_weakly(self, 'broadcast_event', gone=lambda: asyncio.sleep(0)),
-                                 self.event_buffer_size, self.event_timeout_seconds, worker_type)
-        self._effects = _Effects(f'{worker_type}-effects')
-        _live_managers.add(self)
 
     # ----- abstract methods ---------------------------------------------------------------------------------
     @abstractmethod
@@ -439,6 +401,47 @@ class BaseJobManager(ABC, Generic[JobType]):
                            result_data:Dict[str, Any] # Raw result data from worker
                           ) -> Dict[str, Any]: # Formatted result for storage
         "Extract and format job result from worker response."
+
+# %% ../../nbs/managers/base.ipynb #a9fe7f53
+@patch
+def __init__(self:BaseJobManager,
+             worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
+             category:Any, # Plugin category this manager handles
+             supports_streaming:bool=False, # Whether this manager supports streaming jobs
+             worker_config:Optional[WorkerConfig]=None, # Worker configuration (uses defaults if None)
+             plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
+             resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager
+             event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
+             job_store=None, # Optional durable job store (`managers.store.SQLiteJobStore`)
+            ):
+    "Initialize the job manager."
+    self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
+    self.worker_config = worker_config or WorkerConfig()
+    self.plugin_registry, self.resource_manager = plugin_registry, resource_manager
+    self.event_broadcaster = event_broadcaster
+    self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, the rest
+    self.job_store = job_store
+    self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store)  # weakly: see _Hooks
+    self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
+    self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
+    self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
+    self.current_plugin_name: Optional[str] = None  # plugin a worker loaded last, as the manager knows
+    self.current_config: Optional[Dict[str, Any]] = None  # configuration of that plugin
+    self.result_monitor_thread: Optional[threading.Thread] = None  # the supervisor thread
+    self.monitor_running = False  # True from the first start until shutdown()
+    self._supervisor: Optional[Supervisor] = None  # made at the first start (GPU placement asks NVML)
+    self._hooks = _Hooks(self)  # the supervisor's way into this manager
+    self._configs: Dict[str, dict] = {}  # plugin name -> configuration of the last INIT
+    self._config_overrides: Dict[str, dict] = {}  # plugin name -> configuration from reload_plugin
+    self._known_plugins: Optional[set] = None  # plugin names the workers discovered (None: not said)
+    self._closed = False
+    self._store_lock = threading.Lock()  # one opening of the job store
+    self._store_open = job_store is None  # the store opens (its jobs recovered) at the first await
+    self._loop: Optional[asyncio.AbstractEventLoop] = None  # where events are delivered
+    self._events = EventPump(_weakly(self, 'broadcast_event', gone=lambda: asyncio.sleep(0)),
+                             self.event_buffer_size, self.event_timeout_seconds, worker_type)
+    self._effects = _Effects(f'{worker_type}-effects')
+    _live_managers.add(self)
 
 # %% ../../nbs/managers/base.ipynb #bs000009
 @patch

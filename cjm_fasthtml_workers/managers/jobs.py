@@ -38,7 +38,8 @@ def resolve(loop, fut, value=None, exc=None):
 
 # %% ../../nbs/managers/jobs.ipynb #jb000108
 class Mailbox:
-    "The calls other threads make on one event loop: one wake-up for all that arrive before the loop runs them."
+    ("The calls other threads make on one event loop: one wake-up for all that arrive "
+     "before the loop runs them.")
     _boxes, _lock = weakref.WeakKeyDictionary(), threading.Lock()  # loop -> its mailbox
 
     def __init__(self, loop): self.loop, self.calls, self.scheduled = weakref.ref(loop), deque(), False
