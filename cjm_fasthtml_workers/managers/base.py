@@ -171,7 +171,7 @@ class _Hooks:
         return (None if m is None else m._config_for(plugin)) or {}
     def plugins_seen(self, names): self._call(None, lambda m: setattr(m, '_known_plugins', names))
     def effects(self, calls): self._call(None, lambda m: m._effects.run(calls))
-    def listening(self) -> bool: return bool(self._call(None, lambda m: m.event_broadcaster is not None))
+    def listening(self) -> bool: return bool(self._call(None, lambda m: m._listening()))
 
 # %% ../../nbs/managers/base.ipynb #hk000003
 @patch
@@ -421,7 +421,8 @@ def __init__(self:BaseJobManager,
     self.event_broadcaster = event_broadcaster
     self._lock = threading.RLock()  # guards the job book, the supervisor's slots and workers, the rest
     self.job_store = job_store
-    self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store)  # weakly: see _Hooks
+    self._book = JobBook(_weakly(self, '_emit_now'), self._lock, job_store,  # weakly: see _Hooks
+                         listening=_weakly(self, '_listening'))
     self.jobs, self.results = self._book.jobs, self._book.results  # the documented dicts, by job id
     self.restart_count, self.last_restart_time = 0, None  # restarts of every worker of the pool
     self.current_plugin_id: Optional[str] = None  # plugin id of the job started last
@@ -645,10 +646,14 @@ def _emit(self:BaseJobManager, suffix:str, data:Dict[str, Any]):
     self._book.announce([], lambda: self._emit_now(suffix, data))
 
 @patch
+def _listening(self:BaseJobManager) -> bool: # An event would reach a broadcaster now (else none is made)
+    return self.event_broadcaster is not None and self._loop is not None
+
+@patch
 def _emit_now(self:BaseJobManager, suffix:str, data:Dict[str, Any]):
     "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
     loop = self._loop
-    if self.event_broadcaster is None or loop is None: return
+    if not self._listening(): return
     kind = suffix if suffix in ('chunk', 'progress') else None  # coalesced for a broadcaster that lags
     self._events.post(loop, f"{self.worker_type}:{suffix}", data, kind)
 

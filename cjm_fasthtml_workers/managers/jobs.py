@@ -84,8 +84,9 @@ class JobBook:
                  emit:Callable[[str, Dict[str, Any]], None], # Called with (event suffix, data) on each change
                  lock=None, # The manager's lock (an announcement after a store's commit takes it)
                  store=None, # A job store (`managers.store.SQLiteJobStore`), or None to keep jobs in memory
+                 listening:Callable[[], bool]=lambda: True # Whether events reach anybody now (else: none)
                 ):
-        self.emit, self.lock, self.store = emit, lock or threading.RLock(), store
+        self.emit, self.lock, self.store, self.listening = emit, lock or threading.RLock(), store, listening
         self.unsaved: set = set()  # ended jobs whose end the store has not committed yet
         self.jobs: Dict[str, Any] = {}  # every job not yet cleared, by id, in submission order
         self.results: Dict[str, Dict[str, Any]] = {}  # job id -> result envelope of every finished job
@@ -118,8 +119,9 @@ class JobBook:
 
     def changed(self, job, suffix:str, data:Dict[str, Any]):
         "`job` changed state (submitted, started): store it, then emit the event."
-        data = self.owned(data, job)
         self.tally(job)
+        if self.store is None and not self.listening(): return  # nothing to store, nobody to tell
+        data = self.owned(data, job)
         self.announce([job], lambda: self.emit(suffix, data))
 
     def queue(self, job_id:str, front:bool=False):
@@ -169,10 +171,10 @@ def finish(self:JobBook, job, # The job to end
     if not self.requests: self.requests.clear()  # gives back the table a burst left
     self.timeouts.pop(job.id, None)
     self.tally(job)
-    data = self.owned({'job_id': job.id}, job)
-    if status == 'completed': data['result'] = job.result
-    if status == 'failed': data['error'] = job.error
-    if how is not None: data['how'] = how
+    data = self.owned({'job_id': job.id}, job) if self.listening() else None  # None: nobody takes events
+    if data is not None and status == 'completed': data['result'] = job.result
+    if data is not None and status == 'failed': data['error'] = job.error
+    if data is not None and how is not None: data['how'] = how
     log.debug("job %s %s%s", job.id, status, f": {error}" if error else '')
     if self.store is not None and save: self.unsaved.add(job.id)
     def ended():  # waiters, streams, event: once the store (if any) has the end
@@ -181,7 +183,7 @@ def finish(self:JobBook, job, # The job to end
             waiters, listeners = self.waiters.pop(job.id, ()), self.listeners.pop(job.id, ())
         for loop, fut in waiters: resolve(loop, fut, job)
         for loop, q in listeners: call_soon(loop, q.put_nowait, STREAM_END)
-        self.emit(status, data)
+        if data is not None: self.emit(status, data)
     if save: self.announce([job], ended)
     else: ended()  # shutdown with a store: the stored job stays pending or running, for recovery
     return True
@@ -192,6 +194,7 @@ def add_chunk(self:JobBook, job, chunk:str):
     "Keep a streamed chunk of a running job and pass it to its streams and the event broadcaster."
     self.chunks.setdefault(job.id, []).append(chunk)
     for loop, q in self.listeners.get(job.id, ()): call_soon(loop, q.put_nowait, chunk)
+    if not self.listening(): return  # no broadcaster: no event to make
     data = self.owned({'job_id': job.id, 'chunk': chunk}, job)
     self.announce([], lambda: self.emit('chunk', data))
 

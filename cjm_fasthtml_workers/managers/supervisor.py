@@ -152,6 +152,7 @@ class Supervisor:
         self.keep_alive_on = config.keep_alive_seconds is not None or any(
             p.keep_alive_seconds is not None for p in config.plugin_policies.values())
         self.limits = {n: p.max_concurrency for n, p in config.plugin_policies.items() if p.max_concurrency}
+        self.batch_on = any(p.max_batch_size > 1 for p in config.plugin_policies.values())  # a plugin batches
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self._poll, self._registered = select.poll(), {}
@@ -646,20 +647,22 @@ def dispatch(self:Supervisor):
     if not self.queue_moved:  # positions may change: the round reports them when due (woken for it)
         self.queue_moved = True
         self.wake()
-    for w in self.workers():
-        while w.pending and w.free: self.send_command(w, *w.pending.popleft())
     workers = self.workers()
+    for w in workers:
+        while w.pending and w.free: self.send_command(w, *w.pending.popleft())
     if not len(self.book.waiting) or not any(w.free or self.room(w) for w in workers):
         self.waits = {}  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
         return self.unpark()
-    by_id, memory, batching = {w.slot.id: w for w in workers}, self.memory(), self.batching()
+    memory, batching = self.memory(), self.batching() if self.batch_on else {}
+    by_id = {w.slot.id: w for w in workers}
     holds, self.batch_due = (batch_holds(self.book.waiting, batching, time.monotonic()) if batching
                              else ({}, None))
     # its wait must see the hold's end
     if holds and threading.current_thread() is not self.thread: self.wake()
     full = memory is not None or bool(self.limits or batching)  # else affinity alone decides
-    plan = schedule(self.book.waiting, [self.view(w, full) for w in by_id.values()], memory, self.limits, holds,
-                    {p: size for p, (size, _) in batching.items()})
+    views = [self.view(w, full) for w in workers]
+    sizes = {p: size for p, (size, _) in batching.items()}
+    plan = schedule(self.book.waiting, views, memory, self.limits, holds, sizes)
     self.waits = plan.waits
     for job_id, error in plan.fail: self.book.finish(self.book.jobs[job_id], 'failed', error=error)
     for worker_id in plan.unload: self.unload(by_id[worker_id], 'memory')
@@ -670,8 +673,6 @@ def dispatch(self:Supervisor):
 @patch
 def batching(self:Supervisor) -> Dict[str, tuple]: # plugin -> (max_batch_size, batch_wait seconds)
     "The waiting plugins that run in batches."
-    if not any(p.max_batch_size > 1 for p in self.config.plugin_policies.values()):
-        return {}  # the usual case
     policies = {p: self.config.policy(p) for p in self.book.waiting.wanted}
     return {p: (pol.max_batch_size, pol.batch_wait_ms / 1000) for p, pol in policies.items()
             if pol.max_batch_size > 1}
