@@ -650,8 +650,9 @@ def dispatch(self:Supervisor):
     workers = self.workers()
     for w in workers:
         while w.pending and w.free: self.send_command(w, *w.pending.popleft())
-    if not len(self.book.waiting) or not any(w.free or self.room(w) for w in workers):
-        self.waits = {}  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
+    takers = [w for w in workers if w.free or self.room(w)] if len(self.book.waiting) else None
+    if not takers:  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
+        if self.waits: self.waits = {}
         return self.unpark()
     memory, batching = self.memory(), self.batching() if self.batch_on else {}
     by_id = {w.slot.id: w for w in workers}
@@ -659,8 +660,8 @@ def dispatch(self:Supervisor):
                              else ({}, None))
     # its wait must see the hold's end
     if holds and threading.current_thread() is not self.thread: self.wake()
-    full = memory is not None or bool(self.limits or batching)  # else affinity alone decides
-    views = [self.view(w, full) for w in workers]
+    full = memory is not None or bool(self.limits or batching)  # else affinity alone decides: takers only
+    views = [self.view(w) for w in workers] if full else [self.view(w, full=False) for w in takers]
     sizes = {p: size for p, (size, _) in batching.items()}
     plan = schedule(self.book.waiting, views, memory, self.limits, holds, sizes)
     self.waits = plan.waits
@@ -726,8 +727,9 @@ def unload(self:Supervisor, w:Worker, reason:str): # 'idle' (keep-alive) or 'mem
 @patch
 def unpark(self:Supervisor):
     "Start again the slots whose worker exited idle, for waiting jobs no free worker on their GPU takes."
+    if not len(self.book.waiting) or self.closed: return
     parked = [s for s in self.slots if s.parked]
-    if not parked or not len(self.book.waiting) or self.closed: return
+    if not parked: return
     coming = sum(s.spawn_due is not None or s.worker is not None and not s.worker.ready for s in self.slots)
     wanted = len(self.book.waiting) - coming
     for slot in parked:
