@@ -15,17 +15,15 @@ from .core.worker import (JobCancelled, base_worker_process, check_cancelled,
 
 # %% ../nbs/testing.ipynb #1c283efb
 PLUGIN_NAMES = ['echo', 'sleep', 'stream', 'progress', 'history', 'fail', 'unpicklable', 'exit', 'kill',
-                'segv',
-                'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon', 'gil',
-                'alien',
-                'badreduce', 'cancellable', 'batch']
+                'segv', 'hang', 'spawn', 'gpu', 'gpu_server', 'sysexit', 'badstr', 'env', 'fork', 'daemon',
+                'gil', 'alien', 'badreduce', 'cancellable', 'batch']
 
 class UnprintableError(RuntimeError):
     "An exception whose `str` raises, as a badly written plugin's can."
     def __str__(self): raise ValueError("this exception cannot be printed")
 
-class ScenarioPluginManager:
-    "A plugin manager with one plugin for each way a job can go."
+class _PluginConfigs:
+    "The scenario plugins' loading side: each one's configuration, and the load events seen."
     def __init__(self): self.configs, self.events = {}, []
     def discover_plugins(self) -> list: return [{'name': n} for n in PLUGIN_NAMES]
 
@@ -49,6 +47,29 @@ class ScenarioPluginManager:
 
     def check_streaming_support(self, plugin_name:str) -> bool: return plugin_name == 'stream'
 
+# %% ../nbs/testing.ipynb #tst00102
+def _fault(pm, plugin_name:str, code:int, pid_file:Optional[str], params:dict) -> Any:
+    "The plugins that break their worker: exit, kill, segfault, leave processes, hold a GPU, hang."
+    if plugin_name == 'exit': os._exit(code)
+    if plugin_name == 'kill': os.kill(os.getpid(), signal.SIGKILL)
+    if plugin_name == 'segv': faulthandler._sigsegv()
+    if plugin_name in PROCESS_PLUGINS: return PROCESS_PLUGINS[plugin_name](pid_file=pid_file, **params)
+    if plugin_name == 'gpu':
+        import torch  # only the GPU tests use this plugin
+        pm.gpu_memory = torch.empty(params.get('mib', 256) << 20, dtype=torch.uint8, device='cuda')
+        return {'pid': os.getpid()}
+    if plugin_name == 'gpu_server':
+        code = (f"import time, torch; x = torch.empty({params.get('mib', 256) << 20}, dtype=torch.uint8, "
+                f"device='cuda'); time.sleep(600)")
+        return {'pid': subprocess.Popen([sys.executable, '-c', code]).pid}
+    if plugin_name == 'spawn':
+        child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+        with open(pid_file, 'w') as f: f.write(str(child.pid))
+    while True: time.sleep(1)  # hang, spawn
+
+# %% ../nbs/testing.ipynb #tst00104
+class ScenarioPluginManager(_PluginConfigs):
+    "A plugin manager with one plugin for each way a job can go."
     def execute_plugin_stream(self, plugin_name:str, text:str='', delay:float=0.0, **params) -> Iterator[str]:
         words = text.split(' ')
         try:
@@ -70,9 +91,8 @@ class ScenarioPluginManager:
                 for p in params_list]
 
     def execute_plugin(self, plugin_name:str, text:str='', seconds:float=0.0, steps:int=0,
-                       message:str='failed',
-                 code:int=3, pid_file:Optional[str]=None, delay:float=0.0, exception:str='RuntimeError',
-                 **params) -> Any:
+                       message:str='failed', code:int=3, pid_file:Optional[str]=None, delay:float=0.0,
+                       exception:str='RuntimeError', **params) -> Any:
         "Run plugin `plugin_name` with its parameters."
         config = self.configs.get(plugin_name, {})
         if plugin_name == 'echo': return {'text': config.get('prefix', '') + text, 'params': params}
@@ -98,22 +118,7 @@ class ScenarioPluginManager:
         if plugin_name == 'sysexit': raise SystemExit(5)
         if plugin_name == 'badstr': raise UnprintableError()
         if plugin_name == 'unpicklable': return {'lock': threading.Lock()}
-        if plugin_name == 'exit': os._exit(code)
-        if plugin_name == 'kill': os.kill(os.getpid(), signal.SIGKILL)
-        if plugin_name == 'segv': faulthandler._sigsegv()
-        if plugin_name in PROCESS_PLUGINS: return PROCESS_PLUGINS[plugin_name](pid_file=pid_file, **params)
-        if plugin_name == 'gpu':
-            import torch  # only the GPU tests use this plugin
-            self.gpu_memory = torch.empty(params.get('mib', 256) << 20, dtype=torch.uint8, device='cuda')
-            return {'pid': os.getpid()}
-        if plugin_name == 'gpu_server':
-            code = (f"import time, torch; x = torch.empty({params.get('mib', 256) << 20}, dtype=torch.uint8, "
-                    f"device='cuda'); time.sleep(600)")
-            return {'pid': subprocess.Popen([sys.executable, '-c', code]).pid}
-        if plugin_name == 'spawn':
-            child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
-            with open(pid_file, 'w') as f: f.write(str(child.pid))
-        while True: time.sleep(1)  # hang, spawn
+        return _fault(self, plugin_name, code, pid_file, params)
 
 # %% ../nbs/testing.ipynb #d88587e1
 IMPORT_ENV = dict(os.environ)  # the environment when this module was imported
