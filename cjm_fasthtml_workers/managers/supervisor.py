@@ -655,15 +655,18 @@ def dispatch(self:Supervisor):
         if self.waits: self.waits = {}
         return self.unpark()
     memory, batching = self.memory(), self.batching() if self.batch_on else {}
+    if memory is None and not (self.limits or batching):  # affinity alone decides: the scheduler's `assign`
+        if self.waits: self.waits = {}
+        for job_id, worker_id in assign(self.book.waiting, [self.view(w, full=False) for w in takers]):
+            self.hand(self.slots[worker_id].worker, job_id)
+        return self.unpark()
     by_id = {w.slot.id: w for w in workers}
     holds, self.batch_due = (batch_holds(self.book.waiting, batching, time.monotonic()) if batching
                              else ({}, None))
     # its wait must see the hold's end
     if holds and threading.current_thread() is not self.thread: self.wake()
-    full = memory is not None or bool(self.limits or batching)  # else affinity alone decides: takers only
-    views = [self.view(w) for w in workers] if full else [self.view(w, full=False) for w in takers]
     sizes = {p: size for p, (size, _) in batching.items()}
-    plan = schedule(self.book.waiting, views, memory, self.limits, holds, sizes)
+    plan = schedule(self.book.waiting, [self.view(w) for w in workers], memory, self.limits, holds, sizes)
     self.waits = plan.waits
     for job_id, error in plan.fail: self.book.finish(self.book.jobs[job_id], 'failed', error=error)
     for worker_id in plan.unload: self.unload(by_id[worker_id], 'memory')
