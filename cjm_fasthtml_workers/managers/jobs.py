@@ -9,7 +9,7 @@ __all__ = ['log', 'TERMINAL_STATUSES', 'STREAM_END', 'now_iso', 'call_soon', 're
 import asyncio, logging, threading, time, weakref
 from collections import Counter, deque
 from datetime import datetime
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from fastcore.basics import patch
 
@@ -117,11 +117,12 @@ class JobBook:
         if self.store is None: fn()
         else: self.store.write(jobs, fn)
 
-    def changed(self, job, suffix:str, data:Dict[str, Any]):
+    def changed(self, job, suffix:str,
+                data:Union[Dict[str, Any], Callable[[], Dict[str, Any]]]): # Its event's data, or a maker
         "`job` changed state (submitted, started): store it, then emit the event."
         self.tally(job)
         if self.store is None and not self.listening(): return  # nothing to store, nobody to tell
-        data = self.owned(data, job)
+        data = self.owned(data() if callable(data) else data, job)
         self.announce([job], lambda: self.emit(suffix, data))
 
     def queue(self, job_id:str, front:bool=False):

@@ -625,7 +625,8 @@ def mark_started(self:Supervisor, w:Worker, job):
     w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
     if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
     self.book.stats.job_started(name, job, loads=loads)  # its wait, and the load it needed
-    self.book.changed(job, 'started', self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid))
+    about = lambda: self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid)  # made if wanted
+    self.book.changed(job, 'started', about)
     self.fx += self.hooks.job_started(job, name, config, w.pid)
 
 @patch
