@@ -586,7 +586,8 @@ def settle_result(self:Supervisor, w:Worker, raw:dict):
     elif job is not None and w.job_id == job.id:
         if job.status == 'pending': self.mark_started(w, job)  # a worker that never says it started
         self.release(w)
-        if w.announces_starts: self.dispatch()  # its next job leaves now, before this one is settled
+        # its next job leaves now, before this one is settled
+        if w.announces_starts and len(self.book.waiting): self.dispatch()
     if stopping: return self.book.finish(job, 'cancelled', how='stopped')  # it ended before it saw the cancel
     self.hooks.result(w.slot, raw, job)
     # a stable worker earns its budget back
