@@ -25,7 +25,7 @@ from ..core.protocol import WorkerRequest, WorkerRequestType, WorkerResponse, Wo
 from ..core.worker import dumps_message
 from ..extensions.protocols import (
     PluginRegistryProtocol, ResourceManagerProtocol, EventBroadcasterProtocol)
-from .events import EventPump
+from .events import COALESCED, EventPump
 from .jobs import TERMINAL_STATUSES, JobBook, STREAM_END, now_iso, result_envelope
 from .supervisor import Slot, Supervisor
 
@@ -654,7 +654,7 @@ def _emit_now(self:BaseJobManager, suffix:str, data:Dict[str, Any]):
     "Hand an event to the manager's loop for the broadcaster (its place in the order is decided already)."
     loop = self._loop
     if not self._listening(): return
-    kind = suffix if suffix in ('chunk', 'progress') else None  # coalesced for a broadcaster that lags
+    kind = suffix if suffix in COALESCED else None  # coalesced for a broadcaster that lags
     self._events.post(loop, f"{self.worker_type}:{suffix}", data, kind)
 
 # %% ../../nbs/managers/base.ipynb #1648c0b4
