@@ -54,7 +54,7 @@ def _seconds(start:Optional[str], end:Optional[str]) -> Optional[float]: # None 
 FOLD_EVERY = 1024  # facts noted before they are folded into the counts, if nobody reads them sooner
 
 class JobStats:
-    "What one manager has done since it was made; thread-safe; starts and ends are noted, then folded when read."
+    "What one manager has done since it was made; thread-safe; starts and ends are noted, folded when read."
     def __init__(self, buckets:Sequence[float]=BUCKETS): # Histogram bounds, seconds
         self.buckets, self.lock = tuple(buckets), threading.Lock()
         self.ended: Counter = Counter()  # (plugin, status) -> jobs that ended so
