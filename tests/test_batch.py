@@ -74,3 +74,29 @@ def test_a_lone_job_waits_for_company_at_most_batch_wait(no_leftover_processes):
         assert [j.result['batch'] for j in done] == [2, 2]
         assert took < 1.5, took
     run(main())
+
+def test_a_hold_that_ends_while_no_worker_is_free_leaves_the_supervisor_waiting(no_leftover_processes):
+    "A batch job whose hold ends while the only worker is busy waits; the supervisor does not go round and round."
+    from helpers import TextJobManager
+    class Counting(TextJobManager):
+        rounds = 0
+        def _monitor_results(self):  # the documented hook, called once a round
+            Counting.rounds += 1
+            super()._monitor_results()
+    async def main():
+        m, _ = make(1, cls=Counting, plugin_policies=BATCH, prefetch_jobs=0)
+        try:
+            await m.start()
+            lone = await m.start_job('batch', text='x')  # held 50 ms for company, the worker free meanwhile
+            busy = await m.start_job('sleep', seconds=2.0)  # takes the worker: when the hold ends, none is free
+            await until("the sleep job runs", lambda: busy.status == 'running')
+            await asyncio.sleep(0.3)
+            before = Counting.rounds
+            await asyncio.sleep(1.0)
+            rounds = Counting.rounds - before
+            assert lone.status == 'pending'
+            done = await m.wait_for_job(lone.id, 30)
+        finally: m.shutdown()
+        assert rounds < 50, f"{rounds} supervisor rounds in a second with nothing to do"
+        assert done.status == 'completed'
+    run(main())

@@ -54,8 +54,9 @@ class Mailbox:
     def post(self, fn:Callable, args:tuple=()):
         "Queue `fn(*args)`; wake the loop unless a wake-up is on its way already."
         self.calls.append((fn, args))
-        if self.scheduled: return
-        self.scheduled, loop = True, self.loop()
+        loop = self.loop()
+        if self.scheduled and loop is not None and not loop.is_closed(): return  # one is on its way
+        self.scheduled = True
         try:
             if loop is None: raise RuntimeError('the loop is gone')
             loop.call_soon_threadsafe(self.run)

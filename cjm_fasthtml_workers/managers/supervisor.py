@@ -656,6 +656,7 @@ def dispatch(self:Supervisor):
     takers = [w for w in workers if w.free or self.room(w)] if len(self.book.waiting) else None
     if not takers:  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
         if self.waits: self.waits = {}
+        self.batch_due = None  # no wake-up for a hold's end: a worker that frees up brings the next decision
         return self.unpark()
     memory, batching = self.memory(), self.batching() if self.batch_on else {}
     if memory is None and not (self.limits or batching):  # affinity alone decides: the scheduler's `assign`
