@@ -76,7 +76,7 @@ def test_a_lone_job_waits_for_company_at_most_batch_wait(no_leftover_processes):
     run(main())
 
 def test_a_hold_that_ends_while_no_worker_is_free_leaves_the_supervisor_waiting(no_leftover_processes):
-    "A batch job whose hold ends while the only worker is busy waits; the supervisor does not go round and round."
+    "A batch job whose hold ends while the only worker is busy waits: the supervisor does not spin."
     from helpers import TextJobManager
     class Counting(TextJobManager):
         rounds = 0
@@ -88,7 +88,7 @@ def test_a_hold_that_ends_while_no_worker_is_free_leaves_the_supervisor_waiting(
         try:
             await m.start()
             lone = await m.start_job('batch', text='x')  # held 50 ms for company, the worker free meanwhile
-            busy = await m.start_job('sleep', seconds=2.0)  # takes the worker: when the hold ends, none is free
+            busy = await m.start_job('sleep', seconds=2.0)  # takes the worker: none is free at the hold's end
             await until("the sleep job runs", lambda: busy.status == 'running')
             await asyncio.sleep(0.3)
             before = Counting.rounds
