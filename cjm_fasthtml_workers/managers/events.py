@@ -30,7 +30,7 @@ class EventPump:
         self.inbox = deque()  # (event, data, kind) posted from any thread, not yet on the loop
         self.buffer = deque()  # entries waiting for the broadcaster: [event, data, kind, chunk texts]
         self.tails: Dict[Any, dict] = {}  # job id -> {kind: its entry still in the buffer}, for coalescing
-        self.scheduled = False  # a `_take` is on its way to the loop
+        self.scheduled: Optional[asyncio.AbstractEventLoop] = None  # the loop a `_take` is on its way to
         self.task: Optional[asyncio.Task] = None  # the delivery task, while events wait
         self.watchdog: Optional[asyncio.TimerHandle] = None  # the one timer that watches for a hung broadcast
         self.started: Optional[float] = None  # loop time the broadcast in progress began
@@ -49,18 +49,18 @@ def post(self:EventPump, loop:asyncio.AbstractEventLoop, # The loop the broadcas
          ):
     "Queue an event from any thread; the loop is woken once per batch."
     self.inbox.append((event, data, kind))
-    if self.scheduled: return
-    self.scheduled = True
+    if self.scheduled is loop and not loop.is_closed(): return  # a take is on its way to this loop already
+    self.scheduled = loop  # (one on its way to a loop that closed never runs: this loop takes its events)
     try: loop.call_soon_threadsafe(self._take, loop)
     except RuntimeError:  # the loop has closed: nobody is left to deliver to
-        self.scheduled = False
+        self.scheduled = None
         self.inbox.clear()
 
 # %% ../../nbs/managers/events.ipynb #915ecf5f
 @patch
 def _take(self:EventPump, loop):
     "On the loop: move the inbox into the buffer, then make sure the delivery task runs."
-    self.scheduled = False  # before draining: a post after this line schedules a new take
+    self.scheduled = None  # before draining: a post after this line schedules a new take
     while self.inbox: self._queue(*self.inbox.popleft())
     if self.buffer and (self.task is None or self.task.done() or self.task.get_loop() is not loop):
         self.task = loop.create_task(self._run())
