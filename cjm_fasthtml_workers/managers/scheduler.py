@@ -217,8 +217,6 @@ def schedule(waiting:WaitingJobs, # The queue (the jobs handed or failed leave i
             ) -> Plan:
     "Decide which waiting jobs go where, which models leave for memory, which jobs fail or wait."
     plan, limits = Plan(), limits or {}
-    if memory is None and not limits and not holds and not sizes:
-        plan.hand = assign(waiting, workers); return plan
     # plugin -> why
     held, blocked, stuck = Counter(p for w in workers for p in w.running), False, dict(holds or {})
     for job_id in list(waiting.order()):
