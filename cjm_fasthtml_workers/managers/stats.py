@@ -79,8 +79,8 @@ class JobStats:
         means[plugin] = seconds if plugin not in means else means[plugin] + weight * (seconds - means[plugin])
 
     def __repr__(self):
-        s = self.snapshot()
-        return f"JobStats({sum(s.ended.values())} ended, {sum(s.loads.values())} loads)"
+        self.fold()  # (`fold` follows below)
+        with self.lock: return f"JobStats({sum(self.ended.values())} ended, {sum(self.loads.values())} loads)"
 
 # %% ../../nbs/managers/stats.ipynb #st000011
 @patch
