@@ -31,6 +31,26 @@ def test_owners_take_turns(no_leftover_processes):
         assert order.index(b.id) - order.index(first.id) <= 2, order.index(b.id)  # at most one more of A's
     run(main())
 
+@pytest.mark.parametrize('prefetch', [0, 1, 2])
+def test_a_worker_is_handed_the_first_jobs_as_many_as_it_may_hold(no_leftover_processes, prefetch):
+    ("One worker (nothing to decide but how many): once its job ends it runs the next and holds `prefetch_jobs` "
+     "more, the first ones in order; those start before an urgent job submitted then, the others after it.")
+    async def main():
+        m, events = make(1, prefetch_jobs=prefetch)
+        try:
+            await m.start()
+            first = await m.start_job('sleep', seconds=0.3)
+            await until("the first job runs", lambda: first.status == 'running')
+            rest = [await m.start_job('sleep', seconds=0.3) for _ in range(4)]
+            await until("the next job runs", lambda: rest[0].status == 'running')
+            urgent = await m.options(priority=5).start_job('echo', text='urgent')
+            for j in rest + [urgent]: await m.wait_for_job(j.id, timeout=30)
+            await until("every start announced", lambda: len(starts(events)) == 6)
+        finally: m.shutdown()
+        ids = [j.id for j in rest]
+        assert starts(events) == [first.id] + ids[:prefetch + 1] + [urgent.id] + ids[prefetch + 1:]
+    run(main())
+
 def test_a_higher_priority_starts_first_and_without_an_owner_is_one_owner(no_leftover_processes):
     async def main():
         m, events = make(1, prefetch_jobs=0)

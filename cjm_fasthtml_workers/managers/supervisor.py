@@ -661,8 +661,11 @@ def dispatch(self:Supervisor):
     memory, batching = self.memory(), self.batching() if self.batch_on else {}
     if memory is None and not (self.limits or batching):  # affinity alone decides: the scheduler's `assign`
         if self.waits: self.waits = {}
-        if len(takers) == 1 and len(self.book.waiting) == 1:  # one job, one worker: nothing to decide
-            self.hand(takers[0], self.book.waiting.take())
+        if len(takers) == 1:  # one worker can take jobs: the queue's first go to it, as many as it can take
+            w = takers[0]
+            for _ in range((1 if w.free else 0) + self.room(w)):
+                if (job_id := self.book.waiting.take()) is None: break
+                self.hand(w, job_id)
             return self.unpark()
         for job_id, worker_id in assign(self.book.waiting, [self.view(w, full=False) for w in takers]):
             self.hand(self.slots[worker_id].worker, job_id)
