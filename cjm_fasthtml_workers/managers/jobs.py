@@ -174,9 +174,10 @@ def finish(self:JobBook, job, # The job to end
     self.timeouts.pop(job.id, None)
     self.tally(job)
     data = self.owned({'job_id': job.id}, job) if self.listening() else None  # None: nobody takes events
-    if data is not None and status == 'completed': data['result'] = job.result
-    if data is not None and status == 'failed': data['error'] = job.error
-    if data is not None and how is not None: data['how'] = how
+    if data is not None:
+        if status == 'completed': data['result'] = job.result
+        if status == 'failed': data['error'] = job.error
+        if how is not None: data['how'] = how
     log.debug("job %s %s%s", job.id, status, f": {error}" if error else '')
     if self.store is not None and save: self.unsaved.add(job.id)
     def ended():  # waiters, streams, event: once the store (if any) has the end

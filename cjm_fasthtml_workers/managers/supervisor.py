@@ -653,22 +653,20 @@ def dispatch(self:Supervisor):
     workers = self.workers()
     for w in workers:
         while w.pending and w.free: self.send_command(w, *w.pending.popleft())
-    takers = [w for w in workers if w.free or self.room(w)] if len(self.book.waiting) else None
-    if not takers:  # no job waits, or no worker can take one: nothing to decide (a burst's usual case)
+    takers = [w for w in workers if w.free or self.room(w)] if len(self.book.waiting) else []
+    memory, batching = (self.memory(), self.batching() if self.batch_on else {}) if takers else (None, {})
+    # no job waits or no worker can take one (a burst's usual case), or no rule is on but affinity
+    if not takers or (memory is None and not (self.limits or batching)):
         if self.waits: self.waits = {}
-        self.batch_due = None  # no wake-up for a hold's end: a worker that frees up brings the next decision
-        return self.unpark()
-    memory, batching = self.memory(), self.batching() if self.batch_on else {}
-    if memory is None and not (self.limits or batching):  # affinity alone decides: the scheduler's `assign`
-        if self.waits: self.waits = {}
+        self.batch_due = None  # no hold: a worker that frees up, or a job that comes, brings the next decision
         if len(takers) == 1:  # one worker can take jobs: the queue's first go to it, as many as it can take
             w = takers[0]
             for _ in range((1 if w.free else 0) + self.room(w)):
                 if (job_id := self.book.waiting.take()) is None: break
                 self.hand(w, job_id)
-            return self.unpark()
-        for job_id, worker_id in assign(self.book.waiting, [self.view(w, full=False) for w in takers]):
-            self.hand(self.slots[worker_id].worker, job_id)
+        elif takers:  # affinity decides: the scheduler's `assign`
+            for job_id, worker_id in assign(self.book.waiting, [self.view(w, full=False) for w in takers]):
+                self.hand(self.slots[worker_id].worker, job_id)
         return self.unpark()
     by_id = {w.slot.id: w for w in workers}
     holds, self.batch_due = (batch_holds(self.book.waiting, batching, time.monotonic()) if batching
