@@ -554,6 +554,29 @@ def test_restart_attributes_after_cancel(no_leftover_processes):
         finally: m.shutdown()
     run(main())
 
+class StartWatchManager(MyJobManager):
+    "Notes, each time `current_plugin_id` is set to a plugin, the status its jobs had then."
+    @property
+    def current_plugin_id(self): return self.__dict__.get('_current_plugin_id')
+    @current_plugin_id.setter
+    def current_plugin_id(self, value):
+        if value is not None:
+            self.__dict__.setdefault('seen_at_set', []).extend(
+                j.status for j in list(self.jobs.values()) if j.plugin_id == value)
+        self.__dict__['_current_plugin_id'] = value
+
+def test_the_start_is_on_record_before_its_job_reads_running(no_leftover_processes):
+    "Code that waits for 'running' then reads `current_plugin_id` finds it (a race CI once hit)."
+    async def main():
+        m, *_ = rig(StartWatchManager)
+        try:
+            job = await finish(m, await m.start_job(ID['echo'], input_text='hi'))
+            assert job.status == 'completed', job.error
+            assert m.current_plugin_id == ID['echo']
+            assert m.__dict__.get('seen_at_set') == ['pending']  # set while the job still read 'pending'
+        finally: m.shutdown()
+    run(main())
+
 # ----- 8. events carry a str job_id, or none ------------------------------------------------------
 def test_events_carry_job_ids(no_leftover_processes):
     async def main():

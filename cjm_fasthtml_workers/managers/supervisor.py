@@ -618,9 +618,12 @@ def mark_started(self:Supervisor, w:Worker, job):
     config = self.hooks.config_for(name)
     # a worker that says when it starts a job is believed; for one that does not, it is the handover
     started = now_iso() if w.announces_starts or not w.dispatched_at else w.dispatched_at
-    job.status, job.started_at, job.worker_pid = 'running', started, w.pid
+    job.started_at, job.worker_pid = started, w.pid
     w.started_mono = time.monotonic()
     job.attempts = getattr(job, 'attempts', 0) + 1  # its runs: a retry starts it again
+    # the manager's record of the start (`current_plugin_id`, ...) is in place before the job reads 'running'
+    self.fx += self.hooks.job_started(job, name, config, w.pid)
+    job.status = 'running'
     loads, w.loaded, w.loaded_config = w.loaded != name, name, config  # a load if w lacked the plugin
     # the limit it runs under (its own `options(timeout=)`, else the config's), for its error too
     w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
@@ -628,7 +631,6 @@ def mark_started(self:Supervisor, w:Worker, job):
     self.book.stats.job_started(name, job, loads=loads)  # its wait, and the load it needed
     about = lambda: self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid)  # made if wanted
     self.book.changed(job, 'started', about)
-    self.fx += self.hooks.job_started(job, name, config, w.pid)
 
 @patch
 def placement(self:Supervisor, w:Worker) -> Dict[str, Any]: # Where its transport runs (a Ray node, its GPUs)
