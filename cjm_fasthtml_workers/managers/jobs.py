@@ -73,10 +73,12 @@ class Mailbox:
             except Exception: log.exception("a call handed to the event loop failed")
 
 # %% ../../nbs/managers/jobs.ipynb #jb000009
-def result_envelope(job) -> Dict[str, Any]:
+def result_envelope(job, status:Optional[str]=None # its terminal status (default: the one it has)
+                   ) -> Dict[str, Any]:
     "The documented result of a finished job: success with its data, error with its message, or cancelled."
-    if job.status == 'completed': return {'status': 'success', 'data': job.result}
-    if job.status == 'failed': return {'status': 'error', 'error': job.error}
+    status = status or job.status
+    if status == 'completed': return {'status': 'success', 'data': job.result}
+    if status == 'failed': return {'status': 'error', 'error': job.error}
     return {'status': 'cancelled'}
 
 class JobBook:
@@ -165,8 +167,9 @@ def finish(self:JobBook, job, # The job to end
     if job.status in TERMINAL_STATUSES: return False
     self.waiting.remove(job.id)
     if error is not None: job.error = error
-    job.completed_at, job.status = now_iso(), status
-    self.results[job.id] = result_envelope(job)
+    job.completed_at = now_iso()
+    self.results[job.id] = result_envelope(job, status)  # in place before the job reads as ended
+    job.status = status
     # its plugin's name, counted past clear()
     self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)
     self.requests.pop(job.id, None)
