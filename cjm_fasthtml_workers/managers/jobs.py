@@ -38,8 +38,7 @@ def resolve(loop, fut, value=None, exc=None):
 
 # %% ../../nbs/managers/jobs.ipynb #jb000108
 class Mailbox:
-    ("The calls other threads make on one event loop: one wake-up for all that arrive "
-     "before the loop runs them.")
+    "Calls other threads make on one event loop: one wake-up for all that arrive before the loop runs them."
     _boxes, _lock = weakref.WeakKeyDictionary(), threading.Lock()  # loop -> its mailbox
 
     def __init__(self, loop): self.loop, self.calls, self.scheduled = weakref.ref(loop), deque(), False
@@ -81,6 +80,7 @@ def result_envelope(job, status:Optional[str]=None # its terminal status (defaul
     if status == 'failed': return {'status': 'error', 'error': job.error}
     return {'status': 'cancelled'}
 
+# %% ../../nbs/managers/jobs.ipynb #jb000009b
 class JobBook:
     "Every job of one manager, the queue of those waiting, and `finish`, the one way a job ends."
     def __init__(self,

@@ -660,7 +660,7 @@ def dispatch(self:Supervisor):
     # no job waits or no worker can take one (a burst's usual case), or no rule is on but affinity
     if not takers or (memory is None and not (self.limits or batching)):
         if self.waits: self.waits = {}
-        self.batch_due = None  # no hold: a worker that frees up, or a job that comes, brings the next decision
+        self.batch_due = None  # no hold: a worker freeing up, or a job coming, brings the next decision
         if len(takers) == 1:  # one worker can take jobs: the queue's first go to it, as many as it can take
             w = takers[0]
             for _ in range((1 if w.free else 0) + self.room(w)):
