@@ -299,6 +299,34 @@ def test_queue_full_is_429_with_retry_after(no_leftover_processes):
     # the lifespan shut the manager down, ending the hanging job
 
 # ----- the README app over HTTP -----------------------------------------------------------------------------
+class WatchedJob(TextJob):
+    "A job that notes, each time its status is set past 'pending', what its manager then counts of it."
+    manager = None  # set by the test
+    def __setattr__(self, name, value):
+        m = type(self).manager
+        if name == 'status' and value != 'pending' and m is not None:
+            s = m.stats.snapshot()
+            waits, ends = sum(h.count for h in s.wait.values()), sum(s.ended.values())
+            m.seen.append((value, m._book.pending_by_owner.get(self.owner, 0), waits, ends))
+        super().__setattr__(name, value)
+
+class WatchedJobManager(TextJobManager):
+    def create_job(self, plugin_id, **kwargs):
+        return WatchedJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)
+
+def test_a_new_status_comes_with_its_counts(no_leftover_processes):
+    "Code that sees a job start or end finds its owner's pending count and the stats already moved."
+    async def main():
+        m = WatchedJobManager('text', 'test', supports_streaming=True, worker_config=WorkerConfig())
+        WatchedJob.manager, m.seen = m, []
+        try:
+            job = await m.options(owner='ann').start_job('echo', text='hi')
+            assert (await m.wait_for_job(job.id, timeout=30)).status == 'completed'
+            # as it read 'running': no longer pending, its wait counted; as it read 'completed': its end counted
+            assert m.seen == [('running', 0, 1, 0), ('completed', 0, 1, 1)], m.seen
+        finally: WatchedJob.manager = None; m.shutdown()
+    run(main())
+
 class OwnStream:
     "One browser session's /events, read on a thread: (id, data) of each SSE message."
     def __init__(self, client:httpx.Client, url:str, last_event_id:str=None):

@@ -109,7 +109,7 @@ class JobBook:
         "Keep a new job and queue it; `timeout`: its own limit in seconds (None: the manager's)."
         self.jobs[job.id], self.requests[job.id] = job, (plugin_name, request)
         if timeout is not None: self.timeouts[job.id] = timeout
-        if job.status == 'pending':  # counted against its owner until it starts or ends (`tally`)
+        if job.status == 'pending':  # counted against its owner until it starts or ends (`leave_pending`)
             self.unstarted[job.id] = owner = getattr(job, 'owner', None)
             self.pending_by_owner[owner] = self.pending_by_owner.get(owner, 0) + 1
         self.queue(job.id)
@@ -122,8 +122,7 @@ class JobBook:
 
     def changed(self, job, suffix:str,
                 data:Union[Dict[str, Any], Callable[[], Dict[str, Any]]]): # Its event's data, or a maker
-        "`job` changed state (submitted, started): store it, then emit the event."
-        self.tally(job)
+        "`job` changed state (submitted, started, retrying): store it, then emit the event."
         if self.store is None and not self.listening(): return  # nothing to store, nobody to tell
         data = self.owned(data() if callable(data) else data, job)
         self.announce([job], lambda: self.emit(suffix, data))
@@ -147,9 +146,9 @@ def owned(self:JobBook, data:Dict[str, Any], # an event's data
     return data
 
 @patch
-def tally(self:JobBook, job):
-    "After `job` changed: once started or ended, it no longer counts as pending against its owner."
-    if job.status != 'pending' and job.id in self.unstarted:
+def leave_pending(self:JobBook, job):
+    "`job` starts or ends: it stops counting as pending against its owner (before its status is set)."
+    if job.id in self.unstarted:
         owner = self.unstarted.pop(job.id)
         if not self.unstarted: self.unstarted.clear()  # gives back the table a burst left
         left = self.pending_by_owner.pop(owner) - 1
@@ -168,14 +167,15 @@ def finish(self:JobBook, job, # The job to end
     self.waiting.remove(job.id)
     if error is not None: job.error = error
     job.completed_at = now_iso()
-    self.results[job.id] = result_envelope(job, status)  # in place before the job reads as ended
+    # what goes with the end is in place before the job reads as ended: its envelope, its count by plugin
+    # (past clear()), its owner's pending count
+    self.results[job.id] = result_envelope(job, status)
+    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job, status)
+    self.leave_pending(job)
     job.status = status
-    # its plugin's name, counted past clear()
-    self.stats.job_ended(self.requests.get(job.id, (None,))[0], job)
     self.requests.pop(job.id, None)
     if not self.requests: self.requests.clear()  # gives back the table a burst left
     self.timeouts.pop(job.id, None)
-    self.tally(job)
     data = self.owned({'job_id': job.id}, job) if self.listening() else None  # None: nobody takes events
     if data is not None:
         if status == 'completed': data['result'] = job.result

@@ -94,11 +94,12 @@ def job_started(self:JobStats, plugin:str, # The plugin the job runs
 
 @patch
 def job_ended(self:JobStats, plugin:Optional[str], # The plugin the job ran (None: the job's `plugin_id`)
-              job): # Its record, in its terminal status: `status`, `started_at`, `completed_at` are read
+              job, # Its record: `started_at`, `completed_at` (and `status` unless given) are read
+              status:Optional[str]=None): # Its terminal status (None: `job.status`, already set)
     "A job ended: counted by plugin and status; its run time goes in the run histogram if it started."
     if plugin is None: plugin = getattr(job, 'plugin_id', None) or 'unknown'
     self.facts.append(('ended', plugin, getattr(job, 'started_at', None), getattr(job, 'completed_at', None),
-                       job.status))
+                       status or job.status))
     if len(self.facts) >= FOLD_EVERY: self.fold()
 
 @patch

@@ -621,14 +621,16 @@ def mark_started(self:Supervisor, w:Worker, job):
     job.started_at, job.worker_pid = started, w.pid
     w.started_mono = time.monotonic()
     job.attempts = getattr(job, 'attempts', 0) + 1  # its runs: a retry starts it again
-    # the manager's record of the start (`current_plugin_id`, ...) is in place before the job reads 'running'
-    self.fx += self.hooks.job_started(job, name, config, w.pid)
-    job.status = 'running'
     loads, w.loaded, w.loaded_config = w.loaded != name, name, config  # a load if w lacked the plugin
     # the limit it runs under (its own `options(timeout=)`, else the config's), for its error too
     w.job_timeout = self.book.timeouts.get(job.id, self.config.job_timeout_seconds)
     if w.job_timeout: w.job_deadline = time.monotonic() + w.job_timeout
-    self.book.stats.job_started(name, job, loads=loads)  # its wait, and the load it needed
+    # what goes with the start is in place before the job reads 'running': the manager's record of it
+    # (`current_plugin_id`, ...), its wait and load in the stats, its owner's pending count
+    self.fx += self.hooks.job_started(job, name, config, w.pid)
+    self.book.stats.job_started(name, job, loads=loads)
+    self.book.leave_pending(job)
+    job.status = 'running'
     about = lambda: self.about(w, job_id=job.id, plugin_id=job.plugin_id, worker_pid=w.pid)  # made if wanted
     self.book.changed(job, 'started', about)
 
