@@ -73,7 +73,9 @@ def test_queue_position_estimate_and_queued_events(no_leftover_processes):
             await m.start()
             for j in [await m.start_job('sleep', seconds=0.6) for _ in range(4)]:
                 await m.wait_for_job(j.id, 30)
-            busy = [await m.start_job('sleep', seconds=0.6) for _ in range(2)]
+            # busy until cancelled below, once the last waiting job has been told its place (else a slow round
+            # could start it first)
+            busy = [await m.start_job('sleep', seconds=60, steps=600) for _ in range(2)]
             await until("both workers busy", lambda: all(j.status == 'running' for j in busy))
             waiting = [await m.options(owner='ann').start_job('sleep', seconds=0.6) for _ in range(4)]
             assert [m.queue_position(j.id) for j in waiting] == [0, 1, 2, 3]
@@ -85,6 +87,7 @@ def test_queue_position_estimate_and_queued_events(no_leftover_processes):
             await until("a queued event for the last one",
                         lambda: any(e == 'text:queued' and d['job_id'] == waiting[-1].id
                                     for e, d in events.events))
+            for j in busy: assert await m.cancel_job(j.id)
             for j in waiting: await m.wait_for_job(j.id, 30)
         finally: m.shutdown()
         queued = [d for e, d in events.events if e == 'text:queued']
@@ -92,4 +95,23 @@ def test_queue_position_estimate_and_queued_events(no_leftover_processes):
         last = [d["position"] for d in queued if d["job_id"] == waiting[-1].id]
         # its place only moves forward
         assert last and last[0] <= 3 and last == sorted(last, reverse=True), last
+    run(main())
+
+def test_a_job_behind_a_long_one_is_told_its_place(no_leftover_processes):
+    "Nothing moves after it is submitted: its `queued` event still comes, half a second on."
+    async def main():
+        m, events = make(1, prefetch_jobs=0)
+        try:
+            await m.start()
+            long = await m.start_job('sleep', seconds=60)  # says nothing while it runs (no progress)
+            await until("the long job runs", lambda: long.status == 'running')
+            behind = await m.options(owner='ann').start_job('echo', text='behind')
+            await until("a queued event for it",
+                        lambda: any(e == 'text:queued' and d['job_id'] == behind.id for e, d in events.events))
+            said = [d for e, d in events.events if e == 'text:queued']
+            assert [(d['job_id'], d['owner'], d['position']) for d in said] == [(behind.id, 'ann', 0)], said
+            assert behind.status == 'pending' and long.status == 'running'
+            assert await m.cancel_job(long.id)
+            assert (await m.wait_for_job(behind.id, 30)).status == 'completed'
+        finally: m.shutdown()
     run(main())
