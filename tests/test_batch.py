@@ -61,7 +61,7 @@ def test_a_death_inside_a_batch_fails_each_job(no_leftover_processes):
 
 def test_a_lone_job_waits_for_company_at_most_batch_wait(no_leftover_processes):
     async def main():
-        m, events = make(1, plugin_policies={'batch': PluginPolicy(max_batch_size=8, batch_wait_ms=300)})
+        m, events = make(1, plugin_policies={'batch': PluginPolicy(max_batch_size=8, batch_wait_ms=1000)})
         try:
             await m.start()
             t0 = time.monotonic()
@@ -72,7 +72,7 @@ def test_a_lone_job_waits_for_company_at_most_batch_wait(no_leftover_processes):
             took = time.monotonic() - t0
         finally: m.shutdown()
         assert [j.result['batch'] for j in done] == [2, 2]
-        assert took < 1.5, took
+        assert took < 3.0, took  # the hold (1 s) ended it: the lone job did not wait for a full batch
     run(main())
 
 def test_a_hold_that_ends_while_no_worker_is_free_leaves_the_supervisor_waiting(no_leftover_processes):

@@ -212,7 +212,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             # a waiting job shows its place in the queue, and is cancelled without touching a worker; a
             # running streaming one stops between two chunks, and its worker stays
             long_stream = submit(page, 'demo-stream', ' '.join(['long'] * 100))  # 15 s of streaming
-            slow = submit(page, 'demo-slow', 'keeps the other worker busy')
+            # the other worker busy until cancelled below (a 3 s job could end before the checks are done)
+            busy = submit(page, 'demo-stream', ' '.join(['busy'] * 200))
             pending = submit(page, 'demo-slow', 'to cancel while waiting')
             second = submit(page, 'demo-quick', 'second in line')
             expect(long_stream.locator('pre.output')).to_contain_text('long long')
@@ -240,7 +241,8 @@ def test_demo_in_browser(tmp_path, no_leftover_processes):
             expect(worker(page, 'state', n)).not_to_have_text('busy')  # free for the second job, or idle
             assert worker(page, 'pid', n).inner_text() == pids[n]  # the same process, its plugin still loaded
             expect(second).to_have_class(status('completed'))
-            expect(slow).to_have_class(status('completed'))
+            busy.get_by_role('button', name='Cancel').click()
+            expect(busy).to_have_class(status('cancelled'))
 
             # the crash plugin fails its job with the exit code; its worker comes back, its crash counted
             card = submit(page, 'demo-crash', 'crash')
@@ -486,9 +488,12 @@ def test_answers_say_what_is_so(tmp_path, no_leftover_processes):
         r = visitor.post('/plugins/demo-fail/unload')
         assert (r.status_code == 200
                 and 'Failing was not loaded: there was nothing to unload.' in r.text), r.text
-        for _ in range(3): visitor.post('/jobs', data={'plugin_id': 'demo-slow', 'text': 'x'})
-        page = visitor.get('/').text  # two run (3 s each), one waits
-        assert '1 job waiting' in page, re.findall(r'\d+ jobs? waiting', page)
+        # two run (30 s of streaming each, cancelled below), one waits
+        for _ in range(3): visitor.post('/jobs', data={'plugin_id': 'demo-stream', 'text': 'w ' * 200})
+        deadline = time.monotonic() + 20
+        while '1 job waiting' not in (page := visitor.get('/').text):  # until both have started
+            assert time.monotonic() < deadline, re.findall(r'\d+ jobs? waiting', page)
+            time.sleep(0.1)
         running = job_ids(page)[-1]
         for _ in range(2):  # a double click: the second finds it cancelled, which is what was asked
             r = visitor.post(f'/jobs/{running}/cancel')
@@ -527,8 +532,9 @@ def test_queue_full_is_said(tmp_path, no_leftover_processes):
     base = f'http://127.0.0.1:{port}'
     visitor, other = httpx.Client(base_url=base, timeout=10), httpx.Client(base_url=base, timeout=10)
     try:
-        job = {'plugin_id': 'demo-slow', 'text': 'x'}
-        codes = [visitor.post('/jobs', data=job).status_code for _ in range(202)]  # 2 run, 200 wait
+        # 2 run (30 s of streaming each: longer than the posts take on a slow machine), 200 wait
+        job = {'plugin_id': 'demo-stream', 'text': 'w ' * 200}
+        codes = [visitor.post('/jobs', data=job).status_code for _ in range(202)]
         assert codes == [200] * 202, codes
         r = visitor.post('/jobs', data=job)
         assert r.status_code == 429 and int(r.headers['Retry-After']) >= 1, r.headers

@@ -224,6 +224,7 @@ def test_jobs_wait_rather_than_overcommit_and_too_big_fails(no_leftover_processe
         finally: m.shutdown()
     run(main())
 
+@pytest.mark.timeout(200)  # its own run() allows 180 s: the suite's 120 s would cut it short first
 def test_soak_no_overcommit(no_leftover_processes, gpus, tmp_path):
     ("1,000 tiny jobs over 4 plugins of 4096 MiB each (2x the two GPUs' memory), 2 workers per GPU: "
      "0 overcommits.")

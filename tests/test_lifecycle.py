@@ -88,8 +88,8 @@ def test_shutdown_while_the_round_is_busy_closes_no_pipe_under_a_read(no_leftove
         pid = m.get_workers_info()[0]['pid']
         await asyncio.to_thread(m.shutdown)
         assert pid_gone(pid, 10), "the worker outlived the shutdown"
-        await asyncio.sleep(1.5)  # the round ends its read, sees the shutdown, leaves
-        assert not m.result_monitor_thread.is_alive()
+        # the round ends its read, sees the shutdown, leaves
+        await until("the supervisor thread gone", lambda: not m.result_monitor_thread.is_alive(), 10)
     with caplog.at_level(logging.DEBUG, logger='cjm_fasthtml_workers'): run(main())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR
               or 'Bad file descriptor' in r.getMessage()

@@ -144,7 +144,7 @@ def test_restart_budget_and_its_reset(manager_factory):
 
 def test_backoff_waits_on_a_timer(manager_factory):
     async def main():
-        m, events = manager_factory(policy=RestartPolicy.BACKOFF, restart_backoff_base_seconds=0.4)
+        m, events = manager_factory(policy=RestartPolicy.BACKOFF, restart_backoff_base_seconds=1.0)
         await m.start()
         await finish(m, await m.start_job('kill'))
         info = m.get_worker_info()

@@ -74,7 +74,7 @@ def test_known_mix_of_jobs(no_leftover_processes):
     run(main())
 
 def test_histogram_buckets_move(no_leftover_processes):
-    ("A 0.3 s job moves the run histogram's buckets from le=0.5 up, not below; "
+    ("A 1.5 s job moves the run histogram's buckets from le=2.5 up, not below; "
      "a timed reload moves the load one.")
     async def main():
         m, _ = make(**PLAIN)
@@ -83,16 +83,17 @@ def test_histogram_buckets_move(no_leftover_processes):
         try:
             await finish(m, await m.start_job('sleep', seconds=0.0))
             before = scrape(registry)
-            await finish(m, await m.start_job('sleep', seconds=0.3))
+            await finish(m, await m.start_job('sleep', seconds=1.5))
             assert await m.reload_plugin('echo', {'load_seconds': 0.3})
             after = scrape(registry)
         finally: m.shutdown()
         run = lambda s, le: value(s, 'cjm_job_run_seconds_bucket', worker_type='text', plugin='sleep', le=le)
-        assert run(after, '0.25') == run(before, '0.25')  # 0.3 s is above 0.25
-        for le in ('0.5', '1.0', '+Inf'): assert run(after, le) == run(before, le) + 1, le
+        # 1.5 s is above 1.0 (with half a second to spare for a start message read late)
+        assert run(after, '1.0') == run(before, '1.0')
+        for le in ('2.5', '5.0', '+Inf'): assert run(after, le) == run(before, le) + 1, le
         assert value(after, 'cjm_job_run_seconds_count', worker_type='text', plugin='sleep') == 2
-        # the run is measured in the app, from its start's message to its result's: a little under 0.3 s at times
-        assert value(after, 'cjm_job_run_seconds_sum', worker_type='text', plugin='sleep') > 0.25
+        # the run is measured in the app, from its start's message to its result's: a little under 1.5 s at times
+        assert value(after, 'cjm_job_run_seconds_sum', worker_type='text', plugin='sleep') > 1.0
         load = lambda le: value(after, 'cjm_plugin_load_seconds_bucket', worker_type='text', plugin='echo',
                                 le=le)
         assert load('0.25') == 0 and load('+Inf') == 1

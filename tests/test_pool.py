@@ -329,14 +329,21 @@ def test_pool_soak_random_kills(no_leftover_processes):
             kinds = ['echo'] * 520 + ['sleep'] * 60
             rng.shuffle(kinds)
             jobs = [await m.start_job(k, text=f't{i}', seconds=0.004) for i, k in enumerate(kinds)]
-            kills = 0
+            kills, killed = 0, set()
             while any(j.status not in TERMINAL_STATUSES for j in jobs):
                 await asyncio.sleep(rng.uniform(0.01, 0.12))
                 alive = [r['pid'] for r in info(m) if r['pid'] and r['alive']]
                 if alive and kills < 15:
-                    try: os.kill(rng.choice(alive), signal.SIGKILL); kills += 1
+                    pid = rng.choice(alive)
+                    try: os.kill(pid, signal.SIGKILL); kills += 1; killed.add(pid)
                     except ProcessLookupError: pass
                 for j in jobs: assert not (j.status == 'completed' and j.result is None)
+            # a kill of an idle worker after the last job may still be settling: wait until no row names a
+            # killed pid and each counted crash has had its event
+            crashes = lambda: sum(r['crashes'] for r in info(m))
+            await until("every killed worker settled and its death told",
+                        lambda: not killed & {r['pid'] for r in info(m)}
+                        and crashes() == len(of_kind(events, 'worker_died')))
             await asyncio.sleep(0.1)
             ends = Counter(d['job_id'] for e, d in events.events if e.split(':')[1] in TERMINAL_STATUSES)
             assert all(ends.get(j.id) == 1 for j in jobs), "a job ended more or less than once"
