@@ -117,6 +117,7 @@ def fold(self:JobStats):
             self._observe(self.run, plugin, seconds)
             if extra == 'completed': self._average(self.mean_run, plugin, seconds)
 
+# %% ../../nbs/managers/stats.ipynb #st000011b
 @patch
 def plugin_loaded(self:JobStats, plugin:str, # The plugin a worker loaded (a RELOAD that succeeded)
                   seconds:Optional[float]=None): # How long it took (None: not known)

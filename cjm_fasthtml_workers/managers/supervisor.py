@@ -849,8 +849,8 @@ def report_queue(self:Supervisor):
     if not self.hooks.listening(): return
     positions, since = {}, self.book.waiting.since
     for position, (job_id, eta) in enumerate(self.forecast().items()):
-        # a job handed to a worker already, or one that starts within half a second, needs no word of its place;
-        # one that waits longer is told at the next report, even if nothing moves before it
+        # a job handed to a worker already, or one that starts within half a second, needs no word of its
+        # place; one that waits longer is told at the next report, even if nothing moves before it
         if job_id not in since: continue
         if now - since[job_id] < 0.5:
             self.queue_moved = True
